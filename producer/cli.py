@@ -1,0 +1,361 @@
+"""The `sumfleet` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from models import defaults
+from models.errors import InputError, SumfleetError
+from models.settings import Settings, load_settings
+
+ENV_HELP = """\
+configuration (flags win over environment variables):
+  SUMFLEET_DATABASE_URL    SQLAlchemy URL of the store      (default: sqlite:///sumfleet.db)
+  SUMFLEET_BROKER_URL      Redis URL carrying chunk messages (default: redis://localhost:6379/0)
+  SUMFLEET_MODEL           model: smollm2 (bundled), lead, lead-N, a local directory or .gguf, an HF id
+  SUMFLEET_PROMPT          prompt template name or text with {document} (default: one-sentence)
+  SUMFLEET_CHUNK_SIZE      job ids per chunk message (default: 32)
+  SUMFLEET_MAX_NEW_TOKENS  tokens generated per summary (default: 64)
+  SUMFLEET_MAX_BATCH_SIZE  documents per generate() call at most (default: 16)
+  SUMFLEET_TOKEN_BUDGET    padded tokens per generate() call (default: 16384)
+  SUMFLEET_MAX_INPUT_TOKENS  prompt tokens kept per document (default: 2048)
+  SUMFLEET_DTYPE           auto, float32, bfloat16, float16 (default: auto)
+  SUMFLEET_DEVICE          auto, cpu, cuda, cuda:N (default: auto)
+  SUMFLEET_QUEUE           queue name instead of the model's own (sumfleet.<model>)
+  SUMFLEET_ALLOW_DOWNLOAD  1 lets transformers download models from the Hub (default: off)
+  SUMFLEET_TASK_TIME_LIMIT, SUMFLEET_VISIBILITY_TIMEOUT   seconds (1800, 3600; the second must be larger)
+"""
+
+
+def _connection_flags(parser: argparse.ArgumentParser, broker: bool = False) -> None:
+    parser.add_argument("--database-url", help="store URL (env SUMFLEET_DATABASE_URL)")
+    if broker:
+        parser.add_argument("--broker-url", help="broker URL (env SUMFLEET_BROKER_URL)")
+
+
+def _generation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model name (env SUMFLEET_MODEL; default smollm2, the bundled model)")
+    parser.add_argument(
+        "--prompt", help="template name (see `sumfleet prompts`) or text containing {document}"
+    )
+    parser.add_argument("--prompt-file", help="read the prompt template from this file")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per summary (default 64)")
+
+
+def _input_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="JSONL or CSV file, a directory of .txt/.md files, or - for stdin")
+    parser.add_argument("--format", dest="input_format", choices=["jsonl", "csv", "dir"], help="input format")
+    parser.add_argument("--text-field", help="JSON key or CSV column with the text (default: text, document)")
+    parser.add_argument("--id-field", default="id", help="JSON key or CSV column with the id (default: id)")
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip bad rows (and list them) instead of rejecting the input"
+    )
+    parser.add_argument("--chunk-size", type=int, help="job ids per chunk (default 32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sumfleet",
+        description="Summarize whole corpora with language models: embedded (`run`) or on a "
+        "Redis/Celery worker fleet with results in SQL (`submit`, `worker`, `status`, `results`).",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=help_text, epilog=ENV_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("run", "summarize a corpus in this process (no servers; SQLite by default)")
+    _input_flags(run)
+    _generation_flags(run)
+    _connection_flags(run)
+    run.add_argument("-o", "--output", default="-", help="results file, .jsonl or .csv (default: stdout)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    submit = command("submit", "queue a corpus for the workers; prints the batch id")
+    _input_flags(submit)
+    _generation_flags(submit)
+    _connection_flags(submit, broker=True)
+    submit.add_argument("--queue", help="queue to publish to (default: the model's own)")
+
+    worker = command("worker", "run a Celery worker that loads the model once and processes chunks")
+    _connection_flags(worker, broker=True)
+    worker.add_argument("--model", help="model this worker serves (env SUMFLEET_MODEL)")
+    worker.add_argument("--queue", help="queue to consume (default: the model's own)")
+    worker.add_argument("-c", "--concurrency", type=int, default=1, help="worker processes (one model each)")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo"], help="Celery pool")
+    worker.add_argument("--loglevel", default="INFO", help="Celery log level")
+
+    status = command("status", "counts per state, docs/s and ETA of a batch")
+    status.add_argument("batch", help="batch id")
+    status.add_argument("--watch", action="store_true", help="show a live progress bar until the batch ends")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    _connection_flags(status)
+
+    batches = command("batches", "list batches, newest first")
+    batches.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    batches.add_argument("--json", action="store_true", help="print JSON lines")
+    _connection_flags(batches)
+
+    results = command("results", "export a batch's results (streamed)")
+    results.add_argument("batch", help="batch id")
+    results.add_argument("-o", "--output", default="-", help="file, .jsonl or .csv (default: stdout)")
+    results.add_argument("--format", dest="output_format", choices=["jsonl", "csv"], help="output format")
+    _connection_flags(results)
+
+    requeue = command("requeue", "publish a batch's queued jobs again (after the broker lost them)")
+    requeue.add_argument("batch", help="batch id")
+    _connection_flags(requeue, broker=True)
+
+    database = command("db", "database schema")
+    database.add_argument("action", choices=["upgrade", "revision"], help="upgrade: migrate to the newest schema")
+    _connection_flags(database)
+
+    prompts = command("prompts", "list the prompt templates, or show one")
+    prompts.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    prompts.add_argument("name", nargs="?", help="template name for `show`")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        database_url=getattr(args, "database_url", None),
+        broker_url=getattr(args, "broker_url", None),
+        model=getattr(args, "model", None),
+        queue=getattr(args, "queue", None),
+        chunk_size=getattr(args, "chunk_size", None),
+    )
+
+
+def _prompt(args: argparse.Namespace) -> str | None:
+    if args.prompt_file:
+        if args.prompt:
+            raise InputError("give --prompt or --prompt-file, not both")
+        try:
+            with open(args.prompt_file, encoding="utf-8") as handle:
+                return handle.read()
+        except OSError as error:
+            raise InputError(f"cannot read --prompt-file {args.prompt_file}: {error.strerror}") from None
+    return args.prompt
+
+
+def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "fmt": args.input_format,
+        "text_field": args.text_field,
+        "id_field": args.id_field,
+        "skip_bad_rows": args.skip_bad_rows,
+        "prompt": _prompt(args),
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def _report_skipped(problems: Sequence[object]) -> None:
+    if problems:
+        print(f"skipped {len(problems)} bad row(s):", file=sys.stderr)
+        for problem in problems[:50]:
+            print(f"  {problem}", file=sys.stderr)
+        if len(problems) > 50:
+            print(f"  ... and {len(problems) - 50} more", file=sys.stderr)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    client = Client(_settings(args))
+    submission = client.submit_file(args.input, **_submit_options(args))
+    _report_skipped(submission.problems)
+    print(
+        f"batch {submission.batch_id}: {submission.accepted} documents in {submission.chunks} chunks "
+        f"queued for model {client.settings.model}",
+        file=sys.stderr,
+    )
+    print(submission.batch_id)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from producer.embedded import run_embedded
+
+    settings = _settings(args)
+    return run_embedded(settings, args.input, args.output, progress=not args.no_progress, **_submit_options(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.engines.loading import canonical_model, queue_for, resolve_model
+
+    settings = _settings(args)
+    model = canonical_model(settings.model)
+    resolve_model(model, settings)  # refuse an unknown model here, not in a crash-looping child
+    from worker.app import create_worker_app
+
+    app = create_worker_app(settings, model)
+    queue = settings.queue or queue_for(model)
+    print(f"sumfleet worker: model {model}, queue {queue}, broker {_safe(settings.broker_url)}", file=sys.stderr)
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={queue}",
+            f"--pool={args.pool}",
+            f"--concurrency={args.concurrency}",
+            f"--loglevel={args.loglevel}",
+            f"--hostname=sumfleet-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+def _safe(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return maybe_sanitize_url(url)
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _status_text(status: Any) -> str:
+    states = ("queued", "running", "succeeded", "failed", "cancelled")
+    counts = ", ".join(f"{state} {status.counts.get(state, 0)}" for state in states)
+    rate = status.docs_per_second
+    return (
+        f"batch {status.id}  {status.state}  model {status.model}  prompt {status.prompt}\n"
+        f"  {status.finished}/{status.total} done: {counts}\n"
+        f"  {f'{rate:.2f}' if rate else '-'} docs/s  elapsed {_format_seconds(status.elapsed)}"
+        f"  ETA {_format_seconds(status.eta_seconds)}"
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    client = Client(_settings(args), migrate=False)
+    status = client.status(args.batch)
+    if args.watch:
+        from tqdm import tqdm
+
+        with tqdm(total=status.total, initial=status.finished, unit="doc", file=sys.stderr) as bar:
+            while not status.done:
+                time.sleep(args.interval)
+                status = client.status(args.batch)
+                bar.update(status.finished - bar.n)
+    print(json.dumps(status.as_dict()) if args.json else _status_text(status))
+    return 0
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    client = Client(_settings(args), migrate=False)
+    listed = client.batches(args.limit)
+    if args.json:
+        for status in listed:
+            print(json.dumps(status.as_dict()))
+        return 0
+    print(f"{'batch':<18} {'state':<10} {'done':>13} {'failed':>7}  {'model':<20} created")
+    for s in listed:
+        print(
+            f"{s.id:<18} {s.state:<10} {f'{s.finished}/{s.total}':>13} {s.counts.get('failed', 0):>7}  "
+            f"{s.model[:20]:<20} {s.created_at:%Y-%m-%d %H:%M:%S}"
+        )
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from producer.client import Client
+    from producer.export import write_results
+
+    client = Client(_settings(args), migrate=False)
+    client.status(args.batch)  # unknown batch: fail before creating the output file
+    written = write_results(client.results(args.batch), args.output, args.output_format)
+    print(f"wrote {written} results to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    client = Client(_settings(args), migrate=False)
+    client.status(args.batch)
+    chunks = client.publish(args.batch)
+    print(f"batch {args.batch}: published {chunks} chunk(s) of queued jobs", file=sys.stderr)
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from models.db import current_revision, make_engine, upgrade
+
+    engine = make_engine(_settings(args).database_url)
+    if args.action == "upgrade":
+        print(f"database at revision {upgrade(engine)}", file=sys.stderr)
+    else:
+        print(current_revision(engine) or "none")
+    return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from worker.prompts import TEMPLATES, resolve_prompt
+
+    if args.action == "show":
+        if not args.name:
+            raise InputError("`sumfleet prompts show` needs a template name")
+        print(resolve_prompt(args.name).template)
+        return 0
+    for name, template in TEMPLATES.items():
+        first = template.replace("\n", " ")
+        print(f"{name:<18} {first[:70]}")
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "worker": cmd_worker,
+    "status": cmd_status,
+    "batches": cmd_batches,
+    "results": cmd_results,
+    "requeue": cmd_requeue,
+    "db": cmd_db,
+    "prompts": cmd_prompts,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except SumfleetError as error:
+        print(f"sumfleet {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"sumfleet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

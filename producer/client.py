@@ -1,0 +1,351 @@
+"""The Python API: submit documents, follow batches, read results.
+
+    from producer import Client
+    client = Client()                       # settings from SUMFLEET_* env
+    sub = client.submit_file("corpus.jsonl", prompt="headline")
+    client.wait(sub.batch_id)
+    for row in client.results(sub.batch_id): ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import defaults
+from models.db import ensure_schema, hide_password, make_engine, session_factory
+from models.errors import DatabaseError, InputError, RowProblem
+from models.settings import Settings, load_settings
+from models.states import BatchState
+from models.store import add_jobs, count_jobs, create_batch, get_batch, iter_results, list_batches
+from models.tables import Batch, Job
+from producer.inputs import Document, read_documents
+from worker.engines.loading import canonical_model, queue_for, resolve_model
+from worker.prompts import resolve_prompt
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `submit` accepted: the batch id, the documents taken, and the bad rows skipped."""
+
+    batch_id: str
+    accepted: int
+    chunks: int
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """A batch and its job counts at one moment."""
+
+    id: str
+    state: str
+    model: str
+    prompt: str
+    total: int
+    counts: dict[str, int]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+
+    @property
+    def done(self) -> bool:
+        return BatchState(self.state).finished
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds from the first job starting to the end (or to now)."""
+        if self.started_at is None:
+            return None
+        end = self.finished_at or datetime.now(timezone.utc)
+        return max((_aware(end) - _aware(self.started_at)).total_seconds(), 1e-9)
+
+    @property
+    def docs_per_second(self) -> float | None:
+        elapsed = self.elapsed
+        return self.finished / elapsed if elapsed and self.finished else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.docs_per_second
+        return (self.total - self.finished) / rate if rate and not self.done else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "model": self.model,
+            "prompt": self.prompt,
+            "total": self.total,
+            "counts": self.counts,
+            "docs_per_second": self.docs_per_second,
+            "eta_seconds": self.eta_seconds,
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+        }
+
+
+def result_row(job: Job) -> dict[str, Any]:
+    """One exported result: the same shape from `results`, `run -o` and the API."""
+    return {
+        "id": job.doc_id,
+        "summary": job.summary,
+        "status": job.state,
+        "error": job.error,
+        "prompt_tokens": job.prompt_tokens,
+        "output_tokens": job.output_tokens,
+        "generation_seconds": job.generation_seconds,
+        "attempts": job.attempts,
+        "worker": job.worker,
+        "queued_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+RESULT_FIELDS = (  # the columns of result_row, in order (CSV header)
+    "id", "summary", "status", "error", "prompt_tokens", "output_tokens", "generation_seconds",
+    "attempts", "worker", "queued_at", "started_at", "finished_at",
+)
+
+
+class Client:
+    """Producer-side access to one database (and, for publishing, one broker)."""
+
+    def __init__(self, settings: Settings | None = None, *, migrate: bool = True) -> None:
+        self.settings = settings or load_settings()
+        self.engine = make_engine(self.settings.database_url)
+        self._migrate = migrate
+        self._schema_checked = False
+        self.sessions: sessionmaker[Session] = session_factory(self.engine)
+        self._app = None
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        if not self._schema_checked:
+            ensure_schema(self.engine, migrate=self._migrate)
+            self._schema_checked = True
+
+    @property
+    def app(self):  # type: ignore[no-untyped-def]
+        if self._app is None:
+            from worker.app import create_app
+
+            self._app = create_app(self.settings)
+        return self._app
+
+    # -- submitting ------------------------------------------------------------------------
+
+    def submit_file(
+        self,
+        path: str,
+        *,
+        skip_bad_rows: bool = False,
+        fmt: str | None = None,
+        text_field: str | None = None,
+        id_field: str = "id",
+        publish: bool = True,
+        **options: Any,
+    ) -> Submission:
+        """Submit every document of a JSONL/CSV file, a directory of .txt/.md, or `-` (stdin)."""
+        problems: list[RowProblem] = []
+        documents = read_documents(
+            path,
+            problems,
+            fmt=fmt,
+            text_field=text_field,
+            id_field=id_field,
+            max_chars=self.settings.max_document_chars,
+        )
+        return self._submit(documents, problems, source=path, skip_bad_rows=skip_bad_rows, publish=publish, **options)
+
+    def submit(
+        self,
+        documents: Iterable[str | Mapping[str, Any]],
+        *,
+        skip_bad_rows: bool = False,
+        publish: bool = True,
+        **options: Any,
+    ) -> Submission:
+        """Submit documents given as strings or mappings with `text` (or `document`) and optional `id`."""
+        problems: list[RowProblem] = []
+        return self._submit(
+            _python_documents(documents, problems, self.settings.max_document_chars),
+            problems,
+            source="<python>",
+            skip_bad_rows=skip_bad_rows,
+            publish=publish,
+            **options,
+        )
+
+    def _submit(
+        self,
+        documents: Iterable[Document],
+        problems: list[RowProblem],
+        *,
+        source: str,
+        skip_bad_rows: bool,
+        publish: bool,
+        model: str | None = None,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        queue: str | None = None,
+    ) -> Submission:
+        model = canonical_model(model or self.settings.model)
+        resolve_model(model, self.settings)
+        resolved = resolve_prompt(prompt or self.settings.prompt)
+        max_new = max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens
+        if not 1 <= max_new <= defaults.MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"--max-new-tokens must be between 1 and {defaults.MAX_NEW_TOKENS_LIMIT}, got {max_new}")
+        if publish:
+            from producer.publish import check_broker
+
+            check_broker(self.app)  # before anything is written: a refused submission leaves nothing
+        self.ensure_schema()
+        try:
+            with self.sessions.begin() as session:
+                batch = create_batch(
+                    session,
+                    model=model,
+                    queue=queue or self.settings.queue or queue_for(model),
+                    prompt_name=resolved.name,
+                    prompt_template=resolved.template,
+                    params={"max_new_tokens": max_new},
+                    source=source,
+                )
+                rows = ({"doc_id": d.id, "text": d.text, "meta": d.meta} for d in documents)
+                accepted = add_jobs(session, batch, rows, defaults.INSERT_BATCH)
+                if problems and not skip_bad_rows:
+                    raise InputError(_problem_summary(source, problems), problems)
+                if accepted == 0:
+                    raise InputError(f"{source}: no usable documents" + (f" ({len(problems)} bad rows)" if problems else ""), problems)
+                batch_id = batch.id
+        except OperationalError as error:
+            raise DatabaseError(f"database {hide_password(self.settings.database_url)} failed: {error.orig}") from None
+        chunks = self.publish(batch_id) if publish else 0
+        return Submission(batch_id, accepted, chunks, list(problems))
+
+    def publish(self, batch_id: str) -> int:
+        """(Re)publish the batch's queued jobs as chunk messages; returns the number of chunks."""
+        from producer.publish import publish_batch
+
+        return publish_batch(self.app, self.sessions, batch_id, self.settings.chunk_size)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def status(self, batch_id: str) -> BatchStatus:
+        self.ensure_schema()
+        with self.sessions() as session:
+            return _status(get_batch(session, batch_id), count_jobs(session, batch_id).by_state)
+
+    def batches(self, limit: int = 50) -> list[BatchStatus]:
+        self.ensure_schema()
+        with self.sessions() as session:
+            return [_status(b, count_jobs(session, b.id).by_state) for b in list_batches(session, limit)]
+
+    def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """Result rows in submission order, streamed from the database."""
+        self.ensure_schema()
+        with self.sessions() as session:
+            get_batch(session, batch_id)
+            for job in iter_results(session, batch_id):
+                yield result_row(job)
+
+    def wait(self, batch_id: str, timeout: float | None = None, poll: float = 1.0) -> BatchStatus:
+        """Block until the batch has ended (or `timeout` seconds passed); returns its last status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(batch_id)
+            if status.done or (deadline is not None and time.monotonic() >= deadline):
+                return status
+            time.sleep(poll)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def submit(documents: Iterable[str | Mapping[str, Any]], **options: Any) -> Submission:
+    """Submit documents with settings from the environment (see `Client.submit`)."""
+    client = Client()
+    try:
+        return client.submit(documents, **options)
+    finally:
+        client.close()
+
+
+def _python_documents(
+    documents: Iterable[str | Mapping[str, Any]], problems: list[RowProblem], max_chars: int
+) -> Iterator[Document]:
+    seen: dict[str, int] = {}
+    for number, item in enumerate(documents, start=1):
+        def bad(reason: str) -> None:
+            problems.append(RowProblem("<python>", number, reason))
+
+        if isinstance(item, str):
+            text, doc_id, meta = item, str(number), {}
+        elif isinstance(item, Mapping):
+            key = "text" if "text" in item else "document"
+            text = item.get(key)
+            raw_id = item.get("id", number)
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+                bad(f'field "id" must be a string or integer, got {type(raw_id).__name__}')
+                continue
+            doc_id = str(raw_id)
+            meta = {k: v for k, v in item.items() if k not in (key, "id")}
+            if not isinstance(text, str):
+                bad(f'missing text: no "text" or "document" string' if text is None else f'field "{key}" must be a string, got {type(text).__name__}')
+                continue
+        else:
+            bad(f"expected a string or a mapping, got {type(item).__name__}")
+            continue
+        if not text.strip():
+            bad("the text is empty")
+        elif len(text) > max_chars:
+            bad(f"document is {len(text):,} characters; the limit is {max_chars:,}")
+        elif doc_id in seen:
+            bad(f'duplicate id "{doc_id}" (first seen at item {seen[doc_id]})')
+        else:
+            seen[doc_id] = number
+            yield Document(id=doc_id, text=text, source="<python>", line=number, meta=meta)
+
+
+def _problem_summary(source: str, problems: list[RowProblem], shown: int = 20) -> str:
+    lines = [f"{source}: {len(problems)} bad row(s); nothing was submitted (use --skip-bad-rows to skip them)"]
+    lines += [f"  {p}" for p in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown} more")
+    return "\n".join(lines)
+
+
+def _status(batch: Batch, counts: dict[str, int]) -> BatchStatus:
+    return BatchStatus(
+        id=batch.id,
+        state=batch.state,
+        model=batch.model,
+        prompt=batch.prompt_name,
+        total=batch.total,
+        counts=counts,
+        created_at=batch.created_at,
+        started_at=batch.started_at,
+        finished_at=batch.finished_at,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else _aware(moment).isoformat()

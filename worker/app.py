@@ -1,0 +1,79 @@
+"""The Celery app, its one task, and the worker process's lifetime (load the model once).
+
+Reliability settings (DESIGN.md decision 3): late acks, reject on worker lost, prefetch 1,
+JSON only, and a Redis visibility timeout longer than the task time limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from celery import Celery, signals
+
+from models import defaults
+from models.db import ensure_schema, make_engine, session_factory
+from models.settings import Settings
+from worker.chunk import ChunkProcessor
+from worker.identity import worker_id
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings` (the producer uses it to publish only)."""
+    app = Celery("sumfleet", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_proc_alive_timeout=900,  # the model loads in the child before it reports up
+        worker_hijack_root_logger=False,
+        worker_max_tasks_per_child=None,
+        task_default_queue=defaults.QUEUE_PREFIX,
+    )
+    return app
+
+
+@dataclass
+class _Runtime:
+    """What a worker process holds for its whole life; filled in after fork."""
+
+    processor: ChunkProcessor | None = None
+
+
+def create_worker_app(settings: Settings, model: str) -> Celery:
+    """The app a worker runs: the publishing app plus the task and the per-process model."""
+    app = create_app(settings)
+    runtime = _Runtime()
+
+    @signals.worker_process_init.connect(weak=False)
+    def _load(**_: object) -> None:
+        from worker.engines.loading import load_engine
+
+        database = make_engine(settings.database_url)
+        ensure_schema(database, migrate=False)
+        engine = load_engine(model, settings)
+        runtime.processor = ChunkProcessor(session_factory(database), engine, worker_id())
+        log.info("worker %s ready with model %s", runtime.processor.worker, model)
+
+    @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def summarize_chunk(self, batch_id: str, job_ids: list[int]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+        if runtime.processor is None:  # solo/threads pools never fork: load on first use
+            _load()
+        assert runtime.processor is not None
+        report = runtime.processor.process(batch_id, job_ids)
+        log.info(
+            "batch %s: chunk of %d, ran %d, succeeded %d, failed %d",
+            batch_id, len(job_ids), report.claimed, report.succeeded, report.failed,
+        )
+        return {"claimed": report.claimed, "succeeded": report.succeeded, "failed": report.failed}
+
+    return app

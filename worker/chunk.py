@@ -1,0 +1,105 @@
+"""One chunk of job ids, start to finish. The Celery task and `sumfleet run` both call this."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.store import JobOutcome, claim_jobs, close_batch_if_done, finish_jobs, get_batch, mark_batch_started
+from worker.engines.base import Engine, GenerationParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """The immutable part of a batch a worker needs: model, prompt, generation parameters."""
+
+    model: str
+    template: str
+    params: GenerationParams
+
+
+@dataclass(slots=True)
+class ChunkReport:
+    """What happened to one chunk."""
+
+    claimed: int = 0  # jobs this call ran (already finished ones are skipped)
+    succeeded: int = 0
+    failed: int = 0
+    written: int = 0  # outcomes actually stored (less than claimed if another worker took over)
+
+
+class ChunkProcessor:
+    """Runs chunks of one engine against one database; caches batch specs (they never change)."""
+
+    def __init__(self, sessions: sessionmaker[Session], engine: Engine, worker: str) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.worker = worker
+        self._specs: dict[str, BatchSpec] = {}
+
+    def _spec(self, session: Session, batch_id: str) -> BatchSpec:
+        spec = self._specs.get(batch_id)
+        if spec is None:
+            batch = get_batch(session, batch_id)
+            spec = BatchSpec(batch.model, batch.prompt_template, GenerationParams.from_batch(batch.params))
+            if len(self._specs) > 1000:
+                self._specs.clear()
+            self._specs[batch_id] = spec
+        return spec
+
+    def process(
+        self, batch_id: str, job_ids: Sequence[int], on_batch: Callable[[list[JobOutcome]], None] | None = None
+    ) -> ChunkReport:
+        """Claim the chunk's unfinished jobs, generate, and commit each generation batch's results.
+
+        Database errors propagate (the caller retries the chunk later); any other error
+        fails the jobs still open with that error, so the chunk always ends.
+        """
+        report = ChunkReport()
+        with self.sessions.begin() as session:
+            spec = self._spec(session, batch_id)
+            claimed = claim_jobs(session, job_ids, self.worker)
+            if claimed:
+                mark_batch_started(session, batch_id)
+        report.claimed = len(claimed)
+        if claimed:
+            open_ids = {job.id for job in claimed}
+            try:
+                if spec.model != self.engine.name:
+                    raise RuntimeError(
+                        f"batch {batch_id} asks for model {spec.model!r}, but this worker serves {self.engine.name!r}"
+                    )
+                for outcomes in self.engine.run(claimed, spec.template, spec.params):
+                    self._store(outcomes, report, on_batch)
+                    open_ids.difference_update(o.job_id for o in outcomes)
+            except SQLAlchemyError:
+                raise
+            except Exception as error:  # an engine bug must not leave jobs running forever
+                log.exception("chunk of batch %s failed", batch_id)
+                reason = f"{type(error).__name__}: {error}"
+                self._store([JobOutcome(job_id, error=reason) for job_id in sorted(open_ids)], report, on_batch)
+        with self.sessions.begin() as session:
+            close_batch_if_done(session, batch_id)
+        return report
+
+    def _store(
+        self,
+        outcomes: list[JobOutcome],
+        report: ChunkReport,
+        on_batch: Callable[[list[JobOutcome]], None] | None,
+    ) -> None:
+        with self.sessions.begin() as session:
+            report.written += finish_jobs(session, outcomes, self.worker)
+        for outcome in outcomes:
+            if outcome.error is None:
+                report.succeeded += 1
+            else:
+                report.failed += 1
+        if on_batch is not None:
+            on_batch(outcomes)

@@ -1,0 +1,34 @@
+"""What the chunk processor needs of an engine, and nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from models.store import ClaimedJob, JobOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Per-batch generation settings, stored with the batch."""
+
+    max_new_tokens: int
+
+    @classmethod
+    def from_batch(cls, params: dict[str, object]) -> "GenerationParams":
+        return cls(max_new_tokens=int(params["max_new_tokens"]))  # type: ignore[call-overload]
+
+
+class Engine(Protocol):
+    """Turns claimed jobs into outcomes, one generation batch at a time.
+
+    `run` yields the outcomes of each generation batch as soon as it is done, so the
+    caller can commit them; every job handed in gets exactly one outcome. Errors of one
+    document become that document's outcome, never an exception.
+    """
+
+    name: str  # the model name batches ask for
+
+    def run(self, jobs: Sequence[ClaimedJob], template: str, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+        ...

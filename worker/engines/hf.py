@@ -1,0 +1,196 @@
+"""The transformers engine: a causal LM, chat-templated prompts, length-packed batched `generate`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import logging as hf_logging
+
+from models.settings import Settings
+from models.store import ClaimedJob, JobOutcome
+from worker.batching import plan_batches
+from worker.engines.base import GenerationParams
+from worker.engines.loading import ModelSource
+from worker.prompts import render
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(setting: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16); Linux flags only."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA with bf16 and on CPUs with AMX/AVX-512 BF16, fp16 on older GPUs, else fp32.
+
+    Measured on an AVX2-only CPU: bf16 generation ran 3.1x slower than fp32, so fp32 is
+    the CPU default unless the CPU has native bf16.
+    """
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+@dataclass(slots=True)
+class _Item:
+    job: ClaimedJob
+    ids: list[int]
+
+
+class TransformersEngine:
+    """One loaded causal LM. Documents are sorted by length and packed under a token budget."""
+
+    def __init__(self, name: str, model, tokenizer, settings: Settings, device: torch.device) -> None:  # type: ignore[no-untyped-def]
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.device = device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos_ids)
+
+    @classmethod
+    def load(cls, name: str, source: ModelSource, settings: Settings) -> "TransformersEngine":
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        kwargs: dict[str, object] = {"local_files_only": not settings.allow_download}
+        if source.gguf_file:
+            kwargs["gguf_file"] = source.gguf_file
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+        model.to(device).eval()
+        log.info("loaded %s (%s) on %s in %.1fs", name, dtype, device, time.perf_counter() - started)
+        return cls(name, model, tokenizer, settings, device)
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def _prompt_text(self, template: str, document: str) -> str:
+        content = render(template, document)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        return content
+
+    def encode(self, template: str, document: str) -> list[int]:
+        """Prompt token ids; an over-long document is cut so the prompt fits `max_input_tokens`."""
+        ids = self.tokenizer(self._prompt_text(template, document), add_special_tokens=False)["input_ids"]
+        limit = self.settings.max_input_tokens
+        if len(ids) <= limit:
+            return ids
+        doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+        keep = max(1, len(doc_ids) - (len(ids) - limit))
+        cut = self.tokenizer.decode(doc_ids[:keep], skip_special_tokens=True)
+        return self.tokenizer(self._prompt_text(template, cut), add_special_tokens=False)["input_ids"][:limit]
+
+    # -- generation ------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[ClaimedJob], template: str, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+        items: list[_Item] = []
+        failed: list[JobOutcome] = []
+        for job in jobs:
+            try:
+                items.append(_Item(job, self.encode(template, job.text)))
+            except Exception as error:  # one bad document must not sink its chunk
+                failed.append(JobOutcome(job.id, error=f"could not build the prompt: {_describe(error)}"))
+        if failed:
+            yield failed
+        plan = plan_batches(
+            [len(item.ids) for item in items],
+            params.max_new_tokens,
+            self.settings.token_budget,
+            self.settings.max_batch_size,
+        )
+        for indices in plan:
+            yield self._generate_safely([items[i] for i in indices], params)
+
+    def _generate_safely(self, items: list[_Item], params: GenerationParams) -> list[JobOutcome]:
+        """Generate a batch; on any error split it in half, down to the failing document."""
+        try:
+            return self._generate(items, params)
+        except Exception as error:
+            if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                log.warning("job %s failed: %s", items[0].job.id, _describe(error))
+                return [JobOutcome(items[0].job.id, error=f"generation failed: {_describe(error)}")]
+            half = len(items) // 2
+            return self._generate_safely(items[:half], params) + self._generate_safely(items[half:], params)
+
+    def _generate(self, items: list[_Item], params: GenerationParams) -> list[JobOutcome]:
+        width = max(len(item.ids) for item in items)
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):  # left padding: the prompt ends where generation starts
+            input_ids[row, width - len(item.ids) :] = torch.tensor(item.ids)
+            attention[row, width - len(item.ids) :] = 1
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+        )
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                generation_config=config,
+            )
+        elapsed = time.perf_counter() - started
+        new_tokens = output[:, width:].tolist()
+        outcomes = []
+        for item, tokens in zip(items, new_tokens):
+            cut = _until_eos(tokens, self.eos_ids)
+            summary = self.tokenizer.decode(cut, skip_special_tokens=True).strip()
+            outcome = JobOutcome(
+                item.job.id,
+                summary=summary or None,
+                error=None if summary else "the model produced an empty summary",
+                prompt_tokens=len(item.ids),
+                output_tokens=len(cut),
+                generation_seconds=elapsed,
+            )
+            outcomes.append(outcome)
+        return outcomes
+
+
+def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    for position, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:position]
+    return tokens
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
