@@ -51,7 +51,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="JSONL or CSV file, a directory of .txt/.md files, or - for stdin")
-    parser.add_argument("--format", dest="input_format", choices=["jsonl", "csv", "dir"], help="input format")
+    parser.add_argument("--format", dest="input_format", choices=["jsonl", "csv", "tsv", "dir"], help="input format (default: from the extension)")
     parser.add_argument("--text-field", help="JSON key or CSV column with the text (default: text, document)")
     parser.add_argument("--id-field", default="id", help="JSON key or CSV column with the id (default: id)")
     parser.add_argument(
