@@ -48,6 +48,7 @@ class BatchStatus:
     state: str
     model: str
     prompt: str
+    source: str | None
     total: int
     counts: dict[str, int]
     created_at: datetime
@@ -86,6 +87,7 @@ class BatchStatus:
             "state": self.state,
             "model": self.model,
             "prompt": self.prompt,
+            "source": self.source,
             "total": self.total,
             "counts": self.counts,
             "docs_per_second": self.docs_per_second,
@@ -335,6 +337,7 @@ def _status(batch: Batch, counts: dict[str, int]) -> BatchStatus:
         state=batch.state,
         model=batch.model,
         prompt=batch.prompt_name,
+        source=batch.source,
         total=batch.total,
         counts=counts,
         created_at=batch.created_at,

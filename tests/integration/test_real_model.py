@@ -1,0 +1,57 @@
+"""The real default model (bundled SmolLM2-135M-Instruct) end to end: embedded and through a worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.settings import Settings
+from producer.client import Client
+from tests.conftest import SAMPLE, sumfleet, wait_for
+
+pytestmark = pytest.mark.model
+
+# Each sample document's summary should name its topic; these words are the documents' own.
+TOPICS = {"harbour-ferry": "ferry", "comet-sighting": "comet", "chess-prodigy": "chess"}
+
+
+def _sample(tmp_path: Path) -> Path:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    picked = tmp_path / "three.jsonl"
+    picked.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] in TOPICS))
+    return picked
+
+
+def _check_summaries(rows: list[dict]) -> None:
+    assert sorted(r["id"] for r in rows) == sorted(TOPICS)
+    for row in rows:
+        assert row["status"] == "succeeded", row
+        summary = row["summary"]
+        assert len(summary.split()) >= 5, row
+        assert TOPICS[row["id"]] in summary.lower(), f"summary of {row['id']} is off topic: {summary!r}"
+        assert 0 < row["output_tokens"] <= 40 and row["prompt_tokens"] > 50
+    assert len({r["summary"] for r in rows}) == len(rows)
+
+
+@pytest.mark.services
+def test_default_model_through_a_worker_process(fleet_settings: Settings, start_worker, tmp_path: Path) -> None:
+    submitted = sumfleet("submit", str(_sample(tmp_path)), "--max-new-tokens", "40", settings=fleet_settings)
+    assert submitted.returncode == 0, submitted.stderr.decode()
+    batch_id = submitted.stdout.decode().strip()
+    worker = start_worker(fleet_settings, "smollm2")
+    client = Client(fleet_settings, migrate=False)
+    status = wait_for(lambda: (s := client.status(batch_id)).done and s, 600, "the batch to finish", poll=1)
+    assert status.counts == {"succeeded": 3}, worker.text()
+    assert status.model == "smollm2"
+    _check_summaries(list(client.results(batch_id)))
+
+
+def test_embedded_run_with_the_default_model(tmp_path: Path) -> None:
+    out = tmp_path / "summaries.jsonl"
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'run.db'}")
+    done = sumfleet("run", str(_sample(tmp_path)), "-o", str(out), "--max-new-tokens", "40", settings=settings)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "succeeded 3, failed 0" in done.stderr.decode()
+    _check_summaries([json.loads(line) for line in out.read_text().splitlines()])
