@@ -1,0 +1,124 @@
+"""The store on both databases: submit rows, claim, conditional finish, batch closing, migrations."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine
+
+from models.db import current_revision, ensure_schema, head_revision, make_engine, session_factory
+from models.errors import BatchNotFoundError, DatabaseError
+from models.states import JobState
+from models.store import (
+    JobOutcome,
+    add_jobs,
+    claim_jobs,
+    close_batch_if_done,
+    count_jobs,
+    create_batch,
+    finish_jobs,
+    get_batch,
+    iter_job_id_chunks,
+    iter_results,
+    mark_batch_started,
+)
+from models.tables import Base
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
+def database(request, tmp_path) -> Engine:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 's.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    engine = make_engine(url)
+    ensure_schema(engine, migrate=True)
+    yield engine
+    engine.dispose()
+
+
+def _batch(sessions, n: int = 5) -> tuple[str, list[int]]:  # type: ignore[no-untyped-def]
+    with sessions.begin() as session:
+        batch = create_batch(
+            session, model="lead", queue="q", prompt_name="one-sentence", prompt_template="{document}",
+            params={"max_new_tokens": 8}, source="test",
+        )
+        add_jobs(session, batch, ({"doc_id": f"d{i}", "text": f"text {i}"} for i in range(n)), insert_batch=2)
+        batch_id = batch.id
+    ids = [i for chunk in iter_job_id_chunks(sessions, batch_id, 100, [JobState.QUEUED]) for i in chunk]
+    return batch_id, ids
+
+
+def test_migrations_match_the_tables(database: Engine) -> None:
+    assert current_revision(database) == head_revision()
+    with database.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_jobs_are_added_and_chunked_in_order(database: Engine) -> None:
+    sessions = session_factory(database)
+    batch_id, ids = _batch(sessions, 5)
+    assert ids == sorted(ids) and len(ids) == 5
+    chunks = list(iter_job_id_chunks(sessions, batch_id, 2, [JobState.QUEUED]))
+    assert [len(c) for c in chunks] == [2, 2, 1] and sum(chunks, []) == ids
+    with sessions() as session:
+        assert get_batch(session, batch_id).total == 5
+        assert count_jobs(session, batch_id).by_state == {"queued": 5}
+
+
+def test_claim_finish_is_exactly_once(database: Engine) -> None:
+    sessions = session_factory(database)
+    batch_id, ids = _batch(sessions, 3)
+    with sessions.begin() as session:
+        claimed = claim_jobs(session, ids, "w1")
+        mark_batch_started(session, batch_id)
+    assert [c.id for c in claimed] == ids and all(c.attempts == 1 for c in claimed)
+    assert claimed[0].doc_id == "d0" and claimed[0].text == "text 0"
+
+    # the chunk is redelivered to w2 while w1 is still working: w2 takes the jobs over
+    with sessions.begin() as session:
+        retaken = claim_jobs(session, ids[:2], "w2")
+    assert [c.attempts for c in retaken] == [2, 2]
+    with sessions.begin() as session:  # w1's late results for the taken-over jobs are not written
+        written = finish_jobs(session, [JobOutcome(i, summary="from w1") for i in ids], "w1")
+    assert written == 1
+    with sessions.begin() as session:
+        assert finish_jobs(session, [JobOutcome(ids[0], summary="w2"), JobOutcome(ids[1], error="boom")], "w2") == 2
+    with sessions.begin() as session:  # a third delivery finds nothing left to do
+        assert claim_jobs(session, ids, "w3") == []
+        assert finish_jobs(session, [JobOutcome(ids[0], summary="again")], "w2") == 0
+        assert close_batch_if_done(session, batch_id)
+    with sessions() as session:
+        rows = {job.doc_id: job for job in iter_results(session, batch_id, page=2)}
+        batch = get_batch(session, batch_id)
+    assert rows["d0"].summary == "w2" and rows["d0"].state == "succeeded" and rows["d0"].worker == "w2"
+    assert rows["d1"].state == "failed" and rows["d1"].error == "boom" and rows["d1"].summary is None
+    assert rows["d2"].summary == "from w1" and rows["d2"].attempts == 1
+    assert batch.state == "completed" and batch.started_at and batch.finished_at
+
+
+def test_batch_stays_open_while_jobs_remain(database: Engine) -> None:
+    sessions = session_factory(database)
+    batch_id, ids = _batch(sessions, 2)
+    with sessions.begin() as session:
+        claim_jobs(session, ids[:1], "w")
+        finish_jobs(session, [JobOutcome(ids[0], summary="s")], "w")
+        assert not close_batch_if_done(session, batch_id)
+    with sessions() as session:
+        assert get_batch(session, batch_id).state == "queued"
+        assert count_jobs(session, batch_id).by_state == {"queued": 1, "succeeded": 1}
+
+
+def test_unknown_batch_is_a_clear_error(database: Engine) -> None:
+    with session_factory(database)() as session, pytest.raises(BatchNotFoundError, match="no batch 'nope'"):
+        get_batch(session, "nope")
+
+
+def test_worker_refuses_an_unmigrated_database(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(DatabaseError, match="sumfleet db upgrade"):
+        ensure_schema(engine, migrate=False)
+
+
+def test_unreachable_database_is_a_clear_error() -> None:
+    engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(DatabaseError, match="cannot reach database postgresql\\+psycopg://nobody@127.0.0.1:1/none"):
+        ensure_schema(engine, migrate=True)

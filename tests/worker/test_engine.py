@@ -1,0 +1,119 @@
+"""The transformers engine with the real bundled model: prompts, batching, error isolation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from models.settings import Settings
+from models.store import ClaimedJob
+from tests.conftest import SAMPLE
+from worker.engines.base import GenerationParams
+from worker.engines.loading import load_engine
+from worker.prompts import TEMPLATES
+
+pytestmark = pytest.mark.model
+TEMPLATE = TEMPLATES["one-sentence"]
+
+
+@pytest.fixture(scope="module")
+def engine():  # type: ignore[no-untyped-def]
+    return load_engine("smollm2", Settings(database_url="sqlite://", max_input_tokens=512))
+
+
+@pytest.fixture(scope="module")
+def jobs() -> list[ClaimedJob]:
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    return [ClaimedJob(i, r["id"], r["text"], 1) for i, r in enumerate(rows)]
+
+
+def _run(engine, jobs, params: GenerationParams) -> dict[int, object]:  # type: ignore[no-untyped-def]
+    return {o.job_id: o for batch in engine.run(jobs, TEMPLATE, params) for o in batch}
+
+
+def test_prompt_goes_through_the_chat_template(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    text = engine.tokenizer.decode(engine.encode(TEMPLATE, jobs[0].text))
+    assert text.startswith("<|im_start|>system")
+    assert "<|im_start|>user\nSummarize the following article in one sentence:\n\nThe city council" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_long_documents_are_cut_to_the_input_limit(engine) -> None:  # type: ignore[no-untyped-def]
+    long_text = " ".join(f"Sentence number {i} is about the harbour." for i in range(400))
+    ids = engine.encode(TEMPLATE, long_text)
+    assert len(ids) <= 512
+    assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")  # the prompt's end survives
+
+
+def test_batched_generation_matches_one_at_a_time(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    """Greedy decoding with left padding: the same summary alone or in a batch.
+
+    Padding changes the shapes of the matmuls, so float rounding can in principle flip a
+    near-tied token; the test allows at most one of the documents to differ, and only
+    after a common prefix of several tokens.
+    """
+    params = GenerationParams(max_new_tokens=16)
+    jobs = jobs[:5]
+    batched = _run(engine, jobs, params)
+    assert len(batched) == len(jobs)
+    alone = {job.id: _run(engine, [job], params)[job.id] for job in jobs}
+    differing = [i for i in batched if batched[i].summary != alone[i].summary]
+    assert len(differing) <= 1, [(batched[i].summary, alone[i].summary) for i in differing]
+    for i in differing:
+        assert batched[i].summary.split()[:4] == alone[i].summary.split()[:4]
+    for job in jobs:
+        assert batched[job.id].prompt_tokens == alone[job.id].prompt_tokens
+        assert batched[job.id].error is None and batched[job.id].output_tokens <= 16
+
+
+def _failing_generate(engine, should_fail) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    real = engine.model.generate
+    calls: list[int] = []
+
+    def generate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        input_ids = kwargs["input_ids"]
+        calls.append(input_ids.shape[0])
+        error = should_fail(input_ids)
+        if error is not None:
+            raise error
+        return real(*args, **kwargs)
+
+    engine.model.generate = generate
+    return calls
+
+
+def test_one_failing_document_does_not_sink_its_batch(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    poison = engine.encode(TEMPLATE, jobs[2].text)
+    poison_tensor = torch.tensor(poison)
+
+    def should_fail(input_ids: torch.Tensor):  # type: ignore[no-untyped-def]
+        for row in input_ids:
+            if torch.equal(row[-len(poison):], poison_tensor):
+                return RuntimeError("device-side assert triggered")
+        return None
+
+    calls = _failing_generate(engine, should_fail)
+    try:
+        outcomes = _run(engine, jobs[:4], GenerationParams(max_new_tokens=4))
+    finally:
+        del engine.model.generate
+    assert outcomes[2].error == "generation failed: RuntimeError: device-side assert triggered"
+    assert all(outcomes[i].summary and outcomes[i].error is None for i in (0, 1, 3))
+    assert calls[0] == 4 and 1 in calls  # split down to the failing document
+
+
+def test_out_of_memory_splits_the_batch(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    params = GenerationParams(max_new_tokens=4)
+    expected = _run(engine, jobs[:4], params)
+    calls = _failing_generate(
+        engine, lambda ids: torch.OutOfMemoryError("CUDA out of memory") if ids.shape[0] > 2 else None
+    )
+    try:
+        outcomes = _run(engine, jobs[:4], params)
+    finally:
+        del engine.model.generate
+    assert calls == [4, 2, 2]
+    assert {i: o.summary for i, o in outcomes.items()} == {i: o.summary for i, o in expected.items()}
