@@ -247,10 +247,16 @@ def _status_text(status: Any) -> str:
     )
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _reader(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """A client for reading commands: they create the schema only on a SQLite file (embedded use)."""
     from producer.client import Client
 
-    client = Client(_settings(args), migrate=False)
+    settings = _settings(args)
+    return Client(settings, migrate=settings.database_url.startswith("sqlite"))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _reader(args)
     status = client.status(args.batch)
     if args.watch:
         from tqdm import tqdm
@@ -265,9 +271,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
-    from producer.client import Client
-
-    client = Client(_settings(args), migrate=False)
+    client = _reader(args)
     listed = client.batches(args.limit)
     if args.json:
         for status in listed:
@@ -283,10 +287,9 @@ def cmd_batches(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from producer.client import Client
     from producer.export import write_results
 
-    client = Client(_settings(args), migrate=False)
+    client = _reader(args)
     client.status(args.batch)  # unknown batch: fail before creating the output file
     written = write_results(client.results(args.batch), args.output, args.output_format)
     print(f"wrote {written} results to {args.output}", file=sys.stderr)
@@ -294,9 +297,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from producer.client import Client
-
-    client = Client(_settings(args), migrate=False)
+    client = _reader(args)
     client.status(args.batch)
     chunks = client.publish(args.batch)
     print(f"batch {args.batch}: published {chunks} chunk(s) of queued jobs", file=sys.stderr)

@@ -1,0 +1,117 @@
+"""The `sumfleet` command line as a user runs it (subprocesses), with the fast lead engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from models.settings import Settings
+from tests.conftest import SAMPLE, sumfleet
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(database_url=f"sqlite:///{tmp_path / 'cli.db'}", broker_url="redis://127.0.0.1:1/0")
+
+
+def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    done = sumfleet("run", str(SAMPLE), "--model", "lead", "-o", str(out), settings=_settings(tmp_path))
+    assert done.returncode == 0, done.stderr.decode()
+    err = done.stderr.decode()
+    assert "8/8" in err  # the progress bar reached the end
+    assert "succeeded 8, failed 0, elapsed" in err and "docs/s" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows][:2] == ["harbour-ferry", "bakery-strike"]
+    assert set(rows[0]) == {
+        "id", "summary", "status", "error", "prompt_tokens", "output_tokens", "generation_seconds",
+        "attempts", "worker", "queued_at", "started_at", "finished_at",
+    }
+    assert rows[0]["summary"].startswith("The city council voted on Tuesday")
+    assert (tmp_path / "cli.db").exists()  # the schema was created on a fresh SQLite file
+
+
+def test_run_reads_stdin_csv_and_writes_csv(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    data = b'id,body\nx1,"First. Second. Third. Fourth."\nx2,"Only one."\n'
+    done = sumfleet("run", "-", "--format", "csv", "--model", "lead-1", "-o", str(out), "--no-progress",
+                    settings=_settings(tmp_path), input=data)
+    assert done.returncode == 0, done.stderr.decode()
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["id"], r["summary"]) for r in rows] == [("x1", "First."), ("x2", "Only one.")]
+
+
+def test_run_to_stdout_keeps_stdout_clean(tmp_path: Path) -> None:
+    done = sumfleet("run", str(SAMPLE), "--model", "lead", "--no-progress", settings=_settings(tmp_path))
+    assert done.returncode == 0
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 8 and all(json.loads(line)["status"] == "succeeded" for line in lines)
+
+
+def test_directory_input(tmp_path: Path) -> None:
+    corpus = tmp_path / "docs"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("Alpha one. Alpha two.")
+    (corpus / "sub" / "b.md").write_text("Beta one.")
+    done = sumfleet("run", str(corpus), "--model", "lead", "--no-progress", settings=_settings(tmp_path))
+    assert done.returncode == 0, done.stderr.decode()
+    assert [json.loads(line)["id"] for line in done.stdout.decode().splitlines()] == ["a.txt", "sub/b.md"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "missing.jsonl", "--model", "lead"], "missing.jsonl: no such file or directory"),
+        (["run", "{sample}", "--model", "gpt-17"], "unknown model 'gpt-17'"),
+        (["run", "{sample}", "--model", "lead", "--prompt", "shorter"], "unknown prompt template 'shorter'"),
+        (["run", "{sample}", "--model", "lead", "--prompt", "Summarize it."], "unknown prompt template"),
+        (["run", "{sample}", "--model", "lead", "--prompt", "Sum {doc}"], "unknown placeholder(s) {doc}"),
+        (["run", "{sample}", "--model", "lead", "--max-new-tokens", "-3"], "--max-new-tokens must be between 1 and 4096, got -3"),
+        (["run", "{sample}", "--model", "lead", "--max-new-tokens", "100000"], "got 100000"),
+        (["status", "b0000"], "no batch 'b0000' in this database"),
+        (["results", "b0000"], "no batch 'b0000'"),
+        (["submit", "{sample}", "--model", "lead"], "cannot reach the broker at redis://127.0.0.1:1/0"),
+        (["prompts", "show", "nope"], "unknown prompt template 'nope'"),
+    ],
+)
+def test_errors_name_what_was_wrong(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [a.replace("{sample}", str(SAMPLE)) for a in args]
+    done = sumfleet(*args, settings=_settings(tmp_path))
+    assert done.returncode == 1, done
+    assert message in done.stderr.decode()
+    assert "Traceback" not in done.stderr.decode()
+
+
+def test_bad_environment_is_named(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SUMFLEET_CHUNK_SIZE": "-1"}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "batches"], env=env, capture_output=True, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "SUMFLEET_CHUNK_SIZE: Input should be greater than or equal to 1" in done.stderr.decode()
+
+
+def test_help_explains_commands_and_configuration() -> None:
+    top = sumfleet("--help").stdout.decode()
+    for word in ("run", "submit", "worker", "status", "batches", "results", "SUMFLEET_DATABASE_URL",
+                 "SUMFLEET_BROKER_URL", "SUMFLEET_MODEL", "SUMFLEET_CHUNK_SIZE", "SUMFLEET_MAX_NEW_TOKENS"):
+        assert word in top
+    submit = sumfleet("submit", "--help").stdout.decode()
+    for flag in ("--model", "--prompt", "--max-new-tokens", "--skip-bad-rows", "--text-field", "SUMFLEET_BROKER_URL"):
+        assert flag in submit
+
+
+def test_prompts_and_db_commands(tmp_path: Path) -> None:
+    listed = sumfleet("prompts").stdout.decode()
+    assert "one-sentence" in listed and "one-sentence-zh" in listed
+    shown = sumfleet("prompts", "show", "one-sentence-zh").stdout.decode()
+    assert shown.startswith("请将以下文章简化为一句话：")
+    settings = _settings(tmp_path)
+    assert sumfleet("db", "revision", settings=settings).stdout.decode().strip() == "none"
+    assert sumfleet("db", "upgrade", settings=settings).returncode == 0
+    assert sumfleet("db", "revision", settings=settings).stdout.decode().strip() == "0001"

