@@ -24,7 +24,12 @@ class Settings(BaseSettings):
         defaults.MAX_NEW_TOKENS, ge=1, le=defaults.MAX_NEW_TOKENS_LIMIT, description="tokens per summary"
     )
     max_batch_size: int = Field(defaults.MAX_BATCH_SIZE, ge=1, le=4096, description="docs per generate()")
-    token_budget: int = Field(defaults.TOKEN_BUDGET, ge=64, description="padded tokens per generate()")
+    token_budget: int | None = Field(
+        None, ge=64, description="padded tokens per generate() (default: per device, see defaults)"
+    )
+    batching: str = Field("static", pattern="^(static|continuous)$", description="generation scheduler")
+    cache_dir: str | None = Field(None, description="where de-quantized GGUF checkpoints are cached")
+    cache_checkpoints: bool = Field(True, description="cache GGUF models as plain checkpoints")
     max_input_tokens: int = Field(defaults.MAX_INPUT_TOKENS, ge=16, description="prompt tokens kept")
     max_document_chars: int = Field(defaults.MAX_DOCUMENT_CHARS, ge=1, description="longest document")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="model dtype")

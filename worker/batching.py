@@ -5,24 +5,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, budget: int, max_batch: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into batches, shortest prompts first.
+def batch_cost(longest: int, max_new_tokens: int, size: int) -> int:
+    """Tokens a batch occupies: every row padded to the longest prompt, then grown by max_new_tokens."""
+    return (longest + max_new_tokens) * size
 
-    A batch pads every prompt to its longest, and each row then grows by up to
-    `max_new_tokens`, so a batch costs (longest + max_new_tokens) x size tokens; that
-    stays within `budget` (a single over-long document still gets a batch of its own),
-    and a batch holds at most `max_batch` documents.
+
+def take_batch(sorted_lengths: Sequence[int], start: int, max_new_tokens: int, budget: int, max_batch: int) -> int:
+    """End index of the batch that starts at `start` in ascending `sorted_lengths`.
+
+    The batch stays within `budget` and `max_batch` documents; a single document over the
+    budget still gets a batch of its own.
     """
+    end = start + 1
+    while (
+        end < len(sorted_lengths)
+        and end - start < max_batch
+        and batch_cost(sorted_lengths[end], max_new_tokens, end - start + 1) <= budget
+    ):
+        end += 1
+    return end
+
+
+def plan_batches(lengths: Sequence[int], max_new_tokens: int, budget: int, max_batch: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches, shortest prompts first (see `take_batch`)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        # sorted ascending, so the newcomer is the longest of the batch
-        cost = (lengths[index] + max_new_tokens) * (len(current) + 1)
-        if current and (cost > budget or len(current) >= max_batch):
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
+    ordered = [lengths[i] for i in order]
+    batches = []
+    start = 0
+    while start < len(order):
+        end = take_batch(ordered, start, max_new_tokens, budget, max_batch)
+        batches.append(order[start:end])
+        start = end
     return batches

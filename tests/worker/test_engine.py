@@ -117,3 +117,51 @@ def test_out_of_memory_splits_the_batch(engine, jobs) -> None:  # type: ignore[n
         del engine.model.generate
     assert calls == [4, 2, 2]
     assert {i: o.summary for i, o in outcomes.items()} == {i: o.summary for i, o in expected.items()}
+
+
+def test_out_of_memory_lowers_the_budget_for_the_rest_of_the_chunk(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    settings = engine.settings
+    engine.settings = settings.model_copy(update={"max_batch_size": 4, "token_budget": 100_000})
+    engine.configured_budget = 100_000
+    calls = _failing_generate(
+        engine, lambda ids: torch.OutOfMemoryError("out of memory") if ids.shape[0] > 2 else None
+    )
+    try:
+        outcomes = _run(engine, jobs, GenerationParams(max_new_tokens=2))
+        lowered = engine.budget
+    finally:
+        del engine.model.generate
+        engine.settings = settings
+        engine.configured_budget = engine.budget = settings.token_budget or 16384
+    assert lowered < 100_000
+    assert calls[:3] == [4, 2, 2]  # the first batch fails and is split
+    assert max(calls[3:]) <= 2  # later batches are packed under the lowered budget: no more failures
+    assert sum(calls[3:]) == 4  # the other four documents, each generated once
+    assert all(o.error is None for o in outcomes.values()) and len(outcomes) == 8
+
+
+def test_continuous_batching_gives_the_same_summaries(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    params = GenerationParams(max_new_tokens=8)
+    static = _run(engine, jobs[:3], params)
+    settings = engine.settings
+    engine.settings = settings.model_copy(update={"batching": "continuous"})
+    try:
+        continuous = _run(engine, jobs[:3], params)
+    finally:
+        engine.settings = settings
+    assert {i: o.summary for i, o in continuous.items()} == {i: o.summary for i, o in static.items()}
+
+
+def test_gguf_model_is_cached_as_a_plain_checkpoint(tmp_path, engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(database_url="sqlite://", max_input_tokens=512, cache_dir=str(tmp_path))
+    first = load_engine("smollm2", settings)
+    (written,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert (written / "model.safetensors").is_file() and (written / "tokenizer.json").is_file()
+    assert "float32" in written.name or "bfloat16" in written.name
+    second = load_engine("smollm2", settings)
+    assert second.model.config.quantization_config is None if hasattr(second.model.config, "quantization_config") else True
+    params = GenerationParams(max_new_tokens=12)
+    a = _run(first, jobs[:2], params)
+    b = _run(second, jobs[:2], params)
+    c = _run(engine, jobs[:2], params)
+    assert {i: o.summary for i, o in a.items()} == {i: o.summary for i, o in b.items()} == {i: o.summary for i, o in c.items()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
+from functools import partial
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from models import defaults
 from models.settings import Settings
 from models.store import ClaimedJob, JobOutcome
-from worker.batching import plan_batches
+from worker.batching import batch_cost, take_batch
+from worker.engines.cache import cached_checkpoint, default_cache_dir, write_checkpoint
 from worker.engines.base import GenerationParams
 from worker.engines.loading import ModelSource
 from worker.prompts import render
@@ -72,6 +76,9 @@ class TransformersEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(eos_ids)
+        default_budget = defaults.TOKEN_BUDGET_GPU if device.type == "cuda" else defaults.TOKEN_BUDGET_CPU
+        self.configured_budget = settings.token_budget or default_budget
+        self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
 
     @classmethod
     def load(cls, name: str, source: ModelSource, settings: Settings) -> "TransformersEngine":
@@ -81,14 +88,25 @@ class TransformersEngine:
             torch.set_num_threads(settings.threads)
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
-        kwargs: dict[str, object] = {"local_files_only": not settings.allow_download}
-        if source.gguf_file:
-            kwargs["gguf_file"] = source.gguf_file
         started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+        location, kwargs = source.location, {"local_files_only": not settings.allow_download}
+        gguf_path = Path(source.location) / source.gguf_file if source.gguf_file else None
+        cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        cached = cached_checkpoint(gguf_path, cache_dir, dtype) if gguf_path and settings.cache_checkpoints else None
+        if cached is not None:
+            location = str(cached)
+        elif gguf_path is not None:
+            kwargs["gguf_file"] = source.gguf_file
+        with _quiet_gguf_unpacking():
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        if gguf_path is not None and cached is None and settings.cache_checkpoints:
+            write_checkpoint(model, tokenizer, gguf_path, cache_dir, dtype)
         model.to(device).eval()
-        log.info("loaded %s (%s) on %s in %.1fs", name, dtype, device, time.perf_counter() - started)
+        log.info(
+            "loaded %s (%s) on %s from %s in %.1fs",
+            name, dtype, device, "cached checkpoint" if cached else location, time.perf_counter() - started,
+        )
         return cls(name, model, tokenizer, settings, device)
 
     # -- prompts ---------------------------------------------------------------------------
@@ -124,27 +142,80 @@ class TransformersEngine:
                 failed.append(JobOutcome(job.id, error=f"could not build the prompt: {_describe(error)}"))
         if failed:
             yield failed
-        plan = plan_batches(
-            [len(item.ids) for item in items],
-            params.max_new_tokens,
-            self.settings.token_budget,
-            self.settings.max_batch_size,
-        )
-        for indices in plan:
-            yield self._generate_safely([items[i] for i in indices], params)
+        items.sort(key=lambda item: len(item.ids))
+        if self.settings.batching == "continuous" and items:
+            yield self._generate_safely(items, params)
+            return
+        self.budget = self.configured_budget
+        lengths = [len(item.ids) for item in items]
+        start = 0
+        while start < len(items):  # packed one batch at a time, so a lowered budget applies at once
+            end = take_batch(lengths, start, params.max_new_tokens, self.budget, self.settings.max_batch_size)
+            yield self._generate_safely(items[start:end], params)
+            start = end
 
     def _generate_safely(self, items: list[_Item], params: GenerationParams) -> list[JobOutcome]:
-        """Generate a batch; on any error split it in half, down to the failing document."""
+        """Generate a batch; on any error split it in half, down to the failing document.
+
+        Out of memory also lowers the token budget for the rest of the chunk.
+        """
         try:
+            if self.settings.batching == "continuous":
+                return self._generate_continuous(items, params)
             return self._generate(items, params)
         except Exception as error:
-            if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            if isinstance(error, torch.OutOfMemoryError):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                cost = batch_cost(max(len(i.ids) for i in items), params.max_new_tokens, len(items))
+                self.budget = max(defaults.MIN_TOKEN_BUDGET, min(self.budget, cost // 2))
+                log.warning("out of memory on %d documents; token budget now %d", len(items), self.budget)
             if len(items) == 1:
                 log.warning("job %s failed: %s", items[0].job.id, _describe(error))
                 return [JobOutcome(items[0].job.id, error=f"generation failed: {_describe(error)}")]
             half = len(items) // 2
             return self._generate_safely(items[:half], params) + self._generate_safely(items[half:], params)
+
+    def _config(self, params: GenerationParams) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+        )
+
+    def _outcome(self, item: _Item, tokens: list[int], elapsed: float) -> JobOutcome:
+        cut = _until_eos(tokens, self.eos_ids)
+        summary = self.tokenizer.decode(cut, skip_special_tokens=True).strip()
+        return JobOutcome(
+            item.job.id,
+            summary=summary or None,
+            error=None if summary else "the model produced an empty summary",
+            prompt_tokens=len(item.ids),
+            output_tokens=len(cut),
+            generation_seconds=elapsed,
+        )
+
+    def _generate_continuous(self, items: list[_Item], params: GenerationParams) -> list[JobOutcome]:
+        """transformers' continuous batching (paged attention; finished sequences leave, waiting ones join)."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            results = self.model.generate_batch(
+                inputs=[item.ids for item in items],
+                generation_config=self._config(params),
+                max_new_tokens=params.max_new_tokens,
+            )
+        elapsed = time.perf_counter() - started
+        outputs = list(results.values())
+        if len(outputs) != len(items):
+            raise RuntimeError(f"continuous batching returned {len(outputs)} results for {len(items)} prompts")
+        outcomes = []
+        for item, output in zip(items, outputs):
+            if output.error:
+                outcomes.append(JobOutcome(item.job.id, error=f"generation failed: {output.error}"))
+            else:
+                outcomes.append(self._outcome(item, list(output.generated_tokens), elapsed))
+        return outcomes
 
     def _generate(self, items: list[_Item], params: GenerationParams) -> list[JobOutcome]:
         width = max(len(item.ids) for item in items)
@@ -153,35 +224,36 @@ class TransformersEngine:
         for row, item in enumerate(items):  # left padding: the prompt ends where generation starts
             input_ids[row, width - len(item.ids) :] = torch.tensor(item.ids)
             attention[row, width - len(item.ids) :] = 1
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids,
-        )
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
-                generation_config=config,
+                generation_config=self._config(params),
             )
         elapsed = time.perf_counter() - started
         new_tokens = output[:, width:].tolist()
-        outcomes = []
-        for item, tokens in zip(items, new_tokens):
-            cut = _until_eos(tokens, self.eos_ids)
-            summary = self.tokenizer.decode(cut, skip_special_tokens=True).strip()
-            outcome = JobOutcome(
-                item.job.id,
-                summary=summary or None,
-                error=None if summary else "the model produced an empty summary",
-                prompt_tokens=len(item.ids),
-                output_tokens=len(cut),
-                generation_seconds=elapsed,
-            )
-            outcomes.append(outcome)
-        return outcomes
+        return [self._outcome(item, tokens, elapsed) for item, tokens in zip(items, new_tokens)]
+
+
+@contextmanager
+def _quiet_gguf_unpacking() -> Iterator[None]:
+    """Silence the per-tensor progress bar transformers draws while unpacking a GGUF file.
+
+    It is a bare `tqdm` in that module (not behind transformers' progress-bar switch), and
+    it would garble a worker's log and `sumfleet run`'s own progress bar.
+    """
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _until_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
