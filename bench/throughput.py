@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
 from models.settings import Settings  # noqa: E402
+from producer.client import Client  # noqa: E402
 from models.store import ClaimedJob  # noqa: E402
 from worker.engines.base import GenerationParams  # noqa: E402
 from worker.engines.loading import load_engine  # noqa: E402
@@ -134,8 +135,6 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
 def bench_system(docs: list[dict], model: str, prompt: str, max_new: int, chunk_size: int,
                  sample_memory: bool = False) -> dict:
     """`Client.submit` + one real `sumfleet worker` over Redis and PostgreSQL, model loaded first."""
-    from producer.client import Client
-
     name, url = _pg_database()
     settings = Settings(database_url=url, broker_url=f"{REDIS}/14", queue=f"sumfleet.bench-{secrets.token_hex(3)}",
                         chunk_size=chunk_size, max_new_tokens=max_new, prompt=prompt)
@@ -228,10 +227,10 @@ def main() -> int:
             engine.settings = settings.model_copy(update={"batching": batching})
             record[f"engine_{batching}"], _ = bench_engine(engine, docs, template, args.max_new_tokens, f"engine, {batching} batching")
         engine.settings = settings
-        for size in (8, 32):
-            engine.settings = settings.model_copy(update={"max_batch_size": size})
+        for size in (4, 16):
+            engine.max_batch_size = size
             record[f"engine_batch_{size}"], _ = bench_engine(engine, docs, template, args.max_new_tokens, f"engine, batches of {size}")
-        engine.settings = settings
+        engine.max_batch_size = settings.max_batch_size or 8
     del engine
     if not args.skip_system:
         record["system"] = bench_system(docs, args.model, args.prompt, args.max_new_tokens, 32)

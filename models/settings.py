@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(
         defaults.MAX_NEW_TOKENS, ge=1, le=defaults.MAX_NEW_TOKENS_LIMIT, description="tokens per summary"
     )
-    max_batch_size: int = Field(defaults.MAX_BATCH_SIZE, ge=1, le=4096, description="docs per generate()")
+    max_batch_size: int | None = Field(
+        None, ge=1, le=4096, description="docs per generate() (default: 8 on CPU, 128 on GPU)"
+    )
     token_budget: int | None = Field(
         None, ge=64, description="padded tokens per generate() (default: per device, see defaults)"
     )

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from models.errors import BatchNotFoundError
+from models.errors import BatchNotFoundError, InvalidTransition
 from models.states import BatchState, JobState, batch_sources_for, sources_for
 from models.tables import Batch, Job
 
@@ -278,3 +278,28 @@ def iter_results(session: Session, batch_id: str, page: int = 1000) -> Iterator[
         yield from rows
         last = rows[-1].id
         session.expunge_all()
+
+
+def cancel_batch(session: Session, batch_id: str) -> tuple[int, int]:
+    """Cancel a batch's queued jobs and mark it cancelled; returns (cancelled, still running).
+
+    Running jobs finish and keep their results; a chunk delivered later skips cancelled jobs.
+    """
+    batch = get_batch(session, batch_id)
+    if BatchState(batch.state) not in batch_sources_for(BatchState.CANCELLED):
+        raise InvalidTransition(f"batch {batch_id} has already ended ({batch.state}); nothing to cancel")
+    now = utcnow()
+    cancelled = session.execute(
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.state == JobState.QUEUED.value)
+        .values(state=JobState.CANCELLED.value, finished_at=now),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state.in_([s.value for s in batch_sources_for(BatchState.CANCELLED)]))
+        .values(state=BatchState.CANCELLED.value, finished_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    running = count_jobs(session, batch_id)[JobState.RUNNING]
+    return cancelled, running

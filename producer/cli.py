@@ -23,8 +23,10 @@ configuration (flags win over environment variables):
   SUMFLEET_PROMPT          prompt template name or text with {document} (default: one-sentence)
   SUMFLEET_CHUNK_SIZE      job ids per chunk message (default: 32)
   SUMFLEET_MAX_NEW_TOKENS  tokens generated per summary (default: 64)
-  SUMFLEET_MAX_BATCH_SIZE  documents per generate() call at most (default: 16)
-  SUMFLEET_TOKEN_BUDGET    padded tokens per generate() call (default: 16384)
+  SUMFLEET_MAX_BATCH_SIZE  documents per generate() call at most (default: 8 on CPU, 128 on GPU)
+  SUMFLEET_TOKEN_BUDGET    padded tokens per generate() call (default: 16384 on CPU, 262144 on GPU)
+  SUMFLEET_BATCHING        static (default; measured faster on CPU) or continuous
+  SUMFLEET_THREADS         torch CPU threads per worker process (default: torch's own)
   SUMFLEET_MAX_INPUT_TOKENS  prompt tokens kept per document (default: 2048)
   SUMFLEET_DTYPE           auto, float32, bfloat16, float16 (default: auto)
   SUMFLEET_DEVICE          auto, cpu, cuda, cuda:N (default: auto)
@@ -115,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("-o", "--output", default="-", help="file, .jsonl or .csv (default: stdout)")
     results.add_argument("--format", dest="output_format", choices=["jsonl", "csv"], help="output format")
     _connection_flags(results)
+
+    cancel = command("cancel", "cancel a batch: queued jobs never run, running ones finish, results are kept")
+    cancel.add_argument("batch", help="batch id")
+    _connection_flags(cancel)
 
     requeue = command("requeue", "publish a batch's queued jobs again (after the broker lost them)")
     requeue.add_argument("batch", help="batch id")
@@ -296,6 +302,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cancelled, running = _reader(args).cancel(args.batch)
+    print(f"batch {args.batch}: cancelled {cancelled} queued job(s); {running} running will finish", file=sys.stderr)
+    return 0
+
+
 def cmd_requeue(args: argparse.Namespace) -> int:
     client = _reader(args)
     client.status(args.batch)
@@ -336,6 +348,7 @@ COMMANDS = {
     "status": cmd_status,
     "batches": cmd_batches,
     "results": cmd_results,
+    "cancel": cmd_cancel,
     "requeue": cmd_requeue,
     "db": cmd_db,
     "prompts": cmd_prompts,

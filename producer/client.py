@@ -23,7 +23,7 @@ from models.db import ensure_schema, hide_password, make_engine, session_factory
 from models.errors import DatabaseError, InputError, RowProblem
 from models.settings import Settings, load_settings
 from models.states import BatchState
-from models.store import add_jobs, count_jobs, create_batch, get_batch, iter_results, list_batches
+from models.store import add_jobs, cancel_batch, count_jobs, create_batch, get_batch, iter_results, list_batches
 from models.tables import Batch, Job
 from producer.inputs import Document, read_documents
 from worker.engines.loading import canonical_model, queue_for, resolve_model
@@ -264,6 +264,12 @@ class Client:
             get_batch(session, batch_id)
             for job in iter_results(session, batch_id):
                 yield result_row(job)
+
+    def cancel(self, batch_id: str) -> tuple[int, int]:
+        """Stop a batch: queued jobs are cancelled, running ones finish; returns (cancelled, running)."""
+        self.ensure_schema()
+        with self.sessions.begin() as session:
+            return cancel_batch(session, batch_id)
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 1.0) -> BatchStatus:
         """Block until the batch has ended (or `timeout` seconds passed); returns its last status."""

@@ -42,6 +42,7 @@ class ChunkProcessor:
         self.engine = engine
         self.worker = worker
         self._specs: dict[str, BatchSpec] = {}
+        self._started: set[str] = set()  # batches this process has already marked running
 
     def _spec(self, session: Session, batch_id: str) -> BatchSpec:
         spec = self._specs.get(batch_id)
@@ -50,6 +51,7 @@ class ChunkProcessor:
             spec = BatchSpec(batch.model, batch.prompt_template, GenerationParams.from_batch(batch.params))
             if len(self._specs) > 1000:
                 self._specs.clear()
+                self._started.clear()
             self._specs[batch_id] = spec
         return spec
 
@@ -65,8 +67,9 @@ class ChunkProcessor:
         with self.sessions.begin() as session:
             spec = self._spec(session, batch_id)
             claimed = claim_jobs(session, job_ids, self.worker)
-            if claimed:
+            if claimed and batch_id not in self._started:
                 mark_batch_started(session, batch_id)
+                self._started.add(batch_id)
         report.claimed = len(claimed)
         if claimed:
             open_ids = {job.id for job in claimed}

@@ -127,3 +127,18 @@ def test_unreachable_broker_leaves_nothing_behind(fleet_settings: Settings) -> N
     assert "cannot reach the broker at redis://127.0.0.1:1/0" in refused.stderr.decode()
     assert refused.stdout == b""
     assert len(client.batches(10_000)) == before
+
+
+def test_cancel_before_the_workers_reach_the_batch(fleet_settings: Settings, start_worker) -> None:
+    submitted = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings)
+    batch_id = submitted.stdout.decode().strip()
+    cancelled = sumfleet("cancel", batch_id, settings=fleet_settings)
+    assert cancelled.returncode == 0, cancelled.stderr.decode()
+    assert "cancelled 8 queued job(s); 0 running will finish" in cancelled.stderr.decode()
+    start_worker(fleet_settings, "lead")
+    wait_for(lambda: _queue_length(fleet_settings) == 0, 120, "the worker to drain the queue")
+    client = Client(fleet_settings, migrate=False)
+    status = client.status(batch_id)
+    assert (status.state, status.counts) == ("cancelled", {"cancelled": 8})
+    again = sumfleet("cancel", batch_id, settings=fleet_settings)
+    assert again.returncode == 1 and "already ended (cancelled)" in again.stderr.decode()

@@ -86,3 +86,22 @@ def test_python_api_rejects_bad_documents_and_writes_nothing(client: Client) -> 
     assert client.batches() == []
     skipped = client.submit(["fine", "  "], model="lead", publish=False, skip_bad_rows=True)
     assert skipped.accepted == 1 and len(skipped.problems) == 1
+
+
+def test_cancel_stops_queued_jobs_and_keeps_finished_results(client: Client) -> None:
+    from models.errors import InvalidTransition
+
+    sub = client.submit(["a. b.", "c. d.", "e. f."], model="lead", publish=False)
+    ids = _ids(client, sub.batch_id)
+    processor = ChunkProcessor(client.sessions, LeadEngine("lead", 1), "w")
+    processor.process(sub.batch_id, ids[:1])
+    assert client.cancel(sub.batch_id) == (2, 0)
+    report = processor.process(sub.batch_id, ids)  # a chunk delivered after the cancel
+    assert report.claimed == 0
+    status = client.status(sub.batch_id)
+    assert status.state == "cancelled" and status.done
+    assert status.counts == {"succeeded": 1, "cancelled": 2}
+    assert [r["status"] for r in client.results(sub.batch_id)] == ["succeeded", "cancelled", "cancelled"]
+    assert next(iter(client.results(sub.batch_id)))["summary"] == "a."
+    with pytest.raises(InvalidTransition, match="already ended \\(cancelled\\)"):
+        client.cancel(sub.batch_id)

@@ -121,8 +121,7 @@ def test_out_of_memory_splits_the_batch(engine, jobs) -> None:  # type: ignore[n
 
 def test_out_of_memory_lowers_the_budget_for_the_rest_of_the_chunk(engine, jobs) -> None:  # type: ignore[no-untyped-def]
     settings = engine.settings
-    engine.settings = settings.model_copy(update={"max_batch_size": 4, "token_budget": 100_000})
-    engine.configured_budget = 100_000
+    engine.max_batch_size, engine.configured_budget = 4, 100_000
     calls = _failing_generate(
         engine, lambda ids: torch.OutOfMemoryError("out of memory") if ids.shape[0] > 2 else None
     )
@@ -131,7 +130,7 @@ def test_out_of_memory_lowers_the_budget_for_the_rest_of_the_chunk(engine, jobs)
         lowered = engine.budget
     finally:
         del engine.model.generate
-        engine.settings = settings
+        engine.max_batch_size = 8
         engine.configured_budget = engine.budget = settings.token_budget or 16384
     assert lowered < 100_000
     assert calls[:3] == [4, 2, 2]  # the first batch fails and is split
@@ -165,3 +164,7 @@ def test_gguf_model_is_cached_as_a_plain_checkpoint(tmp_path, engine, jobs) -> N
     b = _run(second, jobs[:2], params)
     c = _run(engine, jobs[:2], params)
     assert {i: o.summary for i, o in a.items()} == {i: o.summary for i, o in b.items()} == {i: o.summary for i, o in c.items()}
+    # the cached checkpoint is an ordinary local model directory: any such directory loads the same way
+    local = load_engine(str(written), Settings(database_url="sqlite://", max_input_tokens=512))
+    assert local.name == str(written)
+    assert {i: o.summary for i, o in _run(local, jobs[:2], params).items()} == {i: o.summary for i, o in a.items()}

@@ -79,6 +79,8 @@ class TransformersEngine:
         default_budget = defaults.TOKEN_BUDGET_GPU if device.type == "cuda" else defaults.TOKEN_BUDGET_CPU
         self.configured_budget = settings.token_budget or default_budget
         self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
+        default_size = defaults.MAX_BATCH_SIZE_GPU if device.type == "cuda" else defaults.MAX_BATCH_SIZE_CPU
+        self.max_batch_size = settings.max_batch_size or default_size
 
     @classmethod
     def load(cls, name: str, source: ModelSource, settings: Settings) -> "TransformersEngine":
@@ -150,7 +152,7 @@ class TransformersEngine:
         lengths = [len(item.ids) for item in items]
         start = 0
         while start < len(items):  # packed one batch at a time, so a lowered budget applies at once
-            end = take_batch(lengths, start, params.max_new_tokens, self.budget, self.settings.max_batch_size)
+            end = take_batch(lengths, start, params.max_new_tokens, self.budget, self.max_batch_size)
             yield self._generate_safely(items[start:end], params)
             start = end
 
