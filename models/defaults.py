@@ -22,3 +22,7 @@ INSERT_BATCH = 1000  # job rows per INSERT while submitting
 TASK_TIME_LIMIT = 1800  # seconds a chunk may run before the worker process is killed
 VISIBILITY_TIMEOUT = 3600  # seconds before Redis redelivers an unacked chunk; > TASK_TIME_LIMIT
 LEAD_SENTENCES = 3  # sentences the extractive `lead` engine keeps (Lead-3)
+MAX_ATTEMPTS = 3  # a job whose worker died this many times ends failed (a poison document)
+LEASE_GRACE = 60  # seconds a job's lease outlives the task time limit
+SWEEP_INTERVAL = 30.0  # seconds between sweeps (each worker process runs a sweeper; one acts at a time)
+REPUBLISH_AFTER = 120.0  # queued jobs of an empty queue that were published longer ago are republished

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     allow_download: bool = Field(False, description="let transformers fetch models from the Hub")
     task_time_limit: int = Field(defaults.TASK_TIME_LIMIT, ge=1, description="seconds per chunk")
     visibility_timeout: int = Field(defaults.VISIBILITY_TIMEOUT, ge=1, description="Redis redelivery")
+    max_attempts: int = Field(defaults.MAX_ATTEMPTS, ge=1, le=100, description="tries before a job fails")
+    lease_grace: int = Field(defaults.LEASE_GRACE, ge=0, description="seconds a lease outlives the time limit")
+    sweep_interval: float = Field(defaults.SWEEP_INTERVAL, gt=0, description="seconds between sweeps")
+    republish_after: float = Field(
+        defaults.REPUBLISH_AFTER, gt=0, description="seconds before unclaimed queued jobs are republished"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own)")
 
     @model_validator(mode="after")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from models.errors import BatchNotFoundError, InvalidTransition
@@ -22,6 +22,11 @@ from models.tables import Batch, Job
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """`moment` as an aware UTC datetime (SQLite hands back naive ones)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def new_batch_id() -> str:
@@ -130,26 +135,34 @@ def add_jobs(session: Session, batch: Batch, rows: Iterable[dict[str, Any]], ins
     return count
 
 
-def iter_job_id_chunks(
-    sessions: sessionmaker[Session], batch_id: str, size: int, states: Iterable[JobState]
-) -> Iterator[list[int]]:
-    """Ids of a batch's jobs in `states`, in id order, `size` at a time; one short query per chunk."""
-    wanted = [s.value for s in states]
+def _iter_id_chunks(sessions: sessionmaker[Session], batch_id: str, size: int, condition) -> Iterator[list[int]]:  # type: ignore[no-untyped-def]
+    """Ids of a batch's jobs matching `condition()` (rebuilt per page), in id order, `size` at a time."""
     last = 0
     while True:
+        query = select(Job.id).where(Job.batch_id == batch_id, condition(), Job.id > last)
         with sessions() as session:
-            chunk = list(
-                session.scalars(
-                    select(Job.id)
-                    .where(Job.batch_id == batch_id, Job.state.in_(wanted), Job.id > last)
-                    .order_by(Job.id)
-                    .limit(size)
-                )
-            )
+            chunk = list(session.scalars(query.order_by(Job.id).limit(size)))
         if not chunk:
             return
         yield chunk
         last = chunk[-1]
+
+
+def iter_job_id_chunks(
+    sessions: sessionmaker[Session],
+    batch_id: str,
+    size: int,
+    states: Iterable[JobState],
+    expired_only: bool = False,
+) -> Iterator[list[int]]:
+    """Ids of a batch's jobs in `states` (`expired_only`: whose lease ran out), `size` at a time."""
+    wanted = [s.value for s in states]
+
+    def condition():  # type: ignore[no-untyped-def]
+        matches = Job.state.in_(wanted)
+        return and_(matches, Job.lease_expires_at < utcnow()) if expired_only else matches
+
+    return _iter_id_chunks(sessions, batch_id, size, condition)
 
 
 def get_batch(session: Session, batch_id: str) -> Batch:
@@ -173,26 +186,95 @@ def count_jobs(session: Session, batch_id: str) -> BatchCounts:
     return BatchCounts({state: n for state, n in rows})
 
 
-def claim_jobs(session: Session, job_ids: Sequence[int], worker: str) -> list[ClaimedJob]:
-    """Mark the unfinished jobs among `job_ids` running for `worker` and return them (one query).
+def _claimable(now: datetime):  # type: ignore[no-untyped-def]
+    """Queued jobs, and running jobs whose worker's lease ran out (the worker died or hung)."""
+    return or_(
+        Job.state == JobState.QUEUED.value,
+        and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now),
+    )
 
-    Finished and cancelled jobs are skipped, so a redelivered chunk only redoes what is left.
+
+def give_up_exhausted(session: Session, job_ids: Sequence[int], max_attempts: int) -> int:
+    """Fail the jobs among `job_ids` that lost their worker `max_attempts` times already."""
+    now = utcnow()
+    return session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(list(job_ids)),
+            Job.state == JobState.RUNNING.value,
+            Job.lease_expires_at < now,
+            Job.attempts >= max_attempts,
+        )
+        .values(
+            state=JobState.FAILED.value,
+            error=f"gave up after {max_attempts} attempts: the worker process died or ran out of time "
+            "on this document each time",
+            finished_at=now,
+            lease_expires_at=None,
+        ),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+
+
+def claim_jobs(session: Session, job_ids: Sequence[int], worker: str, lease_seconds: float = 3600) -> list[ClaimedJob]:
+    """Mark the claimable jobs among `job_ids` running for `worker` and return them (one query).
+
+    Finished, cancelled and validly leased jobs are skipped, so a redelivered chunk only
+    redoes what is left and never races a live worker. The lease outlives the task time limit.
     """
     now = utcnow()
-    allowed = [s.value for s in sources_for(JobState.RUNNING)]
     statement = (
         update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.state.in_(allowed))
+        .where(Job.id.in_(list(job_ids)), _claimable(now))
         .values(
             state=JobState.RUNNING.value,
             worker=worker,
             attempts=Job.attempts + 1,
             started_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
         )
         .returning(Job.id, Job.doc_id, Job.text, Job.attempts)
     )
     rows = session.execute(statement, execution_options={"synchronize_session": False}).all()
     return sorted((ClaimedJob(*row) for row in rows), key=lambda job: job.id)
+
+
+def add_attempts(session: Session, job_ids: Sequence[int], delta: int, worker: str) -> None:
+    """Change the attempt count of jobs `worker` holds (isolation mode counts one document at a time)."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.worker == worker, Job.state == JobState.RUNNING.value)
+        .values(attempts=Job.attempts + delta),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def iter_claimable_chunks(sessions: sessionmaker[Session], batch_id: str, size: int) -> Iterator[list[int]]:
+    """Ids of a batch's claimable jobs (queued, or running on an expired lease), `size` at a time."""
+    return _iter_id_chunks(sessions, batch_id, size, lambda: _claimable(utcnow()))
+
+
+def mark_published(session: Session, batch_id: str) -> None:
+    session.execute(update(Batch).where(Batch.id == batch_id).values(published_at=utcnow()))
+
+
+def unfinished_batches(session: Session) -> list[tuple[str, str, datetime | None]]:
+    """(id, queue, published_at) of every batch still queued or running."""
+    rows = session.execute(
+        select(Batch.id, Batch.queue, Batch.published_at).where(
+            Batch.state.in_([BatchState.QUEUED.value, BatchState.RUNNING.value])
+        )
+    ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def count_expired(session: Session, batch_id: str) -> int:
+    """Running jobs of a batch whose lease ran out."""
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.batch_id == batch_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow())
+    ) or 0
 
 
 def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -> int:
@@ -215,6 +297,7 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
             output_tokens=bindparam("b_output_tokens"),
             generation_seconds=bindparam("b_seconds"),
             finished_at=now,
+            lease_expires_at=None,
         )
     )
     params = [

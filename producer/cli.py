@@ -206,6 +206,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     model = canonical_model(settings.model)
     resolve_model(model, settings)  # refuse an unknown model here, not in a crash-looping child
+    from models.db import ensure_schema, make_engine
+
+    database = make_engine(settings.database_url)
+    ensure_schema(database, migrate=False)  # likewise an unreachable or unmigrated database
+    database.dispose()
     from worker.app import create_worker_app
 
     app = create_worker_app(settings, model)

@@ -23,7 +23,7 @@ from models.db import ensure_schema, hide_password, make_engine, session_factory
 from models.errors import DatabaseError, InputError, RowProblem
 from models.settings import Settings, load_settings
 from models.states import BatchState
-from models.store import add_jobs, cancel_batch, count_jobs, create_batch, get_batch, iter_results, list_batches
+from models.store import add_jobs, as_utc, cancel_batch, count_jobs, create_batch, get_batch, iter_results, list_batches
 from models.tables import Batch, Job
 from producer.inputs import Document, read_documents
 from worker.engines.loading import canonical_model, queue_for, resolve_model
@@ -69,7 +69,7 @@ class BatchStatus:
         if self.started_at is None:
             return None
         end = self.finished_at or datetime.now(timezone.utc)
-        return max((_aware(end) - _aware(self.started_at)).total_seconds(), 1e-9)
+        return max((as_utc(end) - as_utc(self.started_at)).total_seconds(), 1e-9)
 
     @property
     def docs_per_second(self) -> float | None:
@@ -352,9 +352,5 @@ def _status(batch: Batch, counts: dict[str, int]) -> BatchStatus:
     )
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else _aware(moment).isoformat()
+    return None if moment is None else as_utc(moment).isoformat()

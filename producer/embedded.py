@@ -26,7 +26,13 @@ def run_embedded(settings: Settings, source: str, output: str, *, progress: bool
     batch = client.status(submission.batch_id)
     print(f"batch {batch.id}: {batch.total} documents, model {batch.model}; loading the model", file=sys.stderr)
     engine = load_engine(batch.model, settings)
-    processor = ChunkProcessor(client.sessions, engine, worker_id())
+    processor = ChunkProcessor(
+        client.sessions,
+        engine,
+        worker_id(),
+        lease_seconds=settings.task_time_limit + settings.lease_grace,
+        max_attempts=settings.max_attempts,
+    )
     started = time.perf_counter()
     bar = _bar(batch.total, progress)
     try:

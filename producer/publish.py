@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models import defaults
 from models.errors import BrokerError
 from models.states import JobState
-from models.store import get_batch, iter_job_id_chunks
+from models.store import get_batch, iter_claimable_chunks, iter_job_id_chunks, mark_published
 
 
 def check_broker(app: Celery) -> None:
@@ -28,15 +28,25 @@ def publish_batch(
     sessions: sessionmaker[Session],
     batch_id: str,
     chunk_size: int,
-    states: tuple[JobState, ...] = (JobState.QUEUED,),
+    only_expired: bool = False,
 ) -> int:
-    """Publish every job of the batch in `states` as chunk messages on the batch's queue; returns chunks."""
+    """Publish the batch's claimable jobs (queued, or running on an expired lease) as chunk messages.
+
+    `only_expired` publishes just the running jobs whose worker died. Returns the chunk count.
+    """
     chunks = 0
-    with sessions() as session:
+    with sessions.begin() as session:
         queue = get_batch(session, batch_id).queue
+        if not only_expired:
+            mark_published(session, batch_id)
+    ids = (
+        iter_job_id_chunks(sessions, batch_id, chunk_size, (JobState.RUNNING,), expired_only=True)
+        if only_expired
+        else iter_claimable_chunks(sessions, batch_id, chunk_size)
+    )
     try:
         with app.producer_or_acquire() as producer:
-            for job_ids in iter_job_id_chunks(sessions, batch_id, chunk_size, states):
+            for job_ids in ids:
                 app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue, producer=producer)
                 chunks += 1
     except KombuOperationalError as error:

@@ -61,7 +61,17 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
         database = make_engine(settings.database_url)
         ensure_schema(database, migrate=False)
         engine = load_engine(model, settings)
-        runtime.processor = ChunkProcessor(session_factory(database), engine, worker_id())
+        sessions = session_factory(database)
+        runtime.processor = ChunkProcessor(
+            sessions,
+            engine,
+            worker_id(),
+            lease_seconds=settings.task_time_limit + settings.lease_grace,
+            max_attempts=settings.max_attempts,
+        )
+        from worker.sweeper import Sweeper
+
+        Sweeper(sessions, app, settings).start()  # in the child: it never forks with a thread running
         log.info("worker %s ready with model %s", runtime.processor.worker, model)
 
     @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)

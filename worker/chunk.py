@@ -9,7 +9,18 @@ from dataclasses import dataclass
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.store import JobOutcome, claim_jobs, close_batch_if_done, finish_jobs, get_batch, mark_batch_started
+from models import defaults
+from models.store import (
+    ClaimedJob,
+    JobOutcome,
+    add_attempts,
+    claim_jobs,
+    close_batch_if_done,
+    finish_jobs,
+    get_batch,
+    give_up_exhausted,
+    mark_batch_started,
+)
 from worker.engines.base import Engine, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -37,10 +48,20 @@ class ChunkReport:
 class ChunkProcessor:
     """Runs chunks of one engine against one database; caches batch specs (they never change)."""
 
-    def __init__(self, sessions: sessionmaker[Session], engine: Engine, worker: str) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        engine: Engine,
+        worker: str,
+        *,
+        lease_seconds: float = defaults.TASK_TIME_LIMIT + defaults.LEASE_GRACE,
+        max_attempts: int = defaults.MAX_ATTEMPTS,
+    ) -> None:
         self.sessions = sessions
         self.engine = engine
         self.worker = worker
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
         self._specs: dict[str, BatchSpec] = {}
         self._started: set[str] = set()  # batches this process has already marked running
 
@@ -60,13 +81,20 @@ class ChunkProcessor:
     ) -> ChunkReport:
         """Claim the chunk's unfinished jobs, generate, and commit each generation batch's results.
 
-        Database errors propagate (the caller retries the chunk later); any other error
-        fails the jobs still open with that error, so the chunk always ends.
+        A chunk whose jobs were tried before (their worker died) runs in isolation: one
+        document per generation batch, each attempt counted just before it runs, so a
+        poison document exhausts only its own attempts. Database errors propagate (the
+        caller retries the chunk later); any other error fails the jobs still open with
+        that error, so the chunk always ends.
         """
         report = ChunkReport()
         with self.sessions.begin() as session:
             spec = self._spec(session, batch_id)
-            claimed = claim_jobs(session, job_ids, self.worker)
+            report.failed += give_up_exhausted(session, job_ids, self.max_attempts)
+            claimed = claim_jobs(session, job_ids, self.worker, self.lease_seconds)
+            isolate = any(job.attempts > 1 for job in claimed)
+            if isolate:  # counted again one by one below
+                add_attempts(session, [job.id for job in claimed], -1, self.worker)
             if claimed and batch_id not in self._started:
                 mark_batch_started(session, batch_id)
                 self._started.add(batch_id)
@@ -78,7 +106,7 @@ class ChunkProcessor:
                     raise RuntimeError(
                         f"batch {batch_id} asks for model {spec.model!r}, but this worker serves {self.engine.name!r}"
                     )
-                for outcomes in self.engine.run(claimed, spec.template, spec.params):
+                for outcomes in self._outcomes(claimed, spec, isolate):
                     self._store(outcomes, report, on_batch)
                     open_ids.difference_update(o.job_id for o in outcomes)
             except SQLAlchemyError:
@@ -90,6 +118,16 @@ class ChunkProcessor:
         with self.sessions.begin() as session:
             close_batch_if_done(session, batch_id)
         return report
+
+    def _outcomes(self, claimed: list[ClaimedJob], spec: BatchSpec, isolate: bool):  # type: ignore[no-untyped-def]
+        if not isolate:
+            yield from self.engine.run(claimed, spec.template, spec.params)
+            return
+        log.warning("retrying %d job(s) one at a time (a worker died on this chunk before)", len(claimed))
+        for job in claimed:
+            with self.sessions.begin() as session:
+                add_attempts(session, [job.id], 1, self.worker)
+            yield from self.engine.run([job], spec.template, spec.params)
 
     def _store(
         self,

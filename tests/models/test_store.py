@@ -23,7 +23,10 @@ from models.store import (
     iter_results,
     mark_batch_started,
 )
-from models.tables import Base
+from models.tables import Base, Job
+from models.store import give_up_exhausted, iter_claimable_chunks, utcnow
+from datetime import timedelta
+from sqlalchemy import update
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services)])
@@ -68,14 +71,20 @@ def test_claim_finish_is_exactly_once(database: Engine) -> None:
     sessions = session_factory(database)
     batch_id, ids = _batch(sessions, 3)
     with sessions.begin() as session:
-        claimed = claim_jobs(session, ids, "w1")
+        claimed = claim_jobs(session, ids, "w1", lease_seconds=3600)
         mark_batch_started(session, batch_id)
     assert [c.id for c in claimed] == ids and all(c.attempts == 1 for c in claimed)
     assert claimed[0].doc_id == "d0" and claimed[0].text == "text 0"
+    with sessions.begin() as session:  # a duplicate delivery while w1's lease holds takes nothing
+        assert claim_jobs(session, ids, "w2") == []
+        assert list(iter_claimable_chunks(sessions, batch_id, 10)) == []
+    with sessions.begin() as session:  # w1 hangs past its lease (simulated by shortening it)
+        session.execute(update(Job).where(Job.id.in_(ids[:2])).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert list(iter_claimable_chunks(sessions, batch_id, 10)) == [ids[:2]]
 
-    # the chunk is redelivered to w2 while w1 is still working: w2 takes the jobs over
+    # the chunk is redelivered to w2: it takes over the two jobs whose lease ran out
     with sessions.begin() as session:
-        retaken = claim_jobs(session, ids[:2], "w2")
+        retaken = claim_jobs(session, ids, "w2")
     assert [c.attempts for c in retaken] == [2, 2]
     with sessions.begin() as session:  # w1's late results for the taken-over jobs are not written
         written = finish_jobs(session, [JobOutcome(i, summary="from w1") for i in ids], "w1")
@@ -122,3 +131,20 @@ def test_unreachable_database_is_a_clear_error() -> None:
     engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(DatabaseError, match="cannot reach database postgresql\\+psycopg://nobody@127.0.0.1:1/none"):
         ensure_schema(engine, migrate=True)
+
+
+def test_a_job_whose_worker_died_too_often_fails_with_the_reason(database: Engine) -> None:
+    sessions = session_factory(database)
+    batch_id, ids = _batch(sessions, 2)
+    for attempt in range(3):  # three deliveries, each worker dies (its lease runs out)
+        with sessions.begin() as session:
+            assert give_up_exhausted(session, ids, max_attempts=3) == 0
+            assert len(claim_jobs(session, ids[:1], f"w{attempt}", lease_seconds=-1)) == 1
+    with sessions.begin() as session:
+        assert give_up_exhausted(session, ids, max_attempts=3) == 1
+        assert claim_jobs(session, ids[:1], "w9") == []
+    with sessions() as session:
+        rows = {job.doc_id: job for job in iter_results(session, batch_id)}
+    assert rows["d0"].state == "failed" and rows["d0"].attempts == 3
+    assert rows["d0"].error.startswith("gave up after 3 attempts: the worker process died")
+    assert rows["d1"].state == "queued"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.settings import Settings
+from models.db import head_revision
 from tests.conftest import SAMPLE, sumfleet
 
 
@@ -114,4 +115,10 @@ def test_prompts_and_db_commands(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     assert sumfleet("db", "revision", settings=settings).stdout.decode().strip() == "none"
     assert sumfleet("db", "upgrade", settings=settings).returncode == 0
-    assert sumfleet("db", "revision", settings=settings).stdout.decode().strip() == "0001"
+    assert sumfleet("db", "revision", settings=settings).stdout.decode().strip() == head_revision()
+
+
+def test_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) -> None:
+    done = sumfleet("worker", "--model", "lead", settings=_settings(tmp_path), timeout=60)
+    assert done.returncode == 1
+    assert "schema revision none (empty)" in done.stderr.decode() and "sumfleet db upgrade" in done.stderr.decode()

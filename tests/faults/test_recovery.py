@@ -1,0 +1,64 @@
+"""Fault injection on real parts: Redis losing its messages, a worker killed mid-chunk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import redis
+
+from models.settings import Settings
+from producer.client import Client
+from tests.conftest import SAMPLE, wait_for
+
+pytestmark = pytest.mark.services
+
+
+def test_batch_completes_after_redis_lost_its_messages(fleet_settings: Settings, start_worker) -> None:
+    settings = fleet_settings.model_copy(update={"sweep_interval": 0.5, "republish_after": 1.0})
+    client = Client(settings)
+    documents = [f"Document {i} first sentence. Second sentence." for i in range(40)]
+    submission = client.submit(documents, model="lead")
+    broker = redis.Redis.from_url(settings.broker_url)
+    assert broker.llen(settings.queue) == submission.chunks == 10
+    broker.flushdb()  # Redis restarted without persistence: every message is gone
+    broker.close()
+
+    start_worker(settings, "lead")
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 120, "the sweeper to recover")
+    assert status.counts == {"succeeded": 40}
+    rows = list(client.results(submission.batch_id))
+    assert all(r["attempts"] == 1 for r in rows)
+    assert [r["summary"] for r in rows] == [f"Document {i} first sentence. Second sentence." for i in range(40)]
+
+
+@pytest.mark.model
+def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: Settings, start_worker) -> None:
+    settings = fleet_settings.model_copy(
+        update={"task_time_limit": 45, "lease_grace": 0, "visibility_timeout": 600, "sweep_interval": 1.0,
+                "republish_after": 600.0, "max_new_tokens": 24}
+    )
+    client = Client(settings)
+    client.ensure_schema()
+    first = start_worker(settings, "smollm2")
+    first.wait_ready(300)
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:4]
+    submission = client.submit(rows, model="smollm2")
+    wait_for(lambda: client.status(submission.batch_id).counts.get("running") == 4, 60, "the chunk to start")
+    os.killpg(first.process.pid, signal.SIGKILL)  # the worker and its child die at once, mid-generation
+    first.process.wait(10)
+    assert client.status(submission.batch_id).counts == {"running": 4}
+
+    second = start_worker(settings, "smollm2")
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 400, "the jobs to be taken over", poll=1)
+    assert status.counts == {"succeeded": 4}, second.text()
+    results = list(client.results(submission.batch_id))
+    # killed once: at least 2 attempts each (a 3rd if the slow one-at-a-time retry hit the time limit)
+    assert all(2 <= r["attempts"] <= settings.max_attempts for r in results), [r["attempts"] for r in results]
+    second_processes = set(re.findall(r"worker (\S+) ready with model", second.text()))
+    assert {r["worker"] for r in results} <= second_processes, (results, second_processes)
+    assert all(r["summary"] for r in results)
+    assert "republished" in second.text() and "one at a time" in second.text()
