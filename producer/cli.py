@@ -33,6 +33,9 @@ configuration (flags win over environment variables):
   SUMFLEET_QUEUE           queue name instead of the model's own (sumfleet.<model>)
   SUMFLEET_ALLOW_DOWNLOAD  1 lets transformers download models from the Hub (default: off)
   SUMFLEET_TASK_TIME_LIMIT, SUMFLEET_VISIBILITY_TIMEOUT   seconds (1800, 3600; the second must be larger)
+  SUMFLEET_MAX_ATTEMPTS    a job whose worker died this many times ends failed (default: 3)
+  SUMFLEET_SWEEP_INTERVAL, SUMFLEET_REPUBLISH_AFTER, SUMFLEET_LEASE_GRACE   sweeper timing (30, 120, 60 s)
+  SUMFLEET_CACHE_DIR       cache of de-quantized GGUF checkpoints (default: ~/.cache/sumfleet/checkpoints)
 """
 
 
