@@ -186,12 +186,10 @@ def count_jobs(session: Session, batch_id: str) -> BatchCounts:
     return BatchCounts({state: n for state, n in rows})
 
 
-def _claimable(now: datetime):  # type: ignore[no-untyped-def]
-    """Queued jobs, and running jobs whose worker's lease ran out (the worker died or hung)."""
-    return or_(
-        Job.state == JobState.QUEUED.value,
-        and_(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now),
-    )
+def _claimable(now: datetime, worker: str | None = None):  # type: ignore[no-untyped-def]
+    """Queued jobs, running jobs whose lease ran out (the worker died or hung), and `worker`'s own."""
+    running = Job.lease_expires_at < now if worker is None else or_(Job.lease_expires_at < now, Job.worker == worker)
+    return or_(Job.state == JobState.QUEUED.value, and_(Job.state == JobState.RUNNING.value, running))
 
 
 def give_up_exhausted(session: Session, job_ids: Sequence[int], max_attempts: int) -> int:
@@ -220,12 +218,13 @@ def claim_jobs(session: Session, job_ids: Sequence[int], worker: str, lease_seco
     """Mark the claimable jobs among `job_ids` running for `worker` and return them (one query).
 
     Finished, cancelled and validly leased jobs are skipped, so a redelivered chunk only
-    redoes what is left and never races a live worker. The lease outlives the task time limit.
+    redoes what is left and never races a live worker; a worker may re-claim its own jobs
+    (it retries a chunk after losing the database). The lease outlives the task time limit.
     """
     now = utcnow()
     statement = (
         update(Job)
-        .where(Job.id.in_(list(job_ids)), _claimable(now))
+        .where(Job.id.in_(list(job_ids)), _claimable(now, worker))
         .values(
             state=JobState.RUNNING.value,
             worker=worker,

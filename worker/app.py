@@ -7,9 +7,11 @@ JSON only, and a Redis visibility timeout longer than the task time limit.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from celery import Celery, signals
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from models import defaults
 from models.db import ensure_schema, make_engine, session_factory
@@ -40,6 +42,24 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=defaults.QUEUE_PREFIX,
     )
     return app
+
+
+def _with_database_retries(work, batch_id: str):  # type: ignore[no-untyped-def]
+    """Run `work`, retrying with backoff while the database is unreachable.
+
+    The chunk's message stays unacknowledged meanwhile (late acks), so if the outage
+    outlasts the task time limit, the process is killed and the chunk redelivered; nothing
+    is lost. A retry re-claims this process's own jobs and skips the finished ones.
+    """
+    delay = 1.0
+    while True:
+        try:
+            return work()
+        except (OperationalError, InterfaceError) as error:
+            reason = (str(getattr(error, "orig", error)).strip().splitlines() or [type(error).__name__])[0]
+            log.warning("batch %s: database unreachable (%s); retrying in %.0fs", batch_id, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 @dataclass
@@ -79,7 +99,7 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
         if runtime.processor is None:  # solo/threads pools never fork: load on first use
             _load()
         assert runtime.processor is not None
-        report = runtime.processor.process(batch_id, job_ids)
+        report = _with_database_retries(lambda: runtime.processor.process(batch_id, job_ids), batch_id)
         log.info(
             "batch %s: chunk of %d, ran %d, succeeded %d, failed %d",
             batch_id, len(job_ids), report.claimed, report.succeeded, report.failed,
@@ -87,3 +107,21 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
         return {"claimed": report.claimed, "succeeded": report.succeeded, "failed": report.failed}
 
     return app
+
+
+def _with_database_retries(work, batch_id: str):  # type: ignore[no-untyped-def]
+    """Run `work`, retrying with backoff while the database is unreachable.
+
+    The chunk's message stays unacknowledged meanwhile (late acks), so if the outage
+    outlasts the task time limit, the process is killed and the chunk redelivered; nothing
+    is lost. A retry re-claims this process's own jobs and skips the finished ones.
+    """
+    delay = 1.0
+    while True:
+        try:
+            return work()
+        except (OperationalError, InterfaceError) as error:
+            reason = (str(getattr(error, "orig", error)).strip().splitlines() or [type(error).__name__])[0]
+            log.warning("batch %s: database unreachable (%s); retrying in %.0fs", batch_id, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)

@@ -82,8 +82,9 @@ class Sweeper:
         while not stop.wait(self.settings.sweep_interval):
             try:
                 self.sweep()
-            except Exception:  # the database or broker may be briefly away: try again next time
-                log.exception("sweeper: sweep failed")
+            except Exception as error:  # the database or broker may be briefly away: try again next time
+                first = str(error).strip().splitlines()[:1]
+                log.warning("sweeper: sweep failed (%s: %s); next try in %.0fs", type(error).__name__, first, self.settings.sweep_interval)
 
     def start(self) -> threading.Event:
         stop = threading.Event()

@@ -62,3 +62,31 @@ def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: 
     assert {r["worker"] for r in results} <= second_processes, (results, second_processes)
     assert all(r["summary"] for r in results)
     assert "republished" in second.text() and "one at a time" in second.text()
+
+
+def test_database_outage_mid_batch_nothing_lost_nothing_doubled(fleet_settings: Settings, start_worker) -> None:
+    from tests.faults.proxy import Proxy
+
+    client = Client(fleet_settings.model_copy(update={"chunk_size": 1}))
+    client.ensure_schema()
+    proxy = Proxy(("127.0.0.1", 5432))
+    proxy.start()
+    through_proxy = fleet_settings.database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    assert through_proxy != fleet_settings.database_url
+    worker = start_worker(fleet_settings.model_copy(update={"database_url": through_proxy}), "lead")
+    worker.wait_ready(120)
+    documents = [{"id": f"d{i}", "text": f"Document {i} says one thing. Then another."} for i in range(1500)]
+    submission = client.submit(documents, model="lead")
+    wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "the batch to get going", poll=0.05)
+    proxy.cut()  # the worker loses the database mid-batch
+    cut_at = client.status(submission.batch_id).finished
+    wait_for(lambda: "retrying in 2s" in worker.text(), 60, "the worker to retry with backoff")
+    assert client.status(submission.batch_id).finished < 1500
+    proxy.start()  # the database is back
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch to finish")
+    proxy.cut()
+    assert status.counts == {"succeeded": 1500}, (cut_at, status.counts)
+    rows = list(client.results(submission.batch_id))
+    assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in documents)
+    assert all(r["summary"] == f"Document {r['id'][1:]} says one thing. Then another." for r in rows)
+    assert all(r["attempts"] <= 2 for r in rows)
