@@ -248,6 +248,18 @@ def add_attempts(session: Session, job_ids: Sequence[int], delta: int, worker: s
     )
 
 
+def release_jobs(session: Session, job_ids: Sequence[int], worker: str) -> list[int]:
+    """Give back jobs `worker` claimed but did not start (a graceful stop): queued again, attempt undone."""
+    rows = session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.worker == worker, Job.state == JobState.RUNNING.value)
+        .values(state=JobState.QUEUED.value, attempts=Job.attempts - 1, lease_expires_at=None, started_at=None)
+        .returning(Job.id),
+        execution_options={"synchronize_session": False},
+    ).all()
+    return sorted(row[0] for row in rows)
+
+
 def iter_claimable_chunks(sessions: sessionmaker[Session], batch_id: str, size: int) -> Iterator[list[int]]:
     """Ids of a batch's claimable jobs (queued, or running on an expired lease), `size` at a time."""
     return _iter_id_chunks(sessions, batch_id, size, lambda: _claimable(utcnow()))

@@ -7,6 +7,7 @@ JSON only, and a Redis visibility timeout longer than the task time limit.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from dataclasses import dataclass
 
@@ -73,6 +74,14 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
     """The app a worker runs: the publishing app plus the task and the per-process model."""
     app = create_app(settings)
     runtime = _Runtime()
+    stopping = multiprocessing.Event()  # created before the pool forks, so children see it
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _stop(**_: object) -> None:  # SIGTERM/SIGINT in the main process: finish the current batch only
+        stopping.set()
+
+    def requeue(batch_id: str, queue: str, job_ids: list[int]) -> None:
+        app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue)
 
     @signals.worker_process_init.connect(weak=False)
     def _load(**_: object) -> None:
@@ -88,6 +97,8 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
             worker_id(),
             lease_seconds=settings.task_time_limit + settings.lease_grace,
             max_attempts=settings.max_attempts,
+            should_stop=stopping.is_set,
+            requeue=requeue,
         )
         from worker.sweeper import Sweeper
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +20,7 @@ from models.store import (
     get_batch,
     give_up_exhausted,
     mark_batch_started,
+    release_jobs,
 )
 from worker.engines.base import Engine, GenerationParams
 
@@ -31,6 +32,7 @@ class BatchSpec:
     """The immutable part of a batch a worker needs: model, prompt, generation parameters."""
 
     model: str
+    queue: str
     template: str
     params: GenerationParams
 
@@ -43,6 +45,7 @@ class ChunkReport:
     succeeded: int = 0
     failed: int = 0
     written: int = 0  # outcomes actually stored (less than claimed if another worker took over)
+    released: list[int] = field(default_factory=list)  # jobs given back by a graceful stop
 
 
 class ChunkProcessor:
@@ -56,12 +59,16 @@ class ChunkProcessor:
         *,
         lease_seconds: float = defaults.TASK_TIME_LIMIT + defaults.LEASE_GRACE,
         max_attempts: int = defaults.MAX_ATTEMPTS,
+        should_stop: Callable[[], bool] | None = None,
+        requeue: Callable[[str, str, list[int]], None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.engine = engine
         self.worker = worker
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.should_stop = should_stop  # asked between generation batches (a worker shutting down)
+        self.requeue = requeue  # publishes (batch id, queue, job ids) released by a graceful stop
         self._specs: dict[str, BatchSpec] = {}
         self._started: set[str] = set()  # batches this process has already marked running
 
@@ -69,7 +76,7 @@ class ChunkProcessor:
         spec = self._specs.get(batch_id)
         if spec is None:
             batch = get_batch(session, batch_id)
-            spec = BatchSpec(batch.model, batch.prompt_template, GenerationParams.from_batch(batch.params))
+            spec = BatchSpec(batch.model, batch.queue, batch.prompt_template, GenerationParams.from_batch(batch.params))
             if len(self._specs) > 1000:
                 self._specs.clear()
                 self._started.clear()
@@ -109,6 +116,10 @@ class ChunkProcessor:
                 for outcomes in self._outcomes(claimed, spec, isolate):
                     self._store(outcomes, report, on_batch)
                     open_ids.difference_update(o.job_id for o in outcomes)
+                    if open_ids and self.should_stop is not None and self.should_stop():
+                        self._release(batch_id, spec, sorted(open_ids), report)
+                        open_ids.clear()
+                        break
             except SQLAlchemyError:
                 raise
             except Exception as error:  # an engine bug must not leave jobs running forever
@@ -118,6 +129,14 @@ class ChunkProcessor:
         with self.sessions.begin() as session:
             close_batch_if_done(session, batch_id)
         return report
+
+    def _release(self, batch_id: str, spec: BatchSpec, job_ids: list[int], report: ChunkReport) -> None:
+        """Graceful stop: give the jobs not started back to the queue (database first, then a message)."""
+        with self.sessions.begin() as session:
+            report.released = release_jobs(session, job_ids, self.worker)
+        if report.released and self.requeue is not None:
+            self.requeue(batch_id, spec.queue, report.released)
+        log.warning("stopping: returned %d job(s) of batch %s to the queue", len(report.released), batch_id)
 
     def _outcomes(self, claimed: list[ClaimedJob], spec: BatchSpec, isolate: bool):  # type: ignore[no-untyped-def]
         if not isolate:

@@ -90,3 +90,31 @@ def test_database_outage_mid_batch_nothing_lost_nothing_doubled(fleet_settings: 
     assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in documents)
     assert all(r["summary"] == f"Document {r['id'][1:]} says one thing. Then another." for r in rows)
     assert all(r["attempts"] <= 2 for r in rows)
+
+
+@pytest.mark.model
+def test_sigterm_finishes_the_current_batch_and_returns_the_rest(fleet_settings: Settings, start_worker) -> None:
+    settings = fleet_settings.model_copy(update={"max_batch_size": 1, "max_new_tokens": 16})
+    client = Client(settings)
+    client.ensure_schema()
+    first = start_worker(settings, "smollm2")
+    first.wait_ready(300)
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:4]
+    submission = client.submit(rows, model="smollm2")  # one chunk of 4, generated one document at a time
+    wait_for(lambda: client.status(submission.batch_id).counts.get("succeeded"), 120, "the first summary")
+    first.process.send_signal(signal.SIGTERM)  # as `docker stop` does: to the main process only
+    first.process.wait(120)
+    counts = client.status(submission.batch_id).counts
+    assert "running" not in counts and 1 <= counts.get("succeeded", 0) < 4, counts
+    assert counts.get("queued", 0) == 4 - counts["succeeded"], counts
+    assert "returned" in first.text() and "to the queue" in first.text()
+    broker = redis.Redis.from_url(settings.broker_url)
+    assert broker.llen(settings.queue) == 1  # the rest of the chunk, as a new message
+    broker.close()
+
+    start_worker(settings, "smollm2")
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 300, "the batch", poll=1)
+    assert status.counts == {"succeeded": 4}
+    results = list(client.results(submission.batch_id))
+    assert all(r["attempts"] == 1 and r["summary"] for r in results)  # nothing ran twice
+    assert len({r["worker"] for r in results}) == 2
