@@ -118,3 +118,24 @@ def test_sigterm_finishes_the_current_batch_and_returns_the_rest(fleet_settings:
     results = list(client.results(submission.batch_id))
     assert all(r["attempts"] == 1 and r["summary"] for r in results)  # nothing ran twice
     assert len({r["worker"] for r in results}) == 2
+
+
+def test_a_document_that_kills_its_worker_fails_alone(fleet_settings: Settings, start_worker) -> None:
+    settings = fleet_settings.model_copy(
+        update={"task_time_limit": 4, "lease_grace": 0, "visibility_timeout": 600, "sweep_interval": 0.5,
+                "republish_after": 600.0, "chunk_size": 4}
+    )
+    model = "python:tests.faults.crashing_engine:make"
+    client = Client(settings)
+    documents = [{"id": f"d{i}", "text": f"Fine document {i}. More."} for i in range(4)]
+    documents[1]["text"] = "This POISON document kills whoever reads it. Every time."
+    submission = client.submit(documents, model=model)
+    worker = start_worker(settings, model)
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch", poll=0.5)
+    assert status.counts == {"succeeded": 3, "failed": 1}, worker.text()[-3000:]
+    rows = {r["id"]: r for r in client.results(submission.batch_id)}
+    poison = rows.pop("d1")
+    assert poison["status"] == "failed" and poison["attempts"] == settings.max_attempts
+    assert poison["error"].startswith("gave up after 3 attempts: the worker process died")
+    assert all(r["summary"] == f"Fine document {r['id'][1:]}." for r in rows.values())
+    assert "one at a time" in worker.text()

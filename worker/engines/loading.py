@@ -22,14 +22,22 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class ModelSource:
     """Where a model comes from: `kind` is lead, gguf, directory or hub."""
 
-    kind: str
-    location: str  # folder, hub id, or "" for lead
+    kind: str  # lead, gguf, directory, hub or plugin
+    location: str  # folder, hub id, "module:factory" for a plugin, or "" for lead
     gguf_file: str | None = None
     lead_sentences: int = defaults.LEAD_SENTENCES
 
 
 def resolve_model(name: str, settings: Settings) -> ModelSource:
     """Where `name` is found offline, or `ModelNotFoundError` saying what was tried."""
+    if name.startswith("python:"):
+        target = name.removeprefix("python:")
+        module, _, attribute = target.partition(":")
+        if not module or not attribute:
+            raise ModelNotFoundError(f"model {name!r}: a plugin engine is python:package.module:factory")
+        if importlib.util.find_spec(module) is None:
+            raise ModelNotFoundError(f"model {name!r}: no module {module!r} to import")
+        return ModelSource("plugin", target)
     lead = _LEAD.match(name)
     if lead:
         n = int(lead.group(1) or defaults.LEAD_SENTENCES)
@@ -90,6 +98,11 @@ def load_engine(name: str, settings: Settings):  # type: ignore[no-untyped-def]
     source = resolve_model(name, settings)
     if source.kind == "lead":
         return LeadEngine(name, source.lead_sentences)
+    if source.kind == "plugin":  # your own engine: factory(name, settings) -> an object with .name and .run
+        import importlib
+
+        module, _, attribute = source.location.partition(":")
+        return getattr(importlib.import_module(module), attribute)(name, settings)
     from worker.engines.hf import TransformersEngine
 
     return TransformersEngine.load(name, source, settings)
