@@ -139,3 +139,25 @@ def test_a_document_that_kills_its_worker_fails_alone(fleet_settings: Settings, 
     assert poison["error"].startswith("gave up after 3 attempts: the worker process died")
     assert all(r["summary"] == f"Fine document {r['id'][1:]}." for r in rows.values())
     assert "one at a time" in worker.text()
+
+
+def test_cancel_mid_batch_keeps_finished_results(fleet_settings: Settings, start_worker) -> None:
+    settings = fleet_settings.model_copy(update={"chunk_size": 1})
+    client = Client(settings)
+    client.ensure_schema()
+    worker = start_worker(settings, "lead")
+    worker.wait_ready(120)
+    submission = client.submit([f"Sentence {i}. Another." for i in range(1500)], model="lead")
+    wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "some results", poll=0.05)
+    cancelled, running = client.cancel(submission.batch_id)
+    assert cancelled > 0
+    broker = redis.Redis.from_url(settings.broker_url)
+    wait_for(lambda: broker.llen(settings.queue) == 0, 120, "the workers to drain the cancelled chunks")
+    broker.close()
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).counts.get("running", 0) == 0 and s, 60, "running jobs")
+    assert status.state == "cancelled"
+    assert status.counts["cancelled"] == cancelled
+    assert status.counts["succeeded"] + status.counts["cancelled"] == 1500
+    rows = list(client.results(submission.batch_id))
+    kept = [r for r in rows if r["status"] == "succeeded"]
+    assert len(kept) >= 20 and all(r["summary"] == f"Sentence {int(r['id']) - 1}. Another." for r in kept)
