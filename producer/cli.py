@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("batch", help="batch id")
     _connection_flags(cancel)
 
-    requeue = command("requeue", "publish a batch's queued jobs again (after the broker lost them)")
-    requeue.add_argument("batch", help="batch id")
+    requeue = command(
+        "requeue", "publish queued jobs (and those of dead workers) again, after the broker lost them"
+    )
+    requeue.add_argument("batch", nargs="?", help="batch id (default: every unfinished batch)")
     _connection_flags(requeue, broker=True)
 
     database = command("db", "database schema")
@@ -317,10 +319,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from models.store import unfinished_batches
+
     client = _reader(args)
-    client.status(args.batch)
-    chunks = client.publish(args.batch)
-    print(f"batch {args.batch}: published {chunks} chunk(s) of queued jobs", file=sys.stderr)
+    if args.batch:
+        client.status(args.batch)  # an unknown id is an error
+        batches = [args.batch]
+    else:
+        with client.sessions() as session:
+            batches = [batch_id for batch_id, _, _ in unfinished_batches(session)]
+    for batch_id in batches:
+        chunks = client.publish(batch_id)
+        print(f"batch {batch_id}: published {chunks} chunk(s)", file=sys.stderr)
     return 0
 
 

@@ -142,3 +142,18 @@ def test_cancel_before_the_workers_reach_the_batch(fleet_settings: Settings, sta
     assert (status.state, status.counts) == ("cancelled", {"cancelled": 8})
     again = sumfleet("cancel", batch_id, settings=fleet_settings)
     assert again.returncode == 1 and "already ended (cancelled)" in again.stderr.decode()
+
+
+def test_requeue_after_the_broker_lost_everything(fleet_settings: Settings) -> None:
+    first = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings).stdout.decode().strip()
+    second = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings).stdout.decode().strip()
+    assert _queue_length(fleet_settings) == 4
+    broker = redis.Redis.from_url(fleet_settings.broker_url)
+    broker.flushdb()
+    broker.close()
+    one = sumfleet("requeue", first, settings=fleet_settings)
+    assert one.returncode == 0 and f"batch {first}: published 2 chunk(s)" in one.stderr.decode()
+    assert _queue_length(fleet_settings) == 2
+    every = sumfleet("requeue", settings=fleet_settings)
+    assert f"batch {second}: published 2 chunk(s)" in every.stderr.decode()
+    assert _queue_length(fleet_settings) >= 4
