@@ -45,24 +45,6 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-def _with_database_retries(work, batch_id: str):  # type: ignore[no-untyped-def]
-    """Run `work`, retrying with backoff while the database is unreachable.
-
-    The chunk's message stays unacknowledged meanwhile (late acks), so if the outage
-    outlasts the task time limit, the process is killed and the chunk redelivered; nothing
-    is lost. A retry re-claims this process's own jobs and skips the finished ones.
-    """
-    delay = 1.0
-    while True:
-        try:
-            return work()
-        except (OperationalError, InterfaceError) as error:
-            reason = (str(getattr(error, "orig", error)).strip().splitlines() or [type(error).__name__])[0]
-            log.warning("batch %s: database unreachable (%s); retrying in %.0fs", batch_id, reason, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-
 @dataclass
 class _Runtime:
     """What a worker process holds for its whole life; filled in after fork."""
