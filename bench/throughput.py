@@ -34,7 +34,7 @@ from producer.client import Client  # noqa: E402
 from models.store import ClaimedJob  # noqa: E402
 from worker.engines.base import GenerationParams  # noqa: E402
 from worker.engines.loading import load_engine  # noqa: E402
-from worker.prompts import TEMPLATES, render  # noqa: E402
+from worker.prompts import TEMPLATES, PromptPlan, render  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "bbc_news.jsonl"
 PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -71,7 +71,7 @@ def bench_pipelines(engine, docs: list[dict], template: str, max_new: int) -> di
     tokenizer = engine.tokenizer
     tokenizer.padding_side = "left"
     pipe = pipeline("text-generation", model=engine.model, tokenizer=tokenizer)
-    chats = [[{"role": "user", "content": render(template, d["text"])}] for d in docs]
+    chats = [[{"role": "user", "content": template.render(template.variants["en"], d["text"], "en")}] for d in docs]
     kwargs = {"max_new_tokens": max_new, "do_sample": False, "return_full_text": False}
 
     def count(outputs) -> int:  # type: ignore[no-untyped-def]
@@ -211,7 +211,7 @@ def main() -> int:
         return 0
 
     docs = read_docs(args.corpus, args.docs)
-    template = TEMPLATES[args.prompt]
+    template = PromptPlan(TEMPLATES[args.prompt])
     settings = Settings(database_url="sqlite://")
     print(f"{len(docs)} documents from {args.corpus}, {args.max_new_tokens} new tokens, greedy; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

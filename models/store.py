@@ -51,6 +51,7 @@ class JobOutcome:
     job_id: int
     summary: str | None = None
     error: str | None = None
+    prompt_variant: str | None = None  # which language variant of the prompt ran
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     generation_seconds: float | None = None
@@ -304,6 +305,7 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
             state=bindparam("b_state"),
             summary=bindparam("b_summary"),
             error=bindparam("b_error"),
+            prompt_variant=bindparam("b_variant"),
             prompt_tokens=bindparam("b_prompt_tokens"),
             output_tokens=bindparam("b_output_tokens"),
             generation_seconds=bindparam("b_seconds"),
@@ -318,6 +320,7 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
             "b_state": o.state.value,
             "b_summary": o.summary,
             "b_error": o.error,
+            "b_variant": o.prompt_variant,
             "b_prompt_tokens": o.prompt_tokens,
             "b_output_tokens": o.output_tokens,
             "b_seconds": o.generation_seconds,

@@ -52,6 +52,10 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-file", help="read the prompt template from this file")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per summary (default 64)")
+    parser.add_argument(
+        "--language", help="prompt variant: auto (per document, the default) or en, zh, ja, ko"
+    )
+    parser.add_argument("--max-words", type=int, help="fills {max_words} in templates (default 50)")
 
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +175,8 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "skip_bad_rows": args.skip_bad_rows,
         "prompt": _prompt(args),
         "max_new_tokens": args.max_new_tokens,
+        "language": args.language,
+        "max_words": args.max_words,
     }
 
 
@@ -351,11 +357,12 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     if args.action == "show":
         if not args.name:
             raise InputError("`sumfleet prompts show` needs a template name")
-        print(resolve_prompt(args.name).template)
+        for language, template in resolve_prompt(args.name).variants.items():
+            print(f"[{language}]\n{template}\n")
         return 0
-    for name, template in TEMPLATES.items():
-        first = template.replace("\n", " ")
-        print(f"{name:<18} {first[:70]}")
+    for name, variants in TEMPLATES.items():
+        first = variants["en"].replace("\n", " ")
+        print(f"{name:<14} {'/'.join(variants):<7} {first[:64]}")
     return 0
 
 

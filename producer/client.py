@@ -27,7 +27,7 @@ from models.store import add_jobs, as_utc, cancel_batch, count_jobs, create_batc
 from models.tables import Batch, Job
 from producer.inputs import Document, read_documents
 from worker.engines.loading import canonical_model, queue_for, resolve_model
-from worker.prompts import resolve_prompt
+from worker.prompts import check_language, resolve_prompt
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,7 @@ def result_row(job: Job) -> dict[str, Any]:
         "summary": job.summary,
         "status": job.state,
         "error": job.error,
+        "prompt_variant": job.prompt_variant,
         "prompt_tokens": job.prompt_tokens,
         "output_tokens": job.output_tokens,
         "generation_seconds": job.generation_seconds,
@@ -117,7 +118,7 @@ def result_row(job: Job) -> dict[str, Any]:
 
 
 RESULT_FIELDS = (  # the columns of result_row, in order (CSV header)
-    "id", "summary", "status", "error", "prompt_tokens", "output_tokens", "generation_seconds",
+    "id", "summary", "status", "error", "prompt_variant", "prompt_tokens", "output_tokens", "generation_seconds",
     "attempts", "worker", "queued_at", "started_at", "finished_at",
 )
 
@@ -204,10 +205,15 @@ class Client:
         prompt: str | None = None,
         max_new_tokens: int | None = None,
         queue: str | None = None,
+        language: str | None = None,
+        max_words: int | None = None,
     ) -> Submission:
         model = canonical_model(model or self.settings.model)
         resolve_model(model, self.settings)
         resolved = resolve_prompt(prompt or self.settings.prompt)
+        language = check_language(language or "auto")
+        if max_words is not None and not 1 <= max_words <= 10_000:
+            raise InputError(f"--max-words must be between 1 and 10000, got {max_words}")
         max_new = max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens
         if not 1 <= max_new <= defaults.MAX_NEW_TOKENS_LIMIT:
             raise InputError(f"--max-new-tokens must be between 1 and {defaults.MAX_NEW_TOKENS_LIMIT}, got {max_new}")
@@ -224,7 +230,12 @@ class Client:
                     queue=queue or self.settings.queue or queue_for(model),
                     prompt_name=resolved.name,
                     prompt_template=resolved.template,
-                    params={"max_new_tokens": max_new},
+                    params={
+                        "max_new_tokens": max_new,
+                        "variants": resolved.variants,
+                        "language": language,
+                        "max_words": max_words,
+                    },
                     source=source,
                 )
                 rows = ({"doc_id": d.id, "text": d.text, "meta": d.meta} for d in documents)

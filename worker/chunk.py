@@ -23,6 +23,7 @@ from models.store import (
     release_jobs,
 )
 from worker.engines.base import Engine, GenerationParams
+from worker.prompts import ANY, PromptPlan
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class BatchSpec:
 
     model: str
     queue: str
-    template: str
+    prompt: PromptPlan
     params: GenerationParams
 
 
@@ -76,7 +77,7 @@ class ChunkProcessor:
         spec = self._specs.get(batch_id)
         if spec is None:
             batch = get_batch(session, batch_id)
-            spec = BatchSpec(batch.model, batch.queue, batch.prompt_template, GenerationParams.from_batch(batch.params))
+            spec = BatchSpec(batch.model, batch.queue, _plan(batch.prompt_template, batch.params), GenerationParams.from_batch(batch.params))
             if len(self._specs) > 1000:
                 self._specs.clear()
                 self._started.clear()
@@ -140,13 +141,13 @@ class ChunkProcessor:
 
     def _outcomes(self, claimed: list[ClaimedJob], spec: BatchSpec, isolate: bool):  # type: ignore[no-untyped-def]
         if not isolate:
-            yield from self.engine.run(claimed, spec.template, spec.params)
+            yield from self.engine.run(claimed, spec.prompt, spec.params)
             return
         log.warning("retrying %d job(s) one at a time (a worker died on this chunk before)", len(claimed))
         for job in claimed:
             with self.sessions.begin() as session:
                 add_attempts(session, [job.id], 1, self.worker)
-            yield from self.engine.run([job], spec.template, spec.params)
+            yield from self.engine.run([job], spec.prompt, spec.params)
 
     def _store(
         self,
@@ -163,3 +164,10 @@ class ChunkProcessor:
                 report.failed += 1
         if on_batch is not None:
             on_batch(outcomes)
+
+
+def _plan(template: str, params: dict[str, object]) -> PromptPlan:
+    """The batch's prompt: its language variants (or its one template), language setting and values."""
+    variants = params.get("variants") or {ANY: template}
+    values = {"max_words": params["max_words"]} if params.get("max_words") else {}
+    return PromptPlan(dict(variants), str(params.get("language") or "auto"), values)  # type: ignore[arg-type]

@@ -1,42 +1,88 @@
-"""Prompt templates: the named library, custom templates, and rendering.
+"""Prompt templates: the named library (a variant per language), custom templates, rendering.
 
-A template is text with a `{document}` placeholder. Literal braces are written `{{` and `}}`.
-This module is light (no torch), so the producer can validate prompts at submit time.
+A template is text with a `{document}` placeholder, and optionally `{max_words}` and
+`{language}`, filled from the batch's parameters. Literal braces are written `{{` and `}}`.
+The variant follows each document's language (a script-based check) unless the batch fixes
+it. This module is light (no torch), so the producer can validate prompts at submit time.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from models.errors import PromptError
 
-PLACEHOLDERS = frozenset({"document"})  # placeholders a template may use
+PLACEHOLDERS = frozenset({"document", "max_words", "language"})  # what a template may use
+LANGUAGES = {"en": "English", "zh": "Chinese", "ja": "Japanese", "ko": "Korean"}  # what detection tells apart
+ANY = "*"  # the variant key of a custom template: one text for every language
+DEFAULT_MAX_WORDS = 50  # {max_words} when the batch does not set it
 
-TEMPLATES: dict[str, str] = {
-    "one-sentence": "Summarize the following article in one sentence:\n\n{document}",
-    "headline": "Write a short headline for the following article:\n\n{document}",
-    "bullets": "Summarize the following article in three bullet points:\n\n{document}",
-    "tldr": "{document}\n\nTL;DR:",
-    "paragraph": "Summarize the following article in one short paragraph:\n\n{document}",
-    "one-sentence-zh": "请将以下文章简化为一句话：\n\n{document}",
-    "headline-zh": "请为以下文章写一个简短的标题：\n\n{document}",
-    "bullets-zh": "请用三个要点总结以下文章：\n\n{document}",
+TEMPLATES: dict[str, dict[str, str]] = {
+    "one-sentence": {
+        "en": "Summarize the following article in one sentence:\n\n{document}",
+        "zh": "请将以下文章简化为一句话：\n\n{document}",
+    },
+    "headline": {
+        "en": "Write a short headline for the following article:\n\n{document}",
+        "zh": "请为以下文章写一个简短的标题：\n\n{document}",
+    },
+    "bullets": {
+        "en": "Summarize the following article in three bullet points:\n\n{document}",
+        "zh": "请用三个要点总结以下文章：\n\n{document}",
+    },
+    "paragraph": {
+        "en": "Summarize the following article in one paragraph of at most {max_words} words:\n\n{document}",
+        "zh": "请用不超过{max_words}个字的一段话总结以下文章：\n\n{document}",
+    },
+    "tldr": {
+        "en": "{document}\n\nTL;DR:",
+        "zh": "{document}\n\n总结：",
+    },
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Prompt:
-    """A resolved prompt: its name (`custom` for user text) and its template text."""
+    """A resolved prompt: its name (`custom` for user text) and its variants by language."""
 
     name: str
-    template: str
+    variants: dict[str, str]
+
+    @property
+    def template(self) -> str:
+        """The variant shown first (English, or the custom text)."""
+        return self.variants.get("en") or next(iter(self.variants.values()))
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """What a worker needs to prompt each document of a batch."""
+
+    variants: dict[str, str]
+    language: str = "auto"  # "auto": per document; or a fixed language code
+    values: dict[str, object] = field(default_factory=dict)  # max_words, ...
+
+    def for_document(self, text: str) -> tuple[str, str, str]:
+        """(variant key, template, language) for this document."""
+        language = detect_language(text) if self.language == "auto" else self.language
+        for key in (language, "en", ANY):
+            if key in self.variants:
+                return key, self.variants[key], language
+        key, template = next(iter(self.variants.items()))
+        return key, template, language
+
+    def render(self, template: str, document: str, language: str) -> str:
+        """`template` filled in: the document, {max_words}, and {language} as a name (Chinese, ...)."""
+        values = {"max_words": DEFAULT_MAX_WORDS, **self.values, "language": LANGUAGES.get(language, LANGUAGES["en"])}
+        return template.format(document=document, **values)
 
 
 def resolve_prompt(spec: str) -> Prompt:
     """A template name from the library, or custom template text containing `{document}`."""
     if spec in TEMPLATES:
-        return Prompt(spec, TEMPLATES[spec])
+        return Prompt(spec, dict(TEMPLATES[spec]))
     if "{" not in spec:
         known = ", ".join(sorted(TEMPLATES))
         raise PromptError(
@@ -44,11 +90,11 @@ def resolve_prompt(spec: str) -> Prompt:
             "(or give your own text containing {document})"
         )
     check_template(spec)
-    return Prompt("custom", spec)
+    return Prompt("custom", {ANY: spec})
 
 
 def check_template(template: str) -> None:
-    """Raise `PromptError` unless `template` parses and uses `{document}` and no unknown placeholder."""
+    """Raise `PromptError` unless `template` parses, uses `{document}`, and no unknown placeholder."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as error:
@@ -56,11 +102,42 @@ def check_template(template: str) -> None:
     unknown = sorted({f for f in fields if f not in PLACEHOLDERS})
     if unknown:
         shown = ", ".join("{" + f + "}" for f in unknown)
-        raise PromptError(f"prompt template uses unknown placeholder(s) {shown}; only {{document}} is filled in")
+        known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+        raise PromptError(f"prompt template uses unknown placeholder(s) {shown}; the known ones are {known}")
     if "document" not in fields:
         raise PromptError("prompt template has no {document} placeholder: where should the document go?")
 
 
-def render(template: str, document: str) -> str:
-    """The template with the document put in its place (the document's own braces are left alone)."""
-    return template.format(document=document)
+def check_language(language: str) -> str:
+    if language != "auto" and language not in LANGUAGES:
+        raise PromptError(f"unknown language {language!r}: use auto or one of {', '.join(LANGUAGES)}")
+    return language
+
+
+def detect_language(text: str, sample: int = 2000) -> str:
+    """zh, ja, ko or en, from the scripts of the first `sample` characters (Latin and others -> en)."""
+    han = kana = hangul = latin = 0
+    for char in text[:sample]:
+        code = ord(char)
+        if 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF:
+            han += 1
+        elif 0x3040 <= code <= 0x30FF:
+            kana += 1
+        elif 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF:
+            hangul += 1
+        elif char.isalpha():
+            latin += 1
+    cjk = han + kana + hangul
+    if cjk == 0 or cjk < latin / 4:  # a few CJK names in an English text stay English
+        return "en"
+    if hangul >= max(han, kana):
+        return "ko"
+    if kana >= han / 10 and kana > 0:  # Japanese mixes kana into its kanji
+        return "ja"
+    return "zh"
+
+
+def render(template: str, document: str, values: Mapping[str, object] | None = None) -> str:
+    """The template with the document (and other values) put in place; the document's braces stay."""
+    filled = {"max_words": DEFAULT_MAX_WORDS, "language": LANGUAGES["en"], **(values or {})}
+    return template.format(document=document, **filled)

@@ -32,6 +32,7 @@ def _check_summaries(rows: list[dict]) -> None:
         assert len(summary.split()) >= 5, row
         assert TOPICS[row["id"]] in summary.lower(), f"summary of {row['id']} is off topic: {summary!r}"
         assert 0 < row["output_tokens"] <= 40 and row["prompt_tokens"] > 50
+        assert row["prompt_variant"] == "en"  # detected per document: these are English
     assert len({r["summary"] for r in rows}) == len(rows)
 
 

@@ -27,7 +27,7 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows][:2] == ["harbour-ferry", "bakery-strike"]
     assert set(rows[0]) == {
-        "id", "summary", "status", "error", "prompt_tokens", "output_tokens", "generation_seconds",
+        "id", "summary", "status", "error", "prompt_variant", "prompt_tokens", "output_tokens", "generation_seconds",
         "attempts", "worker", "queued_at", "started_at", "finished_at",
     }
     assert rows[0]["summary"].startswith("The city council voted on Tuesday")
@@ -109,9 +109,10 @@ def test_help_explains_commands_and_configuration() -> None:
 
 def test_prompts_and_db_commands(tmp_path: Path) -> None:
     listed = sumfleet("prompts").stdout.decode()
-    assert "one-sentence" in listed and "one-sentence-zh" in listed
-    shown = sumfleet("prompts", "show", "one-sentence-zh").stdout.decode()
-    assert shown.startswith("请将以下文章简化为一句话：")
+    assert "one-sentence" in listed and "en/zh" in listed
+    shown = sumfleet("prompts", "show", "one-sentence").stdout.decode()
+    assert "[en]\nSummarize the following article in one sentence:" in shown
+    assert "[zh]\n请将以下文章简化为一句话：" in shown
     settings = _settings(tmp_path)
     assert sumfleet("db", "revision", settings=settings).stdout.decode().strip() == "none"
     assert sumfleet("db", "upgrade", settings=settings).returncode == 0

@@ -13,10 +13,10 @@ from models.store import ClaimedJob
 from tests.conftest import SAMPLE
 from worker.engines.base import GenerationParams
 from worker.engines.loading import load_engine
-from worker.prompts import TEMPLATES
+from worker.prompts import TEMPLATES, PromptPlan
 
 pytestmark = pytest.mark.model
-TEMPLATE = TEMPLATES["one-sentence"]
+TEMPLATE = PromptPlan(TEMPLATES["one-sentence"])
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,9 @@ def _run(engine, jobs, params: GenerationParams) -> dict[int, object]:  # type: 
 
 
 def test_prompt_goes_through_the_chat_template(engine, jobs) -> None:  # type: ignore[no-untyped-def]
-    text = engine.tokenizer.decode(engine.encode(TEMPLATE, jobs[0].text))
+    variant, ids = engine.encode(TEMPLATE, jobs[0].text)
+    assert variant == "en"
+    text = engine.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system")
     assert "<|im_start|>user\nSummarize the following article in one sentence:\n\nThe city council" in text
     assert text.endswith("<|im_start|>assistant\n")
@@ -43,7 +45,7 @@ def test_prompt_goes_through_the_chat_template(engine, jobs) -> None:  # type: i
 
 def test_long_documents_are_cut_to_the_input_limit(engine) -> None:  # type: ignore[no-untyped-def]
     long_text = " ".join(f"Sentence number {i} is about the harbour." for i in range(400))
-    ids = engine.encode(TEMPLATE, long_text)
+    _, ids = engine.encode(TEMPLATE, long_text)
     assert len(ids) <= 512
     assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")  # the prompt's end survives
 
@@ -86,7 +88,7 @@ def _failing_generate(engine, should_fail) -> Iterator[None]:  # type: ignore[no
 
 
 def test_one_failing_document_does_not_sink_its_batch(engine, jobs) -> None:  # type: ignore[no-untyped-def]
-    poison = engine.encode(TEMPLATE, jobs[2].text)
+    _, poison = engine.encode(TEMPLATE, jobs[2].text)
     poison_tensor = torch.tensor(poison)
 
     def should_fail(input_ids: torch.Tensor):  # type: ignore[no-untyped-def]
@@ -168,3 +170,18 @@ def test_gguf_model_is_cached_as_a_plain_checkpoint(tmp_path, engine, jobs) -> N
     local = load_engine(str(written), Settings(database_url="sqlite://", max_input_tokens=512))
     assert local.name == str(written)
     assert {i: o.summary for i, o in _run(local, jobs[:2], params).items()} == {i: o.summary for i, o in a.items()}
+
+
+def test_the_prompt_variant_follows_each_documents_language(engine, jobs) -> None:  # type: ignore[no-untyped-def]
+    chinese = ClaimedJob(100, "zh-1", "今天上午，市政府宣布将在明年春天开通一条连接老港口和岛上村庄的夜间渡轮。", 1)
+    plan = PromptPlan(TEMPLATES["one-sentence"])
+    variant, ids = engine.encode(plan, chinese.text)
+    assert variant == "zh" and "请将以下文章简化为一句话：" in engine.tokenizer.decode(ids)
+    outcomes = _run_plan(engine, [jobs[0], chinese], plan, GenerationParams(max_new_tokens=4))
+    assert (outcomes[jobs[0].id].prompt_variant, outcomes[100].prompt_variant) == ("en", "zh")
+    fixed = PromptPlan(TEMPLATES["one-sentence"], language="en")
+    assert engine.encode(fixed, chinese.text)[0] == "en"
+
+
+def _run_plan(engine, jobs, plan, params):  # type: ignore[no-untyped-def]
+    return {o.job_id: o for batch in engine.run(jobs, plan, params) for o in batch}

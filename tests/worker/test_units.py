@@ -9,17 +9,44 @@ from models.settings import Settings
 from worker.batching import plan_batches
 from worker.engines.lead import lead, split_sentences
 from worker.engines.loading import canonical_model, queue_for, resolve_model
-from worker.prompts import TEMPLATES, check_template, render, resolve_prompt
+from worker.prompts import TEMPLATES, PromptPlan, check_template, detect_language, render, resolve_prompt
 
 
 def test_named_and_custom_prompts() -> None:
-    assert resolve_prompt("one-sentence").template.startswith("Summarize the following article in one sentence:")
-    assert resolve_prompt("one-sentence-zh").template.startswith("请将以下文章简化为一句话：")
+    one = resolve_prompt("one-sentence")
+    assert one.variants["en"].startswith("Summarize the following article in one sentence:")
+    assert one.variants["zh"].startswith("请将以下文章简化为一句话：")
     custom = resolve_prompt("Give a title to: {document}")
-    assert (custom.name, custom.template) == ("custom", "Give a title to: {document}")
-    for name, template in TEMPLATES.items():
-        check_template(template)
-        assert "DOC" in render(template, "DOC"), name
+    assert (custom.name, custom.variants) == ("custom", {"*": "Give a title to: {document}"})
+    for name, variants in TEMPLATES.items():
+        assert set(variants) == {"en", "zh"}, name
+        for template in variants.values():
+            check_template(template)
+            assert "DOC" in render(template, "DOC"), name
+
+
+def test_language_detection_by_script() -> None:
+    assert detect_language("The council voted on Tuesday.") == "en"
+    assert detect_language("今天上午，市政府宣布将开通夜间渡轮。") == "zh"
+    assert detect_language("今日の午前、市はフェリーの運航を発表しました。") == "ja"
+    assert detect_language("오늘 오전 시는 야간 페리 운항을 발표했다.") == "ko"
+    assert detect_language("Talks with 习近平 and 李强 ended on Friday in Beijing after three days.") == "en"
+    assert detect_language("12345 !!!") == "en"
+
+
+def test_plan_picks_the_variant_and_fills_values() -> None:
+    plan = PromptPlan(TEMPLATES["paragraph"], values={"max_words": 30})
+    variant, template, language = plan.for_document("这是一篇关于天气的文章。")
+    assert variant == "zh" and plan.render(template, "正文", language).startswith("请用不超过30个字的一段话总结以下文章")
+    variant, template, language = plan.for_document("An English article.")
+    assert plan.render(template, "Body", language).startswith("Summarize the following article in one paragraph of at most 30 words")
+    fixed = PromptPlan(TEMPLATES["headline"], language="zh")
+    assert fixed.for_document("An English article.")[0] == "zh"
+    japanese = PromptPlan(TEMPLATES["headline"])  # no Japanese variant: English is the fallback
+    assert japanese.for_document("今日の午前、市はフェリーの運航を発表しました。")[0] == "en"
+    custom = PromptPlan({"*": "In {language}, summarize: {document}"})
+    variant, template, language = custom.for_document("今天上午，市政府宣布。")
+    assert (variant, custom.render(template, "X", language)) == ("*", "In Chinese, summarize: X")
 
 
 def test_rendering_keeps_the_documents_own_braces() -> None:
@@ -30,7 +57,7 @@ def test_rendering_keeps_the_documents_own_braces() -> None:
     "spec, message",
     [
         ("one-sentance", "unknown prompt template 'one-sentance'; known templates: bullets"),
-        ("Summarize this: {doc}", r"unknown placeholder\(s\) \{doc\}"),
+        ("Summarize this: {doc}", r"unknown placeholder\(s\) \{doc\}; the known ones are \{document\}, \{language\}, \{max_words\}"),
         ("Summarize {document} for {audience}", r"unknown placeholder\(s\) \{audience\}"),
         ("Summarize {}", r"unknown placeholder\(s\) \{\}"),
         ("Summarize { document", "does not parse"),

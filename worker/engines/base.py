@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from models.store import ClaimedJob, JobOutcome
+from worker.prompts import PromptPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,5 +31,5 @@ class Engine(Protocol):
 
     name: str  # the model name batches ask for
 
-    def run(self, jobs: Sequence[ClaimedJob], template: str, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+    def run(self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams) -> Iterator[list[JobOutcome]]:
         ...

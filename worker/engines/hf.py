@@ -21,7 +21,7 @@ from worker.batching import batch_cost, take_batch
 from worker.engines.cache import cached_checkpoint, default_cache_dir, write_checkpoint
 from worker.engines.base import GenerationParams
 from worker.engines.loading import ModelSource
-from worker.prompts import render
+from worker.prompts import PromptPlan
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 class _Item:
     job: ClaimedJob
     ids: list[int]
+    variant: str
 
 
 class TransformersEngine:
@@ -113,33 +114,36 @@ class TransformersEngine:
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def _prompt_text(self, template: str, document: str) -> str:
-        content = render(template, document)
+    def _prompt_text(self, prompt: PromptPlan, template: str, language: str, document: str) -> str:
+        content = prompt.render(template, document, language)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         return content
 
-    def encode(self, template: str, document: str) -> list[int]:
-        """Prompt token ids; an over-long document is cut so the prompt fits `max_input_tokens`."""
-        ids = self.tokenizer(self._prompt_text(template, document), add_special_tokens=False)["input_ids"]
+    def encode(self, prompt: PromptPlan, document: str) -> tuple[str, list[int]]:
+        """(variant, prompt token ids); an over-long document is cut to fit `max_input_tokens`."""
+        variant, template, language = prompt.for_document(document)
+        ids = self.tokenizer(self._prompt_text(prompt, template, language, document), add_special_tokens=False)["input_ids"]
         limit = self.settings.max_input_tokens
         if len(ids) <= limit:
-            return ids
+            return variant, ids
         doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
         keep = max(1, len(doc_ids) - (len(ids) - limit))
         cut = self.tokenizer.decode(doc_ids[:keep], skip_special_tokens=True)
-        return self.tokenizer(self._prompt_text(template, cut), add_special_tokens=False)["input_ids"][:limit]
+        text = self._prompt_text(prompt, template, language, cut)
+        return variant, self.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
 
     # -- generation ------------------------------------------------------------------------
 
-    def run(self, jobs: Sequence[ClaimedJob], template: str, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+    def run(self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams) -> Iterator[list[JobOutcome]]:
         items: list[_Item] = []
         failed: list[JobOutcome] = []
         for job in jobs:
             try:
-                items.append(_Item(job, self.encode(template, job.text)))
+                variant, ids = self.encode(prompt, job.text)
+                items.append(_Item(job, ids, variant))
             except Exception as error:  # one bad document must not sink its chunk
                 failed.append(JobOutcome(job.id, error=f"could not build the prompt: {_describe(error)}"))
         if failed:
@@ -194,6 +198,7 @@ class TransformersEngine:
             summary=summary or None,
             error=None if summary else "the model produced an empty summary",
             prompt_tokens=len(item.ids),
+            prompt_variant=item.variant,
             output_tokens=len(cut),
             generation_seconds=elapsed,
         )

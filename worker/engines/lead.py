@@ -44,7 +44,7 @@ class LeadEngine:
         self.name = name
         self.sentences = sentences
 
-    def run(self, jobs: Sequence[ClaimedJob], template: str, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+    def run(self, jobs: Sequence[ClaimedJob], prompt: object, params: GenerationParams) -> Iterator[list[JobOutcome]]:
         started = time.perf_counter()
         outcomes = []
         for job in jobs:
