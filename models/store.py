@@ -357,14 +357,14 @@ def close_batch_if_done(session: Session, batch_id: str) -> bool:
     return True
 
 
-def iter_results(session: Session, batch_id: str, page: int = 1000) -> Iterator[Job]:
+def iter_results(session: Session, batch_id: str, page: int = 1000, with_text: bool = False) -> Iterator[Job]:
     """Every job of a batch in id order, streamed `page` rows at a time (bounded memory)."""
     last = 0
     while True:
         rows = list(
             session.scalars(
                 select(Job)
-                .options(defer(Job.text))
+                .options(*([] if with_text else [defer(Job.text)]))
                 .where(Job.batch_id == batch_id, Job.id > last)
                 .order_by(Job.id)
                 .limit(page)

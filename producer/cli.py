@@ -139,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     database.add_argument("action", choices=["upgrade", "revision"], help="upgrade: migrate to the newest schema")
     _connection_flags(database)
 
+    evaluation = command(
+        "eval", "ROUGE of a batch's summaries against references, beside the Lead-3 baseline"
+    )
+    evaluation.add_argument("batch", nargs="?", help="a batch whose input rows carry reference summaries")
+    evaluation.add_argument("--results", help="a results file (JSONL/CSV) instead of a batch")
+    evaluation.add_argument("--references", help="the corpus with references, for --results")
+    evaluation.add_argument("--reference-field", default="summary", help="field with the reference (default summary)")
+    evaluation.add_argument("--group-field", help="also score per value of this field (e.g. category)")
+    evaluation.add_argument("--language", default="auto", choices=["auto", "en", "zh"], help="zh scores characters")
+    evaluation.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    evaluation.add_argument("--no-lead", action="store_true", help="skip the Lead-3 baseline")
+    evaluation.add_argument("--json", action="store_true", help="print JSON")
+    _connection_flags(evaluation)
+
     prompts = command("prompts", "list the prompt templates, or show one")
     prompts.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     prompts.add_argument("name", nargs="?", help="template name for `show`")
@@ -351,6 +365,35 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from producer.evaluate import evaluate, pairs_from_files, pairs_from_rows
+
+    if args.results or args.references:
+        if args.batch or not (args.results and args.references):
+            raise InputError("give a batch id, or --results and --references (not both)")
+        pairs = pairs_from_files(
+            args.results, args.references, reference_field=args.reference_field, group_field=args.group_field
+        )
+    elif args.batch:
+        client = _reader(args)
+        status = client.status(args.batch)
+        if not status.done:
+            raise InputError(f"batch {args.batch} is still {status.state}; evaluate it once it has ended")
+        rows, references = [], {}
+        for row, reference in client.references(args.batch, args.reference_field, args.group_field):
+            rows.append(row)
+            references[row["id"]] = reference
+        pairs = pairs_from_rows(rows, references)
+    else:
+        raise InputError("give a batch id, or --results and --references")
+    report = evaluate(
+        pairs, group_field=args.group_field, with_lead=not args.no_lead, language=args.language,
+        bootstrap=args.bootstrap,
+    )
+    print(json.dumps(report.as_dict(), ensure_ascii=False) if args.json else report.table())
+    return 0
+
+
 def cmd_prompts(args: argparse.Namespace) -> int:
     from worker.prompts import TEMPLATES, resolve_prompt
 
@@ -376,6 +419,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "requeue": cmd_requeue,
     "db": cmd_db,
+    "eval": cmd_eval,
     "prompts": cmd_prompts,
 }
 

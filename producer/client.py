@@ -276,6 +276,19 @@ class Client:
             for job in iter_results(session, batch_id):
                 yield result_row(job)
 
+    def references(self, batch_id: str, reference_field: str, group_field: str | None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(result row, {reference, document, group}) per job, the references from the input's own fields."""
+        self.ensure_schema()
+        with self.sessions() as session:
+            get_batch(session, batch_id)
+            for job in iter_results(session, batch_id, with_text=True):
+                meta = job.meta or {}
+                yield result_row(job), {
+                    "reference": meta.get(reference_field),
+                    "document": job.text,
+                    "group": meta.get(group_field) if group_field else None,
+                }
+
     def cancel(self, batch_id: str) -> tuple[int, int]:
         """Stop a batch: queued jobs are cancelled, running ones finish; returns (cancelled, running)."""
         self.ensure_schema()

@@ -123,3 +123,32 @@ def test_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) -> No
     done = sumfleet("worker", "--model", "lead", settings=_settings(tmp_path), timeout=60)
     assert done.returncode == 1
     assert "schema revision none (empty)" in done.stderr.decode() and "sumfleet db upgrade" in done.stderr.decode()
+
+
+def test_eval_a_finished_batch_against_its_references(tmp_path: Path) -> None:
+    corpus = tmp_path / "refs.jsonl"
+    rows = [
+        {"id": "a", "category": "river", "summary": "Volunteers cleaned the river.",
+         "text": "Volunteers cleaned the river on Saturday. They found tyres. The city thanked them. More later."},
+        {"id": "b", "category": "chess", "summary": "A girl won the chess title.",
+         "text": "A girl won the chess title. She is twelve. Her coach is proud. She travels next."},
+    ]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = _settings(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert sumfleet("run", str(corpus), "--model", "lead-1", "-o", str(out), settings=settings).returncode == 0
+    batch = json.loads(sumfleet("batches", "--json", settings=settings).stdout.decode().splitlines()[0])["id"]
+
+    shown = sumfleet("eval", batch, "--group-field", "category", "--bootstrap", "100", settings=settings)
+    assert shown.returncode == 0, shown.stderr.decode()
+    table = shown.stdout.decode()
+    assert "ROUGE-1" in table and "Lead-3" in table and "river" in table and "chess" in table
+    report = json.loads(sumfleet("eval", batch, "--json", "--bootstrap", "100", settings=settings).stdout)
+    assert report["n"] == 2
+    assert report["system"]["rouge1"]["mid"] > report["lead3"]["rouge1"]["mid"]  # lead-1 is closer than Lead-3
+
+    from_files = sumfleet("eval", "--results", str(out), "--references", str(corpus), "--json", "--bootstrap", "100")
+    assert from_files.returncode == 0, from_files.stderr.decode()
+    assert json.loads(from_files.stdout)["system"] == report["system"]
+    missing = sumfleet("eval", "b-nope", settings=settings)
+    assert missing.returncode == 1 and "no batch 'b-nope'" in missing.stderr.decode()
