@@ -183,5 +183,15 @@ def test_the_prompt_variant_follows_each_documents_language(engine, jobs) -> Non
     assert engine.encode(fixed, chinese.text)[0] == "en"
 
 
+def test_a_character_split_by_the_length_limit_is_dropped(engine) -> None:  # type: ignore[no-untyped-def]
+    from worker.engines.hf import _Item
+
+    whole = engine.tokenizer("好的", add_special_tokens=False)["input_ids"]
+    split = engine.tokenizer("鑫", add_special_tokens=False)["input_ids"]
+    assert len(split) > 1 and engine.tokenizer.decode(split[:1]).endswith("\ufffd")  # a byte-level piece
+    outcome = engine._outcome(_Item(ClaimedJob(1, "x", "t", 1), [1, 2], "zh"), whole + split[:1], 0.1)
+    assert outcome.summary == "好的"
+
+
 def _run_plan(engine, jobs, plan, params):  # type: ignore[no-untyped-def]
     return {o.job_id: o for batch in engine.run(jobs, plan, params) for o in batch}

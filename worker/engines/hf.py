@@ -192,7 +192,8 @@ class TransformersEngine:
 
     def _outcome(self, item: _Item, tokens: list[int], elapsed: float) -> JobOutcome:
         cut = _until_eos(tokens, self.eos_ids)
-        summary = self.tokenizer.decode(cut, skip_special_tokens=True).strip()
+        # a length cut can split a multi-byte character between tokens: drop the stray half
+        summary = self.tokenizer.decode(cut, skip_special_tokens=True).rstrip("\ufffd").strip()
         return JobOutcome(
             item.job.id,
             summary=summary or None,
