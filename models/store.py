@@ -16,7 +16,7 @@ from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from models.errors import BatchNotFoundError, InvalidTransition
-from models.states import BatchState, JobState, batch_sources_for, sources_for
+from models.states import UNFINISHED_JOB_STATES, BatchState, JobState, batch_sources_for, sources_for
 from models.tables import Batch, Job
 
 
@@ -70,13 +70,6 @@ class BatchCounts:
     def __getitem__(self, state: JobState) -> int:
         return self.by_state.get(state.value, 0)
 
-    @property
-    def total(self) -> int:
-        return sum(self.by_state.values())
-
-    @property
-    def finished(self) -> int:
-        return self[JobState.SUCCEEDED] + self[JobState.FAILED] + self[JobState.CANCELLED]
 
 
 def create_batch(
@@ -345,7 +338,7 @@ def close_batch_if_done(session: Session, batch_id: str) -> bool:
     unfinished = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.batch_id == batch_id, Job.state.in_([JobState.QUEUED.value, JobState.RUNNING.value]))
+        .where(Job.batch_id == batch_id, Job.state.in_([state.value for state in UNFINISHED_JOB_STATES]))
     )
     if unfinished:
         return False
