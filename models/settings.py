@@ -32,7 +32,12 @@ class Settings(BaseSettings):
     batching: str = Field("static", pattern="^(static|continuous)$", description="generation scheduler")
     cache_dir: str | None = Field(None, description="where de-quantized GGUF checkpoints are cached")
     cache_checkpoints: bool = Field(True, description="cache GGUF models as plain checkpoints")
-    max_input_tokens: int = Field(defaults.MAX_INPUT_TOKENS, ge=16, description="prompt tokens kept")
+    max_input_tokens: int | None = Field(
+        None, ge=64, description="usable context per prompt (default: the model's, capped at 2048 on CPU)"
+    )
+    long_documents: str = Field(
+        "map-reduce", pattern="^(map-reduce|truncate)$", description="what to do with documents over the context"
+    )
     max_document_chars: int = Field(defaults.MAX_DOCUMENT_CHARS, ge=1, description="longest document")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="model dtype")
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")

@@ -42,6 +42,7 @@ class ClaimedJob:
     doc_id: str
     text: str
     attempts: int
+    request: dict[str, Any] | None = None  # its own chat messages and generation settings, if any
 
 
 @dataclass(slots=True)
@@ -55,6 +56,8 @@ class JobOutcome:
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     generation_seconds: float | None = None
+    pieces: int | None = None  # a long document: pieces it was split into
+    levels: int | None = None  # and summarizing levels it took (1: the pieces, 2: their summaries, ...)
 
     @property
     def state(self) -> JobState:
@@ -112,6 +115,7 @@ def add_jobs(session: Session, batch: Batch, rows: Iterable[dict[str, Any]], ins
                 "doc_id": row["doc_id"],
                 "text": row["text"],
                 "meta": row.get("meta") or None,
+                "request": row.get("request"),
                 "state": JobState.QUEUED.value,
                 "attempts": 0,
                 "created_at": now,
@@ -226,7 +230,7 @@ def claim_jobs(session: Session, job_ids: Sequence[int], worker: str, lease_seco
             started_at=now,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
         )
-        .returning(Job.id, Job.doc_id, Job.text, Job.attempts)
+        .returning(Job.id, Job.doc_id, Job.text, Job.attempts, Job.request)
     )
     rows = session.execute(statement, execution_options={"synchronize_session": False}).all()
     return sorted((ClaimedJob(*row) for row in rows), key=lambda job: job.id)
@@ -302,6 +306,8 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
             prompt_tokens=bindparam("b_prompt_tokens"),
             output_tokens=bindparam("b_output_tokens"),
             generation_seconds=bindparam("b_seconds"),
+            pieces=bindparam("b_pieces"),
+            levels=bindparam("b_levels"),
             finished_at=now,
             lease_expires_at=None,
         )
@@ -317,6 +323,8 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
             "b_prompt_tokens": o.prompt_tokens,
             "b_output_tokens": o.output_tokens,
             "b_seconds": o.generation_seconds,
+            "b_pieces": o.pieces,
+            "b_levels": o.levels,
         }
         for o in outcomes
     ]

@@ -63,6 +63,12 @@ class Job(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     output_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     generation_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # long documents: how many pieces the document was split into, and how many summarizing levels ran
+    pieces: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    levels: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # a job that carries its own request instead of a document for the batch's template:
+    # {"messages": [{"role", "content"}...], "max_new_tokens": int, "temperature": float}
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

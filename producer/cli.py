@@ -27,7 +27,8 @@ configuration (flags win over environment variables):
   SUMFLEET_TOKEN_BUDGET    padded tokens per generate() call (default: 16384 on CPU, 262144 on GPU)
   SUMFLEET_BATCHING        static (default; measured faster on CPU) or continuous
   SUMFLEET_THREADS         torch CPU threads per worker process (default: torch's own)
-  SUMFLEET_MAX_INPUT_TOKENS  prompt tokens kept per document (default: 2048)
+  SUMFLEET_MAX_INPUT_TOKENS  usable context per prompt (default: the model's, at most 2048 on CPU)
+  SUMFLEET_LONG_DOCUMENTS  map-reduce (default) or truncate, for documents over that context
   SUMFLEET_DTYPE           auto, float32, bfloat16, float16 (default: auto)
   SUMFLEET_DEVICE          auto, cpu, cuda, cuda:N (default: auto)
   SUMFLEET_QUEUE           queue name instead of the model's own (sumfleet.<model>)
@@ -56,6 +57,12 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
         "--language", help="prompt variant: auto (per document, the default) or en, zh, ja, ko"
     )
     parser.add_argument("--max-words", type=int, help="fills {max_words} in templates (default 50)")
+    parser.add_argument(
+        "--long-documents",
+        choices=["map-reduce", "truncate"],
+        help="documents over the model's context: summarize pieces then their summaries (map-reduce, "
+        "the default) or cut them (truncate)",
+    )
 
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +198,7 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "language": args.language,
         "max_words": args.max_words,
+        "long_documents": args.long_documents,
     }
 
 

@@ -109,6 +109,8 @@ def result_row(job: Job) -> dict[str, Any]:
         "prompt_tokens": job.prompt_tokens,
         "output_tokens": job.output_tokens,
         "generation_seconds": job.generation_seconds,
+        "pieces": job.pieces,
+        "levels": job.levels,
         "attempts": job.attempts,
         "worker": job.worker,
         "queued_at": _iso(job.created_at),
@@ -119,7 +121,7 @@ def result_row(job: Job) -> dict[str, Any]:
 
 RESULT_FIELDS = (  # the columns of result_row, in order (CSV header)
     "id", "summary", "status", "error", "prompt_variant", "prompt_tokens", "output_tokens", "generation_seconds",
-    "attempts", "worker", "queued_at", "started_at", "finished_at",
+    "pieces", "levels", "attempts", "worker", "queued_at", "started_at", "finished_at",
 )
 
 
@@ -207,6 +209,7 @@ class Client:
         queue: str | None = None,
         language: str | None = None,
         max_words: int | None = None,
+        long_documents: str | None = None,
     ) -> Submission:
         model = canonical_model(model or self.settings.model)
         resolve_model(model, self.settings)
@@ -214,6 +217,11 @@ class Client:
         language = check_language(language or "auto")
         if max_words is not None and not 1 <= max_words <= 10_000:
             raise InputError(f"--max-words must be between 1 and 10000, got {max_words}")
+        long_documents = long_documents or self.settings.long_documents
+        if long_documents not in defaults.LONG_DOCUMENT_STRATEGIES:
+            raise InputError(
+                f"--long-documents must be one of {', '.join(defaults.LONG_DOCUMENT_STRATEGIES)}, got {long_documents!r}"
+            )
         max_new = max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens
         if not 1 <= max_new <= defaults.MAX_NEW_TOKENS_LIMIT:
             raise InputError(f"--max-new-tokens must be between 1 and {defaults.MAX_NEW_TOKENS_LIMIT}, got {max_new}")
@@ -235,10 +243,11 @@ class Client:
                         "variants": resolved.variants,
                         "language": language,
                         "max_words": max_words,
+                        "long_documents": long_documents,
                     },
                     source=source,
                 )
-                rows = ({"doc_id": d.id, "text": d.text, "meta": d.meta} for d in documents)
+                rows = ({"doc_id": d.id, "text": d.text, "meta": d.meta, "request": d.request} for d in documents)
                 accepted = add_jobs(session, batch, rows, defaults.INSERT_BATCH)
                 if problems and not skip_bad_rows:
                     raise InputError(_problem_summary(source, problems), problems)

@@ -44,6 +44,7 @@ class Document:
     source: str  # the path as given, `<stdin>`, or the relative path inside a directory
     line: int | None  # 1-based line where the row starts; None for a directory's files
     meta: dict[str, Any] = field(default_factory=dict)  # the row's other fields
+    request: dict[str, Any] | None = None  # a chat request of its own (HTTP API): messages and settings
 
 
 @dataclass(slots=True)

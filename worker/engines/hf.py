@@ -55,6 +55,23 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+def usable_context(config, settings: Settings, device: torch.device) -> int:  # type: ignore[no-untyped-def]
+    """Prompt tokens a document may fill: the setting, else the model's own context less room
+    for the summary, capped on a CPU (prefill time grows with it)."""
+    if settings.max_input_tokens:
+        return settings.max_input_tokens
+    own = None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            own = value
+            break
+    if own is None:
+        return defaults.MAX_INPUT_TOKENS_FALLBACK
+    own = max(64, own - settings.max_new_tokens)
+    return min(own, defaults.MAX_INPUT_TOKENS_CPU) if device.type == "cpu" else own
+
+
 @dataclass(slots=True)
 class _Item:
     job: ClaimedJob
@@ -82,6 +99,7 @@ class TransformersEngine:
         self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
         default_size = defaults.MAX_BATCH_SIZE_GPU if device.type == "cuda" else defaults.MAX_BATCH_SIZE_CPU
         self.max_batch_size = settings.max_batch_size or default_size
+        self.context = usable_context(model.config, settings, device)
 
     @classmethod
     def load(cls, name: str, source: ModelSource, settings: Settings) -> "TransformersEngine":
@@ -126,7 +144,7 @@ class TransformersEngine:
         """(variant, prompt token ids); an over-long document is cut to fit `max_input_tokens`."""
         variant, template, language = prompt.for_document(document)
         ids = self.tokenizer(self._prompt_text(prompt, template, language, document), add_special_tokens=False)["input_ids"]
-        limit = self.settings.max_input_tokens
+        limit = self.context
         if len(ids) <= limit:
             return variant, ids
         doc_ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
