@@ -52,7 +52,8 @@ def redis_url() -> Iterator[str]:
     """A Redis db number of its own (1-13; bench/ uses 14), flushed before and after."""
     import redis
 
-    number = 1 + secrets.randbelow(13)
+    pinned = os.environ.get("SUMFLEET_TEST_REDIS_DB")  # two test runs at once: give each its own
+    number = int(pinned) if pinned else 1 + secrets.randbelow(13)
     url = f"{REDIS}/{number}"
     client = redis.Redis.from_url(url, socket_timeout=5)
     client.flushdb()
