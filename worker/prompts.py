@@ -42,6 +42,13 @@ TEMPLATES: dict[str, dict[str, str]] = {
     },
 }
 
+# The prompt for each piece of a long document (map-reduce); the batch's own template
+# summarizes the joined piece summaries at the end.
+PIECE_TEMPLATES: dict[str, str] = {
+    "en": "Summarize the following part of a longer article in a few sentences:\n\n{document}",
+    "zh": "请用几句话概括以下长文的一部分：\n\n{document}",
+}
+
 
 @dataclass(frozen=True)
 class Prompt:

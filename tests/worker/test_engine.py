@@ -21,7 +21,9 @@ TEMPLATE = PromptPlan(TEMPLATES["one-sentence"])
 
 @pytest.fixture(scope="module")
 def engine():  # type: ignore[no-untyped-def]
-    return load_engine("smollm2", Settings(database_url="sqlite://", max_input_tokens=512))
+    # float32: the comparisons below (batched vs alone, cached vs not) are about the code, and
+    # bf16 rounding flips near-tied tokens more often than float32 does
+    return load_engine("smollm2", Settings(database_url="sqlite://", dtype="float32", max_input_tokens=512))
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +156,7 @@ def test_continuous_batching_gives_the_same_summaries(engine, jobs) -> None:  # 
 
 
 def test_gguf_model_is_cached_as_a_plain_checkpoint(tmp_path, engine, jobs) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(database_url="sqlite://", max_input_tokens=512, cache_dir=str(tmp_path))
+    settings = Settings(database_url="sqlite://", dtype="float32", max_input_tokens=512, cache_dir=str(tmp_path))
     first = load_engine("smollm2", settings)
     (written,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert (written / "model.safetensors").is_file() and (written / "tokenizer.json").is_file()
@@ -167,7 +169,7 @@ def test_gguf_model_is_cached_as_a_plain_checkpoint(tmp_path, engine, jobs) -> N
     c = _run(engine, jobs[:2], params)
     assert {i: o.summary for i, o in a.items()} == {i: o.summary for i, o in b.items()} == {i: o.summary for i, o in c.items()}
     # the cached checkpoint is an ordinary local model directory: any such directory loads the same way
-    local = load_engine(str(written), Settings(database_url="sqlite://", max_input_tokens=512))
+    local = load_engine(str(written), Settings(database_url="sqlite://", dtype="float32", max_input_tokens=512))
     assert local.name == str(written)
     assert {i: o.summary for i, o in _run(local, jobs[:2], params).items()} == {i: o.summary for i, o in a.items()}
 
@@ -184,13 +186,10 @@ def test_the_prompt_variant_follows_each_documents_language(engine, jobs) -> Non
 
 
 def test_a_character_split_by_the_length_limit_is_dropped(engine) -> None:  # type: ignore[no-untyped-def]
-    from worker.engines.hf import _Item
-
     whole = engine.tokenizer("好的", add_special_tokens=False)["input_ids"]
     split = engine.tokenizer("鑫", add_special_tokens=False)["input_ids"]
     assert len(split) > 1 and engine.tokenizer.decode(split[:1]).endswith("\ufffd")  # a byte-level piece
-    outcome = engine._outcome(_Item(ClaimedJob(1, "x", "t", 1), [1, 2], "zh"), whole + split[:1], 0.1)
-    assert outcome.summary == "好的"
+    assert engine._decode(whole + split[:1]) == ("好的", len(whole) + 1)
 
 
 def _run_plan(engine, jobs, plan, params):  # type: ignore[no-untyped-def]

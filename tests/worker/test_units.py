@@ -7,7 +7,8 @@ import pytest
 from models.errors import ModelNotFoundError, PromptError
 from models.settings import Settings
 from worker.batching import plan_batches
-from worker.engines.lead import lead, split_sentences
+from worker.engines.lead import lead
+from worker.splitting import sentences_of as split_sentences
 from worker.engines.loading import canonical_model, queue_for, resolve_model
 from worker.prompts import TEMPLATES, PromptPlan, check_template, detect_language, render, resolve_prompt
 

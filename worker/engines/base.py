@@ -15,10 +15,14 @@ class GenerationParams:
     """Per-batch generation settings, stored with the batch."""
 
     max_new_tokens: int
+    long_documents: str = "map-reduce"  # or "truncate": documents over the model's context
 
     @classmethod
     def from_batch(cls, params: dict[str, object]) -> "GenerationParams":
-        return cls(max_new_tokens=int(params["max_new_tokens"]))  # type: ignore[call-overload]
+        return cls(
+            max_new_tokens=int(params["max_new_tokens"]),  # type: ignore[call-overload]
+            long_documents=str(params.get("long_documents") or "map-reduce"),
+        )
 
 
 class Engine(Protocol):

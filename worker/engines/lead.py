@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Sequence
 
 from models.store import ClaimedJob, JobOutcome
 from worker.engines.base import GenerationParams
-
-# A sentence ends at . ! ? (plus closing quotes/brackets) followed by whitespace, or at CJK
-# full stops, which need no space after them.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'”’)\]])\s+|(?<=[。！？])")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`, in order, without surrounding whitespace (lines count as breaks too)."""
-    sentences: list[str] = []
-    for line in text.splitlines():
-        sentences.extend(s.strip() for s in _SENTENCE_END.split(line) if s and s.strip())
-    return sentences
+from worker.splitting import is_cjk, sentences_of
 
 
 def lead(text: str, n: int) -> str:
     """The first `n` sentences, joined (CJK sentences without a space)."""
-    picked = split_sentences(text)[:n]
+    picked = sentences_of(text)[:n]
     joined = ""
     for sentence in picked:
-        if joined and not _is_cjk(joined[-1]):
+        if joined and not is_cjk(joined[-1]):
             joined += " "
         joined += sentence
     return joined
-
-
-def _is_cjk(char: str) -> bool:
-    return "\u3000" <= char <= "\u9fff" or "\uff00" <= char <= "\uffef"
 
 
 class LeadEngine:
