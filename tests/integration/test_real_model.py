@@ -56,3 +56,31 @@ def test_embedded_run_with_the_default_model(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr.decode()
     assert "succeeded 3, failed 0" in done.stderr.decode()
     _check_summaries([json.loads(line) for line in out.read_text().splitlines()])
+
+
+@pytest.mark.services
+def test_a_5000_word_document_through_a_worker_is_map_reduced(fleet_settings: Settings, start_worker, tmp_path: Path) -> None:
+    from tests.worker.longdoc import long_document
+
+    settings = fleet_settings.model_copy(update={"max_input_tokens": 1024})
+    corpus = tmp_path / "long.jsonl"
+    short = json.loads(SAMPLE.read_text().splitlines()[0])
+    corpus.write_text(json.dumps({"id": "report", "text": long_document(5200)}) + "\n" + json.dumps(short) + "\n")
+    batch_ids = {}
+    for strategy in ("map-reduce", "truncate"):
+        submitted = sumfleet(
+            "submit", str(corpus), "--max-new-tokens", "24", "--long-documents", strategy, settings=settings
+        )
+        assert submitted.returncode == 0, submitted.stderr.decode()
+        batch_ids[strategy] = submitted.stdout.decode().strip()
+    worker = start_worker(settings, "smollm2")
+    client = Client(settings, migrate=False)
+    rows = {}
+    for strategy, batch_id in batch_ids.items():
+        wait_for(lambda: client.status(batch_id).done, 600, "the batch to finish", poll=1)
+        rows[strategy] = {r["id"]: r for r in client.results(batch_id)}
+    assert all(r["status"] == "succeeded" and r["summary"] for batch in rows.values() for r in batch.values()), worker.text()
+    mapped, cut = rows["map-reduce"]["report"], rows["truncate"]["report"]
+    assert mapped["pieces"] >= 8 and mapped["levels"] >= 2 and mapped["prompt_tokens"] > 7000
+    assert (cut["pieces"], cut["levels"]) == (1, 1) and cut["prompt_tokens"] <= 1024
+    assert (rows["map-reduce"][short["id"]]["pieces"], rows["map-reduce"][short["id"]]["levels"]) == (1, 1)
