@@ -217,23 +217,31 @@ def main() -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}", file=sys.stderr)
     _, engine = timed("loading the engine", lambda: load_engine(args.model, settings))
+    defaults_batch = engine.max_batch_size
     record: dict = {
         "corpus": str(args.corpus), "docs": len(docs), "max_new_tokens": args.max_new_tokens, "model": args.model,
         "dtype": str(engine.model.dtype), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
         "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()},
     }
     if not args.skip_pipelines:
-        record.update(bench_pipelines(engine, docs, template, args.max_new_tokens))
+        # the baseline is the plain pipeline as transformers gives it: float32 unless told otherwise
+        if engine.model.dtype == torch.float32:
+            record.update(bench_pipelines(engine, docs, template, args.max_new_tokens))
+        else:
+            plain = load_engine(args.model, settings.model_copy(update={"dtype": "float32"}))
+            record.update(bench_pipelines(plain, docs, template, args.max_new_tokens))
+            del plain
+        record["pipeline_dtype"] = "torch.float32"
     record["engine"], _ = bench_engine(engine, docs, template, args.max_new_tokens, "sumfleet engine (defaults)")
     if args.variants:
         for batching in ("continuous",):
             engine.settings = settings.model_copy(update={"batching": batching})
             record[f"engine_{batching}"], _ = bench_engine(engine, docs, template, args.max_new_tokens, f"engine, {batching} batching")
         engine.settings = settings
-        for size in (4, 16):
+        for size in sorted({4, 8, 16, 32} - {engine.max_batch_size}):
             engine.max_batch_size = size
             record[f"engine_batch_{size}"], _ = bench_engine(engine, docs, template, args.max_new_tokens, f"engine, batches of {size}")
-        engine.max_batch_size = settings.max_batch_size or 8
+        engine.max_batch_size = settings.max_batch_size or defaults_batch
     del engine
     if not args.skip_system:
         record["system"] = bench_system(docs, args.model, args.prompt, args.max_new_tokens, 32)
