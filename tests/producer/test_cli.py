@@ -28,9 +28,10 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
     assert [r["id"] for r in rows][:2] == ["harbour-ferry", "bakery-strike"]
     assert set(rows[0]) == {
         "id", "summary", "status", "error", "prompt_variant", "prompt_tokens", "output_tokens", "generation_seconds",
-        "attempts", "worker", "queued_at", "started_at", "finished_at",
+        "pieces", "levels", "attempts", "worker", "queued_at", "started_at", "finished_at",
     }
     assert rows[0]["summary"].startswith("The city council voted on Tuesday")
+    assert (rows[0]["pieces"], rows[0]["levels"]) == (1, 1)
     assert (tmp_path / "cli.db").exists()  # the schema was created on a fresh SQLite file
 
 

@@ -34,7 +34,9 @@ class LeadEngine:
         for job in jobs:
             summary = lead(job.text, self.sentences)
             if summary:
-                outcomes.append(JobOutcome(job.id, summary=summary, output_tokens=len(summary.split())))
+                outcomes.append(
+                    JobOutcome(job.id, summary=summary, output_tokens=len(summary.split()), pieces=1, levels=1)
+                )
             else:
                 outcomes.append(JobOutcome(job.id, error="no sentence found in the document"))
         elapsed = time.perf_counter() - started
