@@ -32,3 +32,15 @@ MAX_ATTEMPTS = 3  # a job whose worker died this many times ends failed (a poiso
 LEASE_GRACE = 60  # seconds a job's lease outlives the task time limit
 SWEEP_INTERVAL = 30.0  # seconds between sweeps (each worker process runs a sweeper; one acts at a time)
 REPUBLISH_AFTER = 120.0  # queued jobs of an empty queue that were published longer ago are republished
+# --- the HTTP API (sumfleet api) ---
+API_HOST = "127.0.0.1"  # where `sumfleet api` listens unless --host says otherwise
+API_PORT = 8000  # and on which port
+API_MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # largest HTTP request body (uploaded file or inline JSON): 413 above
+API_MAX_DOCUMENTS = 50_000  # documents (native) or requests (OpenAI file) per batch over HTTP
+API_POLL_INTERVAL = 2.0  # seconds between the API's passes: batch finalization, expiry, webhook delivery
+API_FILE_CHUNK = 1024 * 1024  # bytes per stored piece of an uploaded file
+WEBHOOK_ATTEMPTS = 12  # webhook deliveries tried this many times before they are given up
+WEBHOOK_BACKOFF = 2.0  # seconds before the first retry; doubled each time
+WEBHOOK_MAX_DELAY = 3600.0  # longest wait between two attempts
+WEBHOOK_TIMEOUT = 10.0  # seconds a receiver has to answer one attempt
+WEBHOOK_TOLERANCE = 300  # seconds a receiver accepts a signature's timestamp (verify_signature's default)

@@ -51,6 +51,19 @@ class Settings(BaseSettings):
         defaults.REPUBLISH_AFTER, gt=0, description="seconds before unclaimed queued jobs are republished"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own)")
+    api_max_upload_bytes: int = Field(
+        defaults.API_MAX_UPLOAD_BYTES, ge=1, description="largest HTTP request body (uploads, inline documents)"
+    )
+    api_max_documents: int = Field(defaults.API_MAX_DOCUMENTS, ge=1, description="documents or requests per HTTP batch")
+    api_models: str | None = Field(
+        None, description="comma-separated models the HTTP API accepts (default: SUMFLEET_MODEL and lead)"
+    )
+    api_poll_interval: float = Field(
+        defaults.API_POLL_INTERVAL, gt=0, description="seconds between the API's finalize/expiry/webhook passes"
+    )
+    api_webhook_attempts: int = Field(defaults.WEBHOOK_ATTEMPTS, ge=1, le=100, description="tries per webhook")
+    api_webhook_backoff: float = Field(defaults.WEBHOOK_BACKOFF, gt=0, description="seconds before the first retry")
+    api_webhook_timeout: float = Field(defaults.WEBHOOK_TIMEOUT, gt=0, description="seconds per webhook attempt")
 
     @model_validator(mode="after")
     def _timeouts(self) -> "Settings":

@@ -1,11 +1,11 @@
-"""The two tables: `batches` (one per submission) and `jobs` (one per document)."""
+"""The tables: `batches` (one per submission) and `jobs` (one per document), and the HTTP API's."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy import UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -74,3 +74,120 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # a running job whose lease has expired lost its worker: another delivery may take it over
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+# --- the HTTP API (producer/api): keys, files, API batch records, webhook deliveries ---------
+
+
+class ApiKey(Base):
+    """An API key: the secret is stored as its SHA-256 only; the webhook secret signs deliveries."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_prefix: Mapped[str] = mapped_column(String(32))  # the first characters, to tell keys apart
+    webhook_secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiFile(Base):
+    """A file of the OpenAI-compatible API: an upload (its bytes in `api_file_chunks`), or the
+    output or error file of a batch (generated from the batch's jobs when read)."""
+
+    __tablename__ = "api_files"
+    __table_args__ = (Index("ix_api_files_owner_created", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # upload, output, error
+    purpose: Mapped[str] = mapped_column(String(32))  # batch (uploads), batch_output (generated)
+    filename: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes
+    api_batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # generated files: their batch
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiFileChunk(Base):
+    """A piece of an uploaded file, in order (uploads and downloads stream; nothing holds a whole file)."""
+
+    __tablename__ = "api_file_chunks"
+
+    file_id: Mapped[str] = mapped_column(ForeignKey("api_files.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ApiBatch(Base):
+    """A batch created over HTTP: who owns it, its OpenAI status and timestamps, its webhook.
+
+    `kind` is `openai` (id `batch_...`, from an uploaded request file) or `native` (the id of
+    the underlying `batches` row). `batch_id` is None when no request of the file was runnable.
+    """
+
+    __tablename__ = "api_batches"
+    __table_args__ = (Index("ix_api_batches_owner_kind_created", "owner", "kind", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="SET NULL"), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    end_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)  # expired: the window ran out
+    endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    input_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    completion_window: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # OpenAI's `metadata`
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)  # validation errors
+    callback_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ApiRejection(Base):
+    """A request of an OpenAI batch file refused on its own (bad body): it goes to the error file."""
+
+    __tablename__ = "api_rejections"
+
+    id: Mapped[int] = mapped_column(JobId, primary_key=True, autoincrement=True)
+    api_batch_id: Mapped[str] = mapped_column(ForeignKey("api_batches.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    status_code: Mapped[int] = mapped_column(Integer)
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)
+    param: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One webhook call owed for a batch that ended; retried with backoff until delivered."""
+
+    __tablename__ = "api_webhook_deliveries"
+    __table_args__ = (Index("ix_api_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_batch_id: Mapped[str] = mapped_column(ForeignKey("api_batches.id", ondelete="CASCADE"), index=True)
+    owner: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)  # the exact body sent (signed anew, with a fresh timestamp, per attempt)
+    state: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # when it may be sent next; while an attempt is in flight, when that attempt's claim runs out
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -1,0 +1,398 @@
+"""Every read and write of the HTTP API's tables: keys, files, API batch records, webhook deliveries.
+
+Like `models.store`, state changes are conditional UPDATEs (`WHERE status = <expected>`), so two
+API processes running the same background pass never both act on one batch or one delivery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.states import JobState
+from models.store import utcnow
+from models.tables import ApiBatch, ApiFile, ApiFileChunk, ApiKey, ApiRejection, Job, WebhookDelivery
+
+KEY_PREFIX = "sk-sumfleet-"  # API key secrets start with this
+WEBHOOK_SECRET_PREFIX = "whsec_"  # and webhook signing secrets with this
+
+
+def hash_secret(secret: str) -> str:
+    """How a key's secret is stored: SHA-256 (the secret is 256 random bits, so no salt or stretching)."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_id(prefix: str, nbytes: int = 12) -> str:
+    return prefix + secrets.token_hex(nbytes)
+
+
+def _lookable(object_id: str) -> bool:
+    """Whether an id from a request can be looked up (the database refuses NUL and lone surrogates)."""
+    return len(object_id) <= 64 and not any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in object_id)
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just created: the only moment its secret (and webhook secret) are known in full."""
+
+    id: str
+    name: str | None
+    secret: str
+    webhook_secret: str
+
+
+def create_key(session: Session, name: str | None = None) -> NewKey:
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key_", 8),
+        name=name,
+        secret_hash=hash_secret(secret),
+        secret_prefix=secret[: len(KEY_PREFIX) + 4],
+        webhook_secret=WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32),
+        created_at=utcnow(),
+    )
+    session.add(key)
+    session.flush()
+    return NewKey(key.id, name, secret, key.webhook_secret)
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey | None:
+    """Revoke a key (idempotent); None when there is no such key."""
+    key = session.get(ApiKey, key_id)
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
+def key_for_secret(session: Session, secret: str) -> ApiKey | None:
+    """The key whose secret this is (revoked or not), or None."""
+    if any("\ud800" <= c <= "\udfff" for c in secret):
+        return None  # not encodable, so no key's secret
+    return session.scalar(select(ApiKey).where(ApiKey.secret_hash == hash_secret(secret)))
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def add_upload(session: Session, owner: str, filename: str, purpose: str, chunks: Iterable[bytes]) -> ApiFile:
+    """Store an uploaded file piece by piece (each `chunks` item one row); returns it with its size."""
+    file = ApiFile(
+        id=new_id("file-"), owner=owner, kind="upload", purpose=purpose, filename=filename, size=0,
+        created_at=utcnow(),
+    )
+    session.add(file)
+    session.flush()
+    size = 0
+    for seq, data in enumerate(chunks):
+        session.add(ApiFileChunk(file_id=file.id, seq=seq, data=data))
+        session.flush()
+        session.expunge_all()  # keep only the current piece in memory
+        size += len(data)
+    session.execute(update(ApiFile).where(ApiFile.id == file.id).values(size=size))
+    file.size = size
+    return file
+
+
+def add_generated_file(session: Session, owner: str, api_batch_id: str, kind: str, size: int) -> ApiFile:
+    """Record a batch's output or error file (its lines are generated from the jobs when read)."""
+    file = ApiFile(
+        id=new_id("file-"), owner=owner, kind=kind, purpose="batch_output",
+        filename=f"{api_batch_id}_{kind}.jsonl", size=size, api_batch_id=api_batch_id, created_at=utcnow(),
+    )
+    session.add(file)
+    session.flush()
+    return file
+
+
+def get_file(session: Session, owner: str, file_id: str) -> ApiFile | None:
+    """The file if `owner` has it; another key's file is as absent as a missing one."""
+    file = session.get(ApiFile, file_id) if _lookable(file_id) else None
+    return file if file is not None and file.owner == owner else None
+
+
+def iter_upload(sessions: sessionmaker[Session], file_id: str) -> Iterator[bytes]:
+    """The pieces of an uploaded file in order, one row read at a time."""
+    seq = 0
+    while True:
+        with sessions() as session:
+            data = session.scalar(
+                select(ApiFileChunk.data).where(ApiFileChunk.file_id == file_id, ApiFileChunk.seq == seq)
+            )
+        if data is None:
+            return
+        yield bytes(data)
+        seq += 1
+
+
+def iter_upload_lines(sessions: sessionmaker[Session], file_id: str) -> Iterator[bytes]:
+    """The lines of an uploaded file (without their line ends or a leading BOM), across piece boundaries."""
+    pending = b""
+    for seq, data in enumerate(iter_upload(sessions, file_id)):
+        pending += data.removeprefix(b"\xef\xbb\xbf") if seq == 0 else data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r")
+    if pending:
+        yield pending.removesuffix(b"\r")
+
+
+# --- listing ------------------------------------------------------------------------------------
+
+
+def _page(session: Session, model: Any, query: Any, after: str | None, limit: int, owner: str) -> tuple[list[Any], bool] | None:
+    """Newest first, `limit` items after the item `after` (None: `after` names no item of `owner`)."""
+    if after is not None:
+        anchor = session.get(model, after) if _lookable(after) else None
+        if anchor is None or anchor.owner != owner:
+            return None
+        query = query.where(
+            or_(model.created_at < anchor.created_at, and_(model.created_at == anchor.created_at, model.id < anchor.id))
+        )
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_files(
+    session: Session, owner: str, *, after: str | None, limit: int, purpose: str | None = None
+) -> tuple[list[ApiFile], bool] | None:
+    query = select(ApiFile).where(ApiFile.owner == owner)
+    if purpose is not None:
+        query = query.where(ApiFile.purpose == purpose)
+    return _page(session, ApiFile, query, after, limit, owner)
+
+
+def list_api_batches(
+    session: Session, owner: str, kind: str, *, after: str | None, limit: int
+) -> tuple[list[ApiBatch], bool] | None:
+    query = select(ApiBatch).where(ApiBatch.owner == owner, ApiBatch.kind == kind)
+    return _page(session, ApiBatch, query, after, limit, owner)
+
+
+# --- API batch records --------------------------------------------------------------------------
+
+
+def get_api_batch(session: Session, owner: str, api_batch_id: str, kind: str) -> ApiBatch | None:
+    record = session.get(ApiBatch, api_batch_id) if _lookable(api_batch_id) else None
+    return record if record is not None and record.owner == owner and record.kind == kind else None
+
+
+def set_status(session: Session, api_batch_id: str, expected: Sequence[str], status: str, **values: Any) -> bool:
+    """Move a record from one of the `expected` statuses to `status` (with `values`); False if it was not there."""
+    result = session.execute(
+        update(ApiBatch)
+        .where(ApiBatch.id == api_batch_id, ApiBatch.status.in_(list(expected)))
+        .values(status=status, **values),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount == 1
+
+
+def active_api_batches(session: Session, statuses: Sequence[str]) -> list[str]:
+    """Ids of records whose status is one of `statuses` (the background pass looks at each)."""
+    return list(session.scalars(select(ApiBatch.id).where(ApiBatch.status.in_(list(statuses))).order_by(ApiBatch.created_at)))
+
+
+def add_rejections(session: Session, api_batch_id: str, rows: Iterable[dict[str, Any]]) -> None:
+    for row in rows:
+        session.add(ApiRejection(api_batch_id=api_batch_id, **row))
+    session.flush()
+
+
+def iter_rejections(session: Session, api_batch_id: str, page: int = 500) -> Iterator[ApiRejection]:
+    """The requests of a batch refused on their own, in line order, `page` at a time (read-only copies)."""
+    last = 0
+    while True:
+        rows = list(
+            session.scalars(
+                select(ApiRejection)
+                .where(ApiRejection.api_batch_id == api_batch_id, ApiRejection.id > last)
+                .order_by(ApiRejection.id)
+                .limit(page)
+            )
+        )
+        if not rows:
+            return
+        for row in rows:
+            session.expunge(row)
+            yield row
+        last = rows[-1].id
+
+
+def rejection_counts(session: Session, api_batch_ids: Sequence[str]) -> dict[str, int]:
+    if not api_batch_ids:
+        return {}
+    rows = session.execute(
+        select(ApiRejection.api_batch_id, func.count())
+        .where(ApiRejection.api_batch_id.in_(list(api_batch_ids)))
+        .group_by(ApiRejection.api_batch_id)
+    ).all()
+    return {batch_id: n for batch_id, n in rows}
+
+
+@dataclass
+class JobTotals:
+    """A batch's jobs per state, and the tokens of those that succeeded."""
+
+    by_state: dict[str, int]
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def __getitem__(self, state: JobState) -> int:
+        return self.by_state.get(state.value, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_state.values())
+
+
+def job_totals(session: Session, batch_ids: Sequence[str]) -> dict[str, JobTotals]:
+    """Per batch id: job counts by state and token sums, in two grouped queries for any number of batches."""
+    totals = {batch_id: JobTotals({}) for batch_id in batch_ids}
+    if not batch_ids:
+        return totals
+    for batch_id, state, n in session.execute(
+        select(Job.batch_id, Job.state, func.count()).where(Job.batch_id.in_(list(batch_ids))).group_by(Job.batch_id, Job.state)
+    ).all():
+        totals[batch_id].by_state[state] = n
+    for batch_id, prompt, output in session.execute(
+        select(Job.batch_id, func.coalesce(func.sum(Job.prompt_tokens), 0), func.coalesce(func.sum(Job.output_tokens), 0))
+        .where(Job.batch_id.in_(list(batch_ids)), Job.state == JobState.SUCCEEDED.value)
+        .group_by(Job.batch_id)
+    ).all():
+        totals[batch_id].prompt_tokens = int(prompt)
+        totals[batch_id].output_tokens = int(output)
+    return totals
+
+
+def live_running(session: Session, batch_id: str, now: datetime | None = None) -> int:
+    """Running jobs of a batch whose worker still holds them (their lease has not run out)."""
+    now = now or utcnow()
+    return session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.batch_id == batch_id,
+            Job.state == JobState.RUNNING.value,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at > now),
+        )
+    ) or 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobLine:
+    """What a batch output or error line needs of a job (never its text or messages)."""
+
+    id: int
+    custom_id: str
+    state: str
+    summary: str | None
+    error: str | None
+    prompt_tokens: int | None
+    output_tokens: int | None
+    max_new_tokens: int | None
+    finished_at: datetime | None
+
+
+def iter_job_lines(session: Session, batch_id: str, states: Sequence[str] | None = None, page: int = 500) -> Iterator[JobLine]:
+    """A batch's jobs (in `states`, or all) in submission order, `page` rows per query (bounded memory)."""
+    last = 0
+    columns = (
+        Job.id, Job.doc_id, Job.state, Job.summary, Job.error, Job.prompt_tokens, Job.output_tokens,
+        Job.request["max_new_tokens"].as_integer(), Job.finished_at,
+    )
+    while True:
+        query = select(*columns).where(Job.batch_id == batch_id, Job.id > last)
+        if states is not None:
+            query = query.where(Job.state.in_(list(states)))
+        rows = session.execute(query.order_by(Job.id).limit(page)).all()
+        if not rows:
+            return
+        for row in rows:
+            yield JobLine(*row)
+        last = rows[-1][0]
+
+
+# --- webhook deliveries -------------------------------------------------------------------------
+
+
+def add_delivery(session: Session, *, api_batch_id: str, owner: str, url: str, event: str, payload: str) -> WebhookDelivery:
+    now = utcnow()
+    delivery = WebhookDelivery(
+        id=new_id("whd_"), api_batch_id=api_batch_id, owner=owner, url=url, event=event, payload=payload,
+        state="pending", attempts=0, next_attempt_at=now, created_at=now,
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery
+
+
+def due_deliveries(session: Session, limit: int = 20) -> list[str]:
+    """Ids of pending deliveries whose next attempt is due, oldest first."""
+    return list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.state == "pending", WebhookDelivery.next_attempt_at <= utcnow())
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+        )
+    )
+
+
+def claim_delivery(session: Session, delivery_id: str, hold_seconds: float) -> WebhookDelivery | None:
+    """Take a due delivery for one attempt: count the attempt and hold it for `hold_seconds`.
+
+    The conditional UPDATE lets one process win; a process that dies mid-attempt leaves the
+    delivery pending, and it is tried again once the hold runs out (at least once).
+    """
+    now = utcnow()
+    won = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending", WebhookDelivery.next_attempt_at <= now)
+        .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=now + timedelta(seconds=hold_seconds)),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    if not won:
+        return None
+    return session.get(WebhookDelivery, delivery_id, populate_existing=True)
+
+
+def record_attempt(
+    session: Session, delivery_id: str, *, delivered: bool, status: int | None, error: str | None,
+    retry_in: float | None,
+) -> None:
+    """After an attempt: delivered, pending again in `retry_in` seconds, or (retry_in None) failed for good."""
+    now = utcnow()
+    values: dict[str, Any] = {"last_status": status, "last_error": error}
+    if delivered:
+        values |= {"state": "delivered", "delivered_at": now}
+    elif retry_in is not None:
+        values |= {"state": "pending", "next_attempt_at": now + timedelta(seconds=retry_in)}
+    else:
+        values |= {"state": "failed"}
+    session.execute(
+        update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending").values(**values),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def deliveries_for(session: Session, api_batch_id: str) -> list[WebhookDelivery]:
+    return list(
+        session.scalars(
+            select(WebhookDelivery).where(WebhookDelivery.api_batch_id == api_batch_id).order_by(WebhookDelivery.created_at)
+        )
+    )
