@@ -37,6 +37,9 @@ configuration (flags win over environment variables):
   SUMFLEET_MAX_ATTEMPTS    a job whose worker died this many times ends failed (default: 3)
   SUMFLEET_SWEEP_INTERVAL, SUMFLEET_REPUBLISH_AFTER, SUMFLEET_LEASE_GRACE   sweeper timing (30, 120, 60 s)
   SUMFLEET_CACHE_DIR       cache of de-quantized GGUF checkpoints (default: ~/.cache/sumfleet/checkpoints)
+  SUMFLEET_API_MAX_UPLOAD_BYTES, SUMFLEET_API_MAX_DOCUMENTS   HTTP API limits (100 MiB, 50000 per batch)
+  SUMFLEET_API_MODELS      models the HTTP API accepts, comma-separated (default: SUMFLEET_MODEL and lead)
+  SUMFLEET_API_WEBHOOK_ATTEMPTS, _BACKOFF, _TIMEOUT   webhook retries (12 tries, 2 s doubling, 10 s each)
 """
 
 
@@ -159,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--no-lead", action="store_true", help="skip the Lead-3 baseline")
     evaluation.add_argument("--json", action="store_true", help="print JSON")
     _connection_flags(evaluation)
+
+    api = command("api", "serve the HTTP API (OpenAI Batch API compatible) over this database and broker")
+    api.add_argument("--host", default=defaults.API_HOST, help=f"address to listen on (default {defaults.API_HOST})")
+    api.add_argument("--port", type=int, default=defaults.API_PORT, help=f"port (default {defaults.API_PORT})")
+    api.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                     help="uvicorn log level (default info)")
+    _connection_flags(api, broker=True)
+
+    keys = command("keys", "API keys of the HTTP API: create (the secret is shown once), list, revoke")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("key_id", nargs="?", help="the key to revoke (key_...)")
+    keys.add_argument("--name", help="a label for a new key")
+    keys.add_argument("--json", action="store_true", help="print JSON")
+    _connection_flags(keys)
 
     prompts = command("prompts", "list the prompt templates, or show one")
     prompts.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -417,7 +434,55 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from producer.api.app import prepared, serve
+
+    app = prepared(_settings(args))
+    print(f"sumfleet api: http://{args.host}:{args.port} (OpenAPI at /openapi.json, docs at /docs)", file=sys.stderr)
+    serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from models.api_store import create_key, list_keys, revoke_key
+    from producer.client import Client
+
+    client = Client(_settings(args))  # creates the schema on a fresh database, like submit
+    client.ensure_schema()
+    if args.action == "create":
+        with client.sessions.begin() as session:
+            key = create_key(session, args.name)
+        if args.json:
+            print(json.dumps({"id": key.id, "name": key.name, "api_key": key.secret, "webhook_secret": key.webhook_secret}))
+        else:
+            print(f"key id:         {key.id}\napi key:        {key.secret}\nwebhook secret: {key.webhook_secret}")
+            print("the api key and webhook secret are shown only now; store them safely", file=sys.stderr)
+        return 0
+    if args.action == "revoke":
+        if not args.key_id:
+            raise InputError("`sumfleet keys revoke` needs a key id (see `sumfleet keys list`)")
+        with client.sessions.begin() as session:
+            revoked = revoke_key(session, args.key_id)
+        if revoked is None:
+            raise InputError(f"no API key {args.key_id!r} (see `sumfleet keys list`)")
+        print(f"revoked {args.key_id}", file=sys.stderr)
+        return 0
+    with client.sessions() as session:
+        listed = list_keys(session)
+    for key in listed:
+        row = {"id": key.id, "name": key.name, "prefix": key.secret_prefix, "created_at": key.created_at.isoformat(),
+               "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+        if args.json:
+            print(json.dumps(row))
+        else:
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+            print(f"{key.id:<22} {key.secret_prefix + '...':<20} {state:<24} {key.name or ''}")
+    return 0
+
+
 COMMANDS = {
+    "api": cmd_api,
+    "keys": cmd_keys,
     "run": cmd_run,
     "submit": cmd_submit,
     "worker": cmd_worker,

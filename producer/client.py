@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -210,6 +210,7 @@ class Client:
         language: str | None = None,
         max_words: int | None = None,
         long_documents: str | None = None,
+        before_commit: Callable[[Session, Batch], None] | None = None,
     ) -> Submission:
         model = canonical_model(model or self.settings.model)
         resolve_model(model, self.settings)
@@ -253,6 +254,8 @@ class Client:
                     raise InputError(_problem_summary(source, problems), problems)
                 if accepted == 0:
                     raise InputError(f"{source}: no usable documents" + (f" ({len(problems)} bad rows)" if problems else ""), problems)
+                if before_commit is not None:  # the HTTP API records the batch's owner in the same transaction
+                    before_commit(session, batch)
                 batch_id = batch.id
         except OperationalError as error:
             raise DatabaseError(f"database {hide_password(self.settings.database_url)} failed: {error.orig}") from None

@@ -1,0 +1,16 @@
+"""`sumfleet api`: the HTTP API (FastAPI), OpenAI Batch API compatible, over the producer's database and broker.
+
+    from producer.api import create_app, verify_signature
+"""
+
+from producer.api.webhooks import InvalidSignature, verify_signature
+
+
+def create_app(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """See `producer.api.app.create_app` (imported lazily: FastAPI loads only when the API runs)."""
+    from producer.api.app import create_app as create
+
+    return create(*args, **kwargs)
+
+
+__all__ = ["InvalidSignature", "create_app", "verify_signature"]

@@ -1,0 +1,51 @@
+"""The API process's background work, in one thread: end batches (files, expiry) and deliver webhooks.
+
+Every step is claimed in the database with a conditional UPDATE, so any number of API
+processes may run this loop at once; a restarted process picks up where the last one left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import httpx
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.settings import Settings
+from producer.api.lifecycle import advance_all
+from producer.api.webhooks import deliver_due
+
+log = logging.getLogger(__name__)
+
+
+class Maintainer:
+    """Runs `pass_once` every `settings.api_poll_interval` seconds in a daemon thread until stopped."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sumfleet-api-maintainer", daemon=True)
+        self._http = httpx.Client(timeout=settings.api_webhook_timeout, follow_redirects=False)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self._http.close()
+
+    def pass_once(self) -> None:
+        """End what can end, expire what ran out of time, then try every due webhook once."""
+        advance_all(self.sessions)
+        deliver_due(self.sessions, self.settings, self._http)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.pass_once()
+            except Exception:  # the database may be away for a while: log, and try again next pass
+                log.exception("background pass failed; retrying in %.1fs", self.settings.api_poll_interval)
+            self._stop.wait(self.settings.api_poll_interval)
