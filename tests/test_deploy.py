@@ -36,8 +36,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PYPROJECT = ROOT / "pyproject.toml"
 
-EXPECTED_SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu"}
-SUMFLEET_SERVICES = ("migrate", "worker", "worker-gpu")  # the services running the sumfleet image
+EXPECTED_SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "api"}
+SUMFLEET_SERVICES = ("migrate", "worker", "worker-gpu", "api")  # the services running the sumfleet image
 DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -168,12 +168,12 @@ def test_expected_services_exist(services: dict[str, Any]) -> None:
     assert not missing, f"docker-compose.yml lacks services {sorted(missing)}; it has {sorted(services)}"
 
 
-def test_no_http_service_publishes_ports(services: dict[str, Any]) -> None:
-    """There is no HTTP API yet: only the stores are published, and only on the loopback address."""
+def test_only_the_stores_and_the_api_publish_ports(services: dict[str, Any]) -> None:
+    """Only the stores and the HTTP API are published, and only on the loopback address."""
     for name, service in services.items():
         ports = service.get("ports") or []
-        if name not in ("redis", "postgres"):
-            assert not ports, f"service {name} publishes ports {ports}; only redis and postgres may"
+        if name not in ("redis", "postgres", "api"):
+            assert not ports, f"service {name} publishes ports {ports}; only redis, postgres and api may"
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), (
                 f"service {name} publishes {port!r} on every interface; bind it to 127.0.0.1"
@@ -252,6 +252,9 @@ def test_commands_are_real_sumfleet_subcommands(services: dict[str, Any], name: 
     args = parse_sumfleet(command_tokens(service, name), f"service {name}")
     if name == "migrate":
         assert (args.command, args.action) == ("db", "upgrade"), f"migrate must run `db upgrade`, not {args}"
+    elif name == "api":
+        assert args.command == "api", f"service api must run `sumfleet api`, not {args.command!r}"
+        assert args.host == "0.0.0.0", f"service api listens on {args.host!r}; in a container it must be 0.0.0.0"
     else:
         assert args.command == "worker", f"service {name} must run `sumfleet worker`, not {args.command!r}"
         assert args.model == "smollm2", (
@@ -339,6 +342,25 @@ def test_migrate_runs_once_after_postgres(services: dict[str, Any]) -> None:
         f"migrate must have restart \"no\" (quoted: a bare no is YAML false), not {migrate.get('restart')!r}"
     )
     assert depends_on(migrate).get("postgres") == "service_healthy", "migrate must wait for postgres to be healthy"
+
+
+def test_api_service_waits_for_the_schema_publishes_its_port_and_checks_health(services: dict[str, Any]) -> None:
+    api = services["api"]
+    assert depends_on(api) == {
+        "redis": "service_healthy",
+        "postgres": "service_healthy",
+        "migrate": "service_completed_successfully",
+    }, f"service api: depends_on is {depends_on(api)}"
+    port = parse_sumfleet(command_tokens(api, "api"), "service api").port
+    published = [str(p) for p in api.get("ports") or []]
+    assert len(published) == 1 and published[0].rsplit(":", 1)[1] == str(port), (
+        f"service api listens on {port} but publishes {published}"
+    )
+    assert published[0].startswith("127.0.0.1:"), f"service api must publish on 127.0.0.1 only, not {published[0]!r}"
+    test = " ".join(str(t) for t in (api.get("healthcheck") or {}).get("test") or [])
+    assert f"127.0.0.1:{port}/health" in test, f"service api's healthcheck must request /health on port {port}: {test!r}"
+    assert api.get("restart") == "unless-stopped", f"service api: restart is {api.get('restart')!r}"
+    assert "container_name" not in api, "service api has a container_name, which prevents scaling"
 
 
 @pytest.mark.parametrize("name", ["worker", "worker-gpu"])
