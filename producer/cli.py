@@ -23,7 +23,7 @@ configuration (flags win over environment variables):
   SUMFLEET_PROMPT          prompt template name or text with {document} (default: one-sentence)
   SUMFLEET_CHUNK_SIZE      job ids per chunk message (default: 32)
   SUMFLEET_MAX_NEW_TOKENS  tokens generated per summary (default: 64)
-  SUMFLEET_MAX_BATCH_SIZE  documents per generate() call at most (default: 8 on CPU, 128 on GPU)
+  SUMFLEET_MAX_BATCH_SIZE  documents per generate() call at most (default: 8 on CPU, 16 in bf16, 128 on GPU)
   SUMFLEET_TOKEN_BUDGET    padded tokens per generate() call (default: 16384 on CPU, 262144 on GPU)
   SUMFLEET_BATCHING        static (default; measured faster on CPU) or continuous
   SUMFLEET_THREADS         torch CPU threads per worker process (default: torch's own)

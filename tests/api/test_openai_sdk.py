@@ -170,6 +170,28 @@ def test_cancel_a_running_batch_keeps_finished_results(
     assert client.status(batch_id).counts == {"succeeded": 4, "cancelled": 4}
 
 
+def test_a_batch_cancelled_with_the_cli_ends_cancelled(
+    sdk: openai.OpenAI, api_settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    from tests.conftest import sumfleet
+
+    gate = tmp_path / "gate"
+    start_worker(api_settings, GATED)
+    rows = [request_line("k-0", f"WAIT:{gate} Held first. Then more.")]
+    rows += [request_line(f"k-{i}", f"Request {i} first sentence. Second sentence.") for i in range(1, 8)]
+    uploaded = sdk.files.create(file=("cli-cancel.jsonl", jsonl(rows)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    client, batch_id = _underlying(api_settings, batch.id)
+    wait_for(lambda: client.status(batch_id).counts.get("running") == 4, 60, "the first chunk to be held running")
+    cancelled = sumfleet("cancel", batch_id, settings=api_settings)
+    assert cancelled.returncode == 0, cancelled.stderr.decode()
+    wait_for(lambda: sdk.batches.retrieve(batch.id).status == "cancelling", 30, "the API to see the cancel")
+    gate.touch()
+    done = _ended(sdk, batch.id)
+    assert done.status == "cancelled"
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 4)
+
+
 def test_cancel_an_ended_batch_is_refused(sdk: openai.OpenAI, api_settings: Settings, start_worker) -> None:
     start_worker(api_settings, GATED)
     uploaded = sdk.files.create(file=("one.jsonl", jsonl([request_line("x", "Only. One.")])), purpose="batch")

@@ -141,7 +141,12 @@ class TransformersEngine:
         default_budget = defaults.TOKEN_BUDGET_GPU if device.type == "cuda" else defaults.TOKEN_BUDGET_CPU
         self.configured_budget = settings.token_budget or default_budget
         self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
-        default_size = defaults.MAX_BATCH_SIZE_GPU if device.type == "cuda" else defaults.MAX_BATCH_SIZE_CPU
+        if device.type == "cuda":
+            default_size = defaults.MAX_BATCH_SIZE_GPU
+        elif model.dtype == torch.bfloat16:
+            default_size = defaults.MAX_BATCH_SIZE_CPU_BF16
+        else:
+            default_size = defaults.MAX_BATCH_SIZE_CPU
         self.max_batch_size = settings.max_batch_size or default_size
         self.context = usable_context(model.config, settings, device)
         self.prefix, self.task_generation = _summarization_task(model.config) if self.seq2seq else ("", {})
