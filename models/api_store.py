@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.states import JobState
@@ -123,6 +123,20 @@ def get_file(session: Session, owner: str, file_id: str) -> ApiFile | None:
     """The file if `owner` has it; another key's file is as absent as a missing one."""
     file = session.get(ApiFile, file_id) if _lookable(file_id) else None
     return file if file is not None and file.owner == owner else None
+
+
+def delete_file(session: Session, owner: str, file_id: str) -> bool:
+    """Delete `owner`'s file (an upload's bytes with it); False when `owner` has no such file.
+
+    A batch made from an upload keeps running (its requests are jobs already); a deleted
+    output or error file is simply gone, though its batch still names it.
+    """
+    file = get_file(session, owner, file_id)
+    if file is None:
+        return False
+    session.execute(delete(ApiFileChunk).where(ApiFileChunk.file_id == file.id))
+    session.delete(file)
+    return True
 
 
 def iter_upload(sessions: sessionmaker[Session], file_id: str) -> Iterator[bytes]:

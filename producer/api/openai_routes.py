@@ -19,6 +19,7 @@ from models import defaults
 from models.api_store import (
     add_rejections,
     add_upload,
+    delete_file,
     get_api_batch,
     get_file,
     iter_upload,
@@ -36,7 +37,7 @@ from producer.api.batch_input import CHAT_COMPLETIONS, BatchInput, LineError, fi
 from producer.api.checks import check_callback_url, model_problem, page, storable_name, unknown_cursor
 from producer.api.errors import ApiError, error_responses, sumfleet_error
 from producer.api.lifecycle import advance, cancel_jobs, error_lines, expiry, notify, openai_objects, output_lines, unix
-from producer.api.schemas import BatchCreate, BatchList, BatchObject, FileList, FileObject
+from producer.api.schemas import BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=error_responses(401, 422))
 
@@ -113,6 +114,14 @@ def _owned_file(request: Request, key: ApiKey, file_id: str) -> ApiFile:
 @router.get("/files/{file_id}", response_model=FileObject, summary="Retrieve a file", responses=error_responses(404))
 def retrieve_file(request: Request, file_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
     return _file_object(_owned_file(request, key, file_id))
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted, summary="Delete a file", responses=error_responses(404))
+def delete_file_route(request: Request, file_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
+    with request.app.state.client.sessions.begin() as session:
+        if not delete_file(session, key.id, file_id):
+            raise _not_found("file", file_id)
+    return {"id": file_id, "object": "file", "deleted": True}
 
 
 @router.get(

@@ -23,6 +23,12 @@ class FileObject(BaseModel):
     status_details: str | None = None
 
 
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
 class FileList(BaseModel):
     object: Literal["list"] = "list"
     data: list[FileObject]

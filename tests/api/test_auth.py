@@ -58,7 +58,7 @@ def test_keys_cli_stores_only_a_hash_and_revokes(api: ApiServer, api_settings: S
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x/content"), ("GET", "/v1/batches"),
+    [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x/content"), ("DELETE", "/v1/files/file-x"), ("GET", "/v1/batches"),
      ("POST", "/v1/batches"), ("POST", "/v1/batches/batch_x/cancel"), ("GET", "/api/v1/batches"),
      ("POST", "/api/v1/batches"), ("GET", "/api/v1/batches/bx/results")],
 )
@@ -92,6 +92,7 @@ def test_another_keys_objects_answer_404(api: ApiServer, api_settings: Settings,
     for call in (
         lambda: theirs.files.retrieve(uploaded.id),
         lambda: theirs.files.content(uploaded.id),
+        lambda: theirs.files.delete(uploaded.id),
         lambda: theirs.batches.retrieve(batch.id),
         lambda: theirs.batches.cancel(batch.id),
         lambda: theirs.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"),

@@ -243,3 +243,21 @@ def test_list_pages_through_this_keys_batches_newest_first(sdk: openai.OpenAI) -
     assert [b.id for b in sdk.batches.list(limit=1)] == made[::-1]  # the SDK's auto-paging follows `after`
     for batch_id in made:
         sdk.batches.cancel(batch_id)
+
+
+def test_delete_a_file(sdk: openai.OpenAI, api_settings: Settings, start_worker) -> None:
+    start_worker(api_settings, GATED)
+    uploaded = sdk.files.create(file=("gone.jsonl", jsonl([request_line("d", "Kept. Still.")])), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deleted = sdk.files.delete(uploaded.id)
+    assert (deleted.id, deleted.deleted) == (uploaded.id, True)
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.delete(uploaded.id)  # once only
+    assert uploaded.id not in [f.id for f in sdk.files.list()]
+    done = _ended(sdk, batch.id)  # the batch made from it runs on: its requests are jobs already
+    assert done.status == "completed" and done.request_counts.completed == 1
+    assert sdk.files.delete(done.output_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.content(done.output_file_id)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.services
 ENDPOINTS = {
     "/health": {"get"},
     "/v1/files": {"get", "post"},
-    "/v1/files/{file_id}": {"get"},
+    "/v1/files/{file_id}": {"get", "delete"},
     "/v1/files/{file_id}/content": {"get"},
     "/v1/batches": {"get", "post"},
     "/v1/batches/{batch_id}": {"get"},
