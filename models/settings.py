@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     )
     api_webhook_attempts: int = Field(defaults.WEBHOOK_ATTEMPTS, ge=1, le=100, description="tries per webhook")
     api_webhook_backoff: float = Field(defaults.WEBHOOK_BACKOFF, gt=0, description="seconds before the first retry")
+    api_webhook_private: bool = Field(
+        False, description="allow webhooks to loopback, private and link-local addresses"
+    )
     api_webhook_timeout: float = Field(defaults.WEBHOOK_TIMEOUT, gt=0, description="seconds per webhook attempt")
 
     @model_validator(mode="after")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,8 +64,26 @@ def check_model(name: str | None, settings: Settings, accepted: list[str], param
     return canonical_model(model)
 
 
-def check_callback_url(url: str | None, param: str = "callback_url") -> str | None:
-    """An absolute http(s) URL, or 400."""
+def private_address(host: str) -> str | None:
+    """The first address `host` resolves to that is not public (loopback, private, link-local,
+    reserved, ...), or None; a host that does not resolve (now) gives None too."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if not address.is_global:
+            return str(address)
+    return None
+
+
+def check_callback_url(url: str | None, param: str = "callback_url", *, allow_private: bool = False) -> str | None:
+    """An absolute http(s) URL of a public address (unless `allow_private`), or 400.
+
+    Webhooks are sent from inside the deployment, so by default they may not reach its own
+    private network (the address is checked again before every delivery).
+    """
     if url is None:
         return None
     try:
@@ -75,6 +95,9 @@ def check_callback_url(url: str | None, param: str = "callback_url") -> str | No
             or any(c.isspace() or not c.isprintable() for c in url)):
         raise ApiError(400, f"{param} must be an absolute http:// or https:// URL (at most 2048 characters), got {url!r}",
                        param=param, code="invalid_value")
+    if not allow_private and (address := private_address(parts.hostname)) is not None:
+        raise ApiError(400, f"{param} {url!r} points at a private or local address ({address}); webhooks go to public "
+                            "addresses only unless SUMFLEET_API_WEBHOOK_PRIVATE=1", param=param, code="invalid_value")
     return url
 
 

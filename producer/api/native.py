@@ -73,7 +73,7 @@ def _create(
     state = request.app.state
     client, settings = state.client, state.settings
     model = check_model(options.model, settings, state.models)
-    callback_url = check_callback_url(options.callback_url)
+    callback_url = check_callback_url(options.callback_url, allow_private=settings.api_webhook_private)
     if options.prompt is not None and (problem := unstorable(options.prompt)):
         raise ApiError(400, f"prompt {problem}", param="prompt", code="invalid_prompt")
 

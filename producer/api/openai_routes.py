@@ -159,7 +159,7 @@ def _render(request: Request, record_id: str) -> dict[str, Any]:
         return openai_objects(session, [record])[0]
 
 
-def _check_create(body: BatchCreate) -> str | None:
+def _check_create(body: BatchCreate, allow_private: bool) -> str | None:
     if body.endpoint != CHAT_COMPLETIONS:
         raise ApiError(400, f'endpoint must be "{CHAT_COMPLETIONS}" (the only endpoint this server runs), got {body.endpoint!r}',
                        param="endpoint", code="unsupported_endpoint")
@@ -175,16 +175,16 @@ def _check_create(body: BatchCreate) -> str | None:
             raise ApiError(400, f"metadata {name[:64]!r}: keys are at most 64 characters and values at most 512",
                            param="metadata", code="invalid_value")
     if body.callback_url is not None:
-        return check_callback_url(body.callback_url)
+        return check_callback_url(body.callback_url, allow_private=allow_private)
     if "callback_url" in metadata:
-        return check_callback_url(metadata["callback_url"], "metadata.callback_url")
+        return check_callback_url(metadata["callback_url"], "metadata.callback_url", allow_private=allow_private)
     return None
 
 
 @router.post("/batches", response_model=BatchObject, summary="Create a batch",
              responses=error_responses(400, 404, 422, 503))
 def create_batch(request: Request, body: BatchCreate, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
-    callback_url = _check_create(body)
+    callback_url = _check_create(body, request.app.state.settings.api_webhook_private)
     state = request.app.state
     client, settings = state.client, state.settings
     with client.sessions() as session:

@@ -20,6 +20,7 @@ import hmac
 import logging
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +29,7 @@ from models import defaults
 from models.api_store import claim_delivery, due_deliveries, record_attempt
 from models.errors import SumfleetError
 from models.settings import Settings
+from producer.api.checks import private_address
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +123,20 @@ def deliver_due(sessions: sessionmaker[Session], settings: Settings, http: httpx
         body = payload.encode("utf-8")
         status: int | None = None
         error: str | None = None
-        try:
-            response = http.post(url, content=body, headers=headers_for(secret, body, event, delivery_id))
-            status = response.status_code
-            if not 200 <= status < 300:
-                error = f"receiver answered {status}"
-        except httpx.HTTPError as failure:
-            error = f"{type(failure).__name__}: {failure}"
+        refused = None if settings.api_webhook_private else private_address(urlsplit(url).hostname or "")
+        if refused is not None:  # the name resolves to a private address now: never sent, not retried
+            error = f"refused: {url} resolves to the private or local address {refused} (SUMFLEET_API_WEBHOOK_PRIVATE)"
+        else:
+            try:
+                response = http.post(url, content=body, headers=headers_for(secret, body, event, delivery_id))
+                status = response.status_code
+                if not 200 <= status < 300:
+                    error = f"receiver answered {status}"
+            except httpx.HTTPError as failure:
+                error = f"{type(failure).__name__}: {failure}"
         delivered = error is None
-        retry_in = None if delivered or attempts >= settings.api_webhook_attempts else backoff(settings, attempts)
+        last_try = refused is not None or attempts >= settings.api_webhook_attempts
+        retry_in = None if delivered or last_try else backoff(settings, attempts)
         with sessions.begin() as session:
             record_attempt(session, delivery_id, delivered=delivered, status=status, error=error, retry_in=retry_in)
         if delivered:

@@ -96,6 +96,7 @@ def api_settings(pg_url: str, redis_url: str) -> Settings:
         api_max_upload_bytes=64 * 1024,
         api_max_documents=50,
         api_models=f"lead,smollm2,{GATED}",
+        api_webhook_private=True,  # the test receivers listen on 127.0.0.1
     )
 
 

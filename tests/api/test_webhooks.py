@@ -211,3 +211,48 @@ def test_two_api_processes_end_each_batch_and_send_its_webhook_once(
     engine.dispose()
     assert deliveries == {batch_id: 1 for batch_id in made}
     assert files == {batch_id: 1 for batch_id in made}  # one output file each (no errors), made by one process
+
+
+@pytest.mark.services
+def test_webhooks_to_private_addresses_are_refused_by_default(
+    api_settings: Settings, own_database: str, start_api, receivers
+) -> None:
+    receiver = receivers()
+    allowed = api_settings.model_copy(update={"database_url": own_database})
+    strict = allowed.model_copy(update={"api_webhook_private": False})
+    first = start_api(allowed).wait_ready()
+    key = new_key(allowed)
+    with httpx.Client(base_url=first.url, headers=key.headers) as http:  # no worker: the batch stays queued
+        batch = http.post("/api/v1/batches", json={"documents": ["One. Two."], "model": "lead",
+                                                   "callback_url": f"{receiver.url}/private"}).json()
+    first.stop()
+
+    second = start_api(strict).wait_ready()
+    with httpx.Client(base_url=second.url, headers=key.headers) as http:
+        for url, address in ((f"{receiver.url}/x", "127.0.0.1"), ("http://localhost:9/x", None), ("http://10.1.2.3/x", "10.1.2.3")):
+            refused = http.post("/api/v1/batches", json={"documents": ["x."], "model": "lead", "callback_url": url})
+            assert refused.status_code == 400, refused.text
+            message = refused.json()["error"]["message"]
+            assert message.startswith(f"callback_url {url!r} points at a private or local address (")
+            assert address is None or f"({address})" in message
+        sdk = openai.OpenAI(api_key=key.secret, base_url=f"{second.url}/v1", max_retries=0)
+        uploaded = sdk.files.create(file=("p.jsonl", jsonl([request_line("a", "One. Two.")])), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as refused_sdk:
+            sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                               metadata={"callback_url": "http://127.0.0.1:9/x"})
+        assert refused_sdk.value.body["param"] == "metadata.callback_url"  # type: ignore[index]
+        # a delivery accepted earlier (or whose name now resolves privately) is checked again when sent
+        assert http.post(f"/api/v1/batches/{batch['id']}/cancel").status_code == 200
+    engine = make_engine(own_database)
+    sessions = session_factory(engine)
+
+    def delivery():  # type: ignore[no-untyped-def]
+        with sessions() as session:
+            rows = deliveries_for(session, batch["id"])
+            return rows[0] if rows and rows[0].state != "pending" else None
+
+    done = wait_for(delivery, 30, "the delivery to be refused")
+    assert done.state == "failed" and done.attempts == 1  # type: ignore[union-attr]
+    assert done.last_error.startswith(f"refused: {receiver.url}/private resolves to the private or local address 127.0.0.1")  # type: ignore[union-attr]
+    assert receiver.received == []
+    engine.dispose()
