@@ -101,14 +101,14 @@ def sumfleet(*args: str, settings: Settings | None = None, input: bytes | None =
     )
 
 
-class WorkerProcess:
-    """A real `sumfleet worker` subprocess with its log in a file."""
+class CliProcess:
+    """A real long-running `sumfleet COMMAND` subprocess (its own process group), its log in a file."""
 
-    def __init__(self, settings: Settings, model: str, log: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, args: list[str], settings: Settings, log: Path, mode: str = "wb") -> None:
         self.log = log
-        self.handle = log.open("wb")
+        self.handle = log.open(mode)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "worker", "--model", model, "--loglevel", "INFO", *extra],
+            [sys.executable, "-m", "producer.cli", *args],
             env=settings_env(settings),
             stdout=self.handle,
             stderr=subprocess.STDOUT,
@@ -118,6 +118,24 @@ class WorkerProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group (a worker's children too), SIGKILL after 30 s."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.handle.close()
+
+
+class WorkerProcess(CliProcess):
+    """A real `sumfleet worker` subprocess with its log in a file."""
+
+    def __init__(self, settings: Settings, model: str, log: Path, extra: tuple[str, ...] = ()) -> None:
+        super().__init__(["worker", "--model", model, "--loglevel", "INFO", *extra], settings, log)
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Until the child process has loaded its model (it logs `ready with model`)."""
@@ -129,16 +147,6 @@ class WorkerProcess:
                 raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.text()}")
             time.sleep(0.2)
         raise AssertionError(f"worker not ready after {timeout}s:\n{self.text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self.handle.close()
 
 
 @pytest.fixture

@@ -114,3 +114,15 @@ def page(items: list[Any], has_more: bool) -> dict[str, Any]:
 
 def unknown_cursor(after: str) -> ApiError:
     return ApiError(400, f"after: no object {after!r} of this key to list after", param="after", code="invalid_cursor")
+
+
+def batch_page(request: Any, owner: str, kind: str, after: str | None, limit: int, render: Any) -> dict[str, Any]:
+    """A page of `owner`'s batches of `kind` (newest first, before `after`), each made by `render`."""
+    from models.api_store import list_api_batches
+
+    with request.app.state.client.sessions() as session:
+        found = list_api_batches(session, owner, kind, after=after, limit=limit)
+        if found is None:
+            raise unknown_cursor(after or "")
+        records, more = found
+        return page(render(session, records), more)

@@ -17,12 +17,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
-from models.api_store import get_api_batch, job_totals, list_api_batches
+from models.api_store import get_api_batch, job_totals
 from models.errors import InputError, InvalidTransition, RowProblem, SumfleetError
 from models.store import utcnow
 from models.tables import ApiBatch, ApiKey, Batch
 from producer.api.auth import current_key
-from producer.api.checks import check_callback_url, check_model, page, storable_name, unknown_cursor, unstorable
+from producer.api.checks import batch_page, check_callback_url, check_model, storable_name, unstorable
 from producer.api.errors import ApiError, error_responses, sumfleet_error
 from producer.api.lifecycle import advance, native_object, native_objects
 from producer.api.schemas import SummaryBatch, SummaryBatchList, SummaryCreate, SummaryCreated, SummaryOptions
@@ -166,12 +166,7 @@ def list_summary_batches(
     limit: int = Query(20, ge=1, le=100),
     key: ApiKey = Depends(current_key),
 ) -> dict[str, Any]:
-    with request.app.state.client.sessions() as session:
-        found = list_api_batches(session, key.id, "native", after=after, limit=limit)
-        if found is None:
-            raise unknown_cursor(after or "")
-        records, more = found
-        return page(native_objects(session, records), more)
+    return batch_page(request, key.id, "native", after, limit, native_objects)
 
 
 def _owned(request: Request, key: ApiKey, batch_id: str) -> ApiBatch:

@@ -24,7 +24,6 @@ from models.api_store import (
     get_file,
     iter_upload,
     iter_upload_lines,
-    list_api_batches,
     list_files,
     new_id,
     set_status,
@@ -34,7 +33,7 @@ from models.store import utcnow
 from models.tables import ApiBatch, ApiFile, ApiKey, Batch
 from producer.api.auth import current_key
 from producer.api.batch_input import CHAT_COMPLETIONS, BatchInput, LineError, first_model
-from producer.api.checks import check_callback_url, model_problem, page, storable_name, unknown_cursor
+from producer.api.checks import batch_page, check_callback_url, model_problem, page, storable_name, unknown_cursor
 from producer.api.errors import ApiError, error_responses, sumfleet_error
 from producer.api.lifecycle import advance, cancel_jobs, error_lines, expiry, notify, openai_objects, output_lines, unix
 from producer.api.schemas import BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject
@@ -265,12 +264,7 @@ def list_batches(
     limit: int = Query(20, ge=1, le=100),
     key: ApiKey = Depends(current_key),
 ) -> dict[str, Any]:
-    with request.app.state.client.sessions() as session:
-        found = list_api_batches(session, key.id, "openai", after=after, limit=limit)
-        if found is None:
-            raise unknown_cursor(after or "")
-        records, more = found
-        return page(openai_objects(session, records), more)
+    return batch_page(request, key.id, "openai", after, limit, openai_objects)
 
 
 def _owned_batch(request: Request, key: ApiKey, batch_id: str) -> ApiBatch:

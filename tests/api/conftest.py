@@ -8,12 +8,8 @@ consume that queue.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +24,7 @@ import pytest
 from models.api_store import create_key
 from models.db import make_engine, session_factory
 from models.settings import Settings
-from tests.conftest import ROOT, settings_env
+from tests.conftest import CliProcess
 
 GATED = "python:tests.api.gated_engine:make"  # the lead engine, except FAIL and WAIT:<path> requests
 
@@ -39,25 +35,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ApiServer:
+class ApiServer(CliProcess):
     """A real `sumfleet api` subprocess with its log in a file."""
 
     def __init__(self, settings: Settings, log: Path, port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.handle = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "api", "--port", str(self.port), "--log-level", "info"],
-            env=settings_env(settings),
-            stdout=self.handle,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        super().__init__(["api", "--port", str(self.port), "--log-level", "info"], settings, log, mode="ab")
 
     def wait_ready(self, timeout: float = 60) -> ApiServer:
         deadline = time.monotonic() + timeout
@@ -71,16 +55,6 @@ class ApiServer:
                 pass
             time.sleep(0.1)
         raise AssertionError(f"sumfleet api not ready after {timeout}s:\n{self.text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self.handle.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from models.tables import ApiBatch
 from producer.client import Client
 from tests.api.conftest import GATED, ApiServer, Key, jsonl
 from tests.api.conftest import request_line as _request_line
-from tests.conftest import wait_for
+from tests.conftest import sumfleet, wait_for
 from worker.engines.lead import lead
 
 pytestmark = pytest.mark.services
@@ -142,17 +142,23 @@ def test_upload_create_poll_and_download_output_and_error_files(
     assert sdk.files.content(done.output_file_id).content == sdk.files.content(done.output_file_id).content  # stable
 
 
+def _held_batch(sdk: openai.OpenAI, settings: Settings, start_worker, gate: Path, prefix: str, window: str = "24h"):  # type: ignore[no-untyped-def]
+    """A batch of 8 requests whose first chunk (4) is held running by the gated engine until `gate` exists."""
+    start_worker(settings, GATED)
+    rows = [request_line(f"{prefix}-0", f"WAIT:{gate} Held first. Then more.")]
+    rows += [request_line(f"{prefix}-{i}", f"Request {i} first sentence. Second sentence.") for i in range(1, 8)]
+    uploaded = sdk.files.create(file=(f"{prefix}.jsonl", jsonl(rows)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window=window)
+    client, batch_id = _underlying(settings, batch.id)
+    wait_for(lambda: client.status(batch_id).counts.get("running") == 4, 60, "the first chunk to be held running")
+    return batch, client, batch_id
+
+
 def test_cancel_a_running_batch_keeps_finished_results(
     sdk: openai.OpenAI, api_settings: Settings, start_worker, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    start_worker(api_settings, GATED)
-    rows = [request_line("c-0", f"WAIT:{gate} Held first. Then more.")]
-    rows += [request_line(f"c-{i}", f"Request {i} first sentence. Second sentence.") for i in range(1, 8)]
-    uploaded = sdk.files.create(file=("cancel.jsonl", jsonl(rows)), purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    client, batch_id = _underlying(api_settings, batch.id)
-    wait_for(lambda: client.status(batch_id).counts.get("running") == 4, 60, "the first chunk to be held running")
+    batch, client, batch_id = _held_batch(sdk, api_settings, start_worker, gate, "c")
 
     cancelling = sdk.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at  # its first chunk is still running
@@ -173,16 +179,8 @@ def test_cancel_a_running_batch_keeps_finished_results(
 def test_a_batch_cancelled_with_the_cli_ends_cancelled(
     sdk: openai.OpenAI, api_settings: Settings, start_worker, tmp_path: Path
 ) -> None:
-    from tests.conftest import sumfleet
-
     gate = tmp_path / "gate"
-    start_worker(api_settings, GATED)
-    rows = [request_line("k-0", f"WAIT:{gate} Held first. Then more.")]
-    rows += [request_line(f"k-{i}", f"Request {i} first sentence. Second sentence.") for i in range(1, 8)]
-    uploaded = sdk.files.create(file=("cli-cancel.jsonl", jsonl(rows)), purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    client, batch_id = _underlying(api_settings, batch.id)
-    wait_for(lambda: client.status(batch_id).counts.get("running") == 4, 60, "the first chunk to be held running")
+    batch, client, batch_id = _held_batch(sdk, api_settings, start_worker, gate, "k")
     cancelled = sumfleet("cancel", batch_id, settings=api_settings)
     assert cancelled.returncode == 0, cancelled.stderr.decode()
     wait_for(lambda: sdk.batches.retrieve(batch.id).status == "cancelling", 30, "the API to see the cancel")
@@ -206,14 +204,8 @@ def test_a_batch_past_its_completion_window_expires(
     sdk: openai.OpenAI, api_settings: Settings, start_worker, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    start_worker(api_settings, GATED)
-    rows = [request_line("e-0", f"WAIT:{gate} Held first. Then more.")]
-    rows += [request_line(f"e-{i}", f"Request {i} first sentence. Second sentence.") for i in range(1, 8)]
-    uploaded = sdk.files.create(file=("expire.jsonl", jsonl(rows)), purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
+    batch, client, batch_id = _held_batch(sdk, api_settings, start_worker, gate, "e", window="1h")
     assert batch.expires_at - batch.created_at == 3600
-    client, batch_id = _underlying(api_settings, batch.id)
-    wait_for(lambda: client.status(batch_id).counts.get("running") == 4, 60, "the first chunk to be held running")
 
     with client.sessions.begin() as session:  # the hour has passed
         session.execute(
