@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.api_store import (
@@ -109,13 +110,14 @@ def native_object(record: ApiBatch, batch: Batch, totals: JobTotals) -> dict[str
 
 
 def native_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, Any]]:
-    totals = job_totals(session, [r.batch_id for r in records if r.batch_id])
-    out = []
-    for record in records:
-        batch = session.get(Batch, record.batch_id) if record.batch_id else None
-        if batch is not None:
-            out.append(native_object(record, batch, totals[batch.id]))
-    return out
+    ids = [r.batch_id for r in records if r.batch_id]
+    totals = job_totals(session, ids)
+    batches = {b.id: b for b in session.scalars(select(Batch).where(Batch.id.in_(ids)))} if ids else {}
+    return [
+        native_object(record, batches[record.batch_id], totals[record.batch_id])
+        for record in records
+        if record.batch_id in batches
+    ]
 
 
 def render(session: Session, record: ApiBatch) -> dict[str, Any]:
