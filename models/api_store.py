@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.db import rowcount
 from models.states import JobState
 from models.store import utcnow
 from models.tables import ApiBatch, ApiFile, ApiFileChunk, ApiKey, ApiRejection, Job, WebhookDelivery
@@ -92,7 +93,12 @@ def key_for_secret(session: Session, secret: str) -> ApiKey | None:
 def add_upload(session: Session, owner: str, filename: str, purpose: str, chunks: Iterable[bytes]) -> ApiFile:
     """Store an uploaded file piece by piece (each `chunks` item one row); returns it with its size."""
     file = ApiFile(
-        id=new_id("file-"), owner=owner, kind="upload", purpose=purpose, filename=filename, size=0,
+        id=new_id("file-"),
+        owner=owner,
+        kind="upload",
+        purpose=purpose,
+        filename=filename,
+        size=0,
         created_at=utcnow(),
     )
     session.add(file)
@@ -111,8 +117,14 @@ def add_upload(session: Session, owner: str, filename: str, purpose: str, chunks
 def add_generated_file(session: Session, owner: str, api_batch_id: str, kind: str, size: int) -> ApiFile:
     """Record a batch's output or error file (its lines are generated from the jobs when read)."""
     file = ApiFile(
-        id=new_id("file-"), owner=owner, kind=kind, purpose="batch_output",
-        filename=f"{api_batch_id}_{kind}.jsonl", size=size, api_batch_id=api_batch_id, created_at=utcnow(),
+        id=new_id("file-"),
+        owner=owner,
+        kind=kind,
+        purpose="batch_output",
+        filename=f"{api_batch_id}_{kind}.jsonl",
+        size=size,
+        api_batch_id=api_batch_id,
+        created_at=utcnow(),
     )
     session.add(file)
     session.flush()
@@ -168,7 +180,9 @@ def iter_upload_lines(sessions: sessionmaker[Session], file_id: str) -> Iterator
 # --- listing ------------------------------------------------------------------------------------
 
 
-def _page(session: Session, model: Any, query: Any, after: str | None, limit: int, owner: str) -> tuple[list[Any], bool] | None:
+def _page(
+    session: Session, model: Any, query: Any, after: str | None, limit: int, owner: str
+) -> tuple[list[Any], bool] | None:
     """Newest first, `limit` items after the item `after` (None: `after` names no item of `owner`)."""
     if after is not None:
         anchor = session.get(model, after) if _lookable(after) else None
@@ -213,12 +227,14 @@ def set_status(session: Session, api_batch_id: str, expected: Sequence[str], sta
         .values(status=status, **values),
         execution_options={"synchronize_session": False},
     )
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def active_api_batches(session: Session, statuses: Sequence[str]) -> list[str]:
     """Ids of records whose status is one of `statuses` (the background pass looks at each)."""
-    return list(session.scalars(select(ApiBatch.id).where(ApiBatch.status.in_(list(statuses))).order_by(ApiBatch.created_at)))
+    return list(
+        session.scalars(select(ApiBatch.id).where(ApiBatch.status.in_(list(statuses))).order_by(ApiBatch.created_at))
+    )
 
 
 def add_rejections(session: Session, api_batch_id: str, rows: Iterable[dict[str, Any]]) -> None:
@@ -280,31 +296,38 @@ def job_totals(session: Session, batch_ids: Sequence[str]) -> dict[str, JobTotal
     if not batch_ids:
         return totals
     for batch_id, state, n in session.execute(
-        select(Job.batch_id, Job.state, func.count()).where(Job.batch_id.in_(list(batch_ids))).group_by(Job.batch_id, Job.state)
+        select(Job.batch_id, Job.state, func.count())
+        .where(Job.batch_id.in_(list(batch_ids)))
+        .group_by(Job.batch_id, Job.state)
     ).all():
         totals[batch_id].by_state[state] = n
     for batch_id, prompt, output in session.execute(
-        select(Job.batch_id, func.coalesce(func.sum(Job.prompt_tokens), 0), func.coalesce(func.sum(Job.output_tokens), 0))
+        select(
+            Job.batch_id, func.coalesce(func.sum(Job.prompt_tokens), 0), func.coalesce(func.sum(Job.output_tokens), 0)
+        )
         .where(Job.batch_id.in_(list(batch_ids)), Job.state == JobState.SUCCEEDED.value)
         .group_by(Job.batch_id)
     ).all():
-        totals[batch_id].prompt_tokens = int(prompt)
-        totals[batch_id].output_tokens = int(output)
+        totals[batch_id].prompt_tokens = int(prompt or 0)
+        totals[batch_id].output_tokens = int(output or 0)
     return totals
 
 
 def live_running(session: Session, batch_id: str, now: datetime | None = None) -> int:
     """Running jobs of a batch whose worker still holds them (their lease has not run out)."""
     now = now or utcnow()
-    return session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.batch_id == batch_id,
-            Job.state == JobState.RUNNING.value,
-            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at > now),
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.batch_id == batch_id,
+                Job.state == JobState.RUNNING.value,
+                or_(Job.lease_expires_at.is_(None), Job.lease_expires_at > now),
+            )
         )
-    ) or 0
+        or 0
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,12 +345,21 @@ class JobLine:
     finished_at: datetime | None
 
 
-def iter_job_lines(session: Session, batch_id: str, states: Sequence[str] | None = None, page: int = 500) -> Iterator[JobLine]:
+def iter_job_lines(
+    session: Session, batch_id: str, states: Sequence[str] | None = None, page: int = 500
+) -> Iterator[JobLine]:
     """A batch's jobs (in `states`, or all) in submission order, `page` rows per query (bounded memory)."""
     last = 0
     columns = (
-        Job.id, Job.doc_id, Job.state, Job.summary, Job.error, Job.prompt_tokens, Job.output_tokens,
-        Job.request["max_new_tokens"].as_integer(), Job.finished_at,
+        Job.id,
+        Job.doc_id,
+        Job.state,
+        Job.summary,
+        Job.error,
+        Job.prompt_tokens,
+        Job.output_tokens,
+        Job.request["max_new_tokens"].as_integer(),
+        Job.finished_at,
     )
     while True:
         query = select(*columns).where(Job.batch_id == batch_id, Job.id > last)
@@ -344,11 +376,21 @@ def iter_job_lines(session: Session, batch_id: str, states: Sequence[str] | None
 # --- webhook deliveries -------------------------------------------------------------------------
 
 
-def add_delivery(session: Session, *, api_batch_id: str, owner: str, url: str, event: str, payload: str) -> WebhookDelivery:
+def add_delivery(
+    session: Session, *, api_batch_id: str, owner: str, url: str, event: str, payload: str
+) -> WebhookDelivery:
     now = utcnow()
     delivery = WebhookDelivery(
-        id=new_id("whd_"), api_batch_id=api_batch_id, owner=owner, url=url, event=event, payload=payload,
-        state="pending", attempts=0, next_attempt_at=now, created_at=now,
+        id=new_id("whd_"),
+        api_batch_id=api_batch_id,
+        owner=owner,
+        url=url,
+        event=event,
+        payload=payload,
+        state="pending",
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
     )
     session.add(delivery)
     session.flush()
@@ -374,19 +416,30 @@ def claim_delivery(session: Session, delivery_id: str, hold_seconds: float) -> W
     delivery pending, and it is tried again once the hold runs out (at least once).
     """
     now = utcnow()
-    won = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending", WebhookDelivery.next_attempt_at <= now)
-        .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=now + timedelta(seconds=hold_seconds)),
-        execution_options={"synchronize_session": False},
-    ).rowcount
+    won = rowcount(
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.id == delivery_id,
+                WebhookDelivery.state == "pending",
+                WebhookDelivery.next_attempt_at <= now,
+            )
+            .values(attempts=WebhookDelivery.attempts + 1, next_attempt_at=now + timedelta(seconds=hold_seconds)),
+            execution_options={"synchronize_session": False},
+        )
+    )
     if not won:
         return None
     return session.get(WebhookDelivery, delivery_id, populate_existing=True)
 
 
 def record_attempt(
-    session: Session, delivery_id: str, *, delivered: bool, status: int | None, error: str | None,
+    session: Session,
+    delivery_id: str,
+    *,
+    delivered: bool,
+    status: int | None,
+    error: str | None,
     retry_in: float | None,
 ) -> None:
     """After an attempt: delivered, pending again in `retry_in` seconds, or (retry_in None) failed for good."""
@@ -399,7 +452,9 @@ def record_attempt(
     else:
         values |= {"state": "failed"}
     session.execute(
-        update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending").values(**values),
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.state == "pending")
+        .values(**values),
         execution_options={"synchronize_session": False},
     )
 
@@ -407,6 +462,8 @@ def record_attempt(
 def deliveries_for(session: Session, api_batch_id: str) -> list[WebhookDelivery]:
     return list(
         session.scalars(
-            select(WebhookDelivery).where(WebhookDelivery.api_batch_id == api_batch_id).order_by(WebhookDelivery.created_at)
+            select(WebhookDelivery)
+            .where(WebhookDelivery.api_batch_id == api_batch_id)
+            .order_by(WebhookDelivery.created_at)
         )
     )

@@ -1,59 +1,56 @@
-"""Database engines, sessions and schema migrations (Alembic)."""
+"""The database: connection pools (SQLAlchemy engines, called `database` here), sessions, migrations."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.errors import DatabaseError
+from models.settings import hide_password
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL and a busy timeout so a reader never blocks a writer."""
+def open_database(url: str) -> Engine:
+    """A connection pool for `url`; SQLite gets WAL and a busy timeout so a reader never blocks a writer."""
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 30})
-            event.listen(engine, "connect", _sqlite_pragmas)
-            return engine
+            database = create_engine(url, connect_args={"timeout": 30})
+            event.listen(database, "connect", _sqlite_pragmas)
+            return database
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     except (ArgumentError, NoSuchModuleError) as error:
         raise DatabaseError(f"database URL {hide_password(url)!r} is not usable: {error}") from None
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: Any, _record: object) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (`Session.execute` types its result as a plain `Result`)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+def session_factory(database: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded attributes after commit (results outlive their transaction)."""
-    return sessionmaker(engine, expire_on_commit=False)
+    return sessionmaker(database, expire_on_commit=False)
 
 
-def hide_password(url: str) -> str:
-    """`url` with any password replaced by ***, for messages and logs."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
-
-
-def _alembic_config(engine: Engine) -> Config:
+def _alembic_config(database: Engine) -> Config:
     config = _script_config()
-    config.attributes["connection_engine"] = engine
+    config.attributes["connection_engine"] = database
     return config
 
 
@@ -70,37 +67,37 @@ def _script_config() -> Config:
     return config
 
 
-def current_revision(engine: Engine) -> str | None:
+def current_revision(database: Engine) -> str | None:
     """The migration the database is at, or None for an empty database."""
-    with _connect(engine) as connection:
+    with _connect(database) as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-def upgrade(engine: Engine) -> str:
+def upgrade(database: Engine) -> str:
     """Migrate the database to the newest revision; returns it."""
-    with _connect(engine):
+    with _connect(database):
         pass  # fail with a clear message before Alembic's own traceback
-    command.upgrade(_alembic_config(engine), "head")
+    command.upgrade(_alembic_config(database), "head")
     return head_revision()
 
 
-def ensure_schema(engine: Engine, *, migrate: bool) -> None:
+def ensure_schema(database: Engine, *, migrate: bool) -> None:
     """Make sure the schema is current: migrate it (`migrate`) or refuse with a clear message."""
-    current = current_revision(engine)
+    current = current_revision(database)
     if current == head_revision():
         return
     if migrate:
-        upgrade(engine)
+        upgrade(database)
         return
     raise DatabaseError(
-        f"database {hide_password(str(engine.url))} is at schema revision {current or 'none (empty)'}, "
+        f"database {hide_password(str(database.url))} is at schema revision {current or 'none (empty)'}, "
         f"this code needs {head_revision()}: run `sumfleet db upgrade`"
     )
 
 
-def _connect(engine: Engine):  # type: ignore[no-untyped-def]
+def _connect(database: Engine) -> Connection:
     try:
-        return engine.connect()
+        return database.connect()
     except OperationalError as error:
         reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-        raise DatabaseError(f"cannot reach database {hide_password(str(engine.url))}: {reason}") from None
+        raise DatabaseError(f"cannot reach database {hide_password(str(database.url))}: {reason}") from None

@@ -19,6 +19,7 @@ TOKEN_BUDGET_GPU = 262144  # the same on a GPU (KV cache of a small model; lower
 MIN_TOKEN_BUDGET = 256  # an out-of-memory error never shrinks the budget below this
 MAX_INPUT_TOKENS_CPU = 2048  # usable context on a CPU, below the model's own (prefill cost grows with it)
 MAX_INPUT_TOKENS_FALLBACK = 2048  # when the model's config gives no context length
+MIN_PROMPT_TOKENS = 16  # a row whose output leaves fewer positions than this for its prompt fails
 LONG_DOCUMENT_STRATEGIES = ("map-reduce", "truncate")  # map-reduce: summarize pieces, then their summaries
 PIECE_OVERLAP = 0.1  # share of a piece repeated from the end of the previous one (whole sentences)
 MAP_NEW_TOKENS = 128  # tokens generated per piece of a long document (its summary feeds the next level)

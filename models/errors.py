@@ -22,7 +22,7 @@ class InputError(SumfleetError):
     in one go rather than one per run.
     """
 
-    def __init__(self, message: str, problems: list["RowProblem"] | None = None) -> None:
+    def __init__(self, message: str, problems: list[RowProblem] | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
 
@@ -30,7 +30,7 @@ class InputError(SumfleetError):
 class RowProblem:
     """One bad row of an input: where it is and what is wrong with it."""
 
-    __slots__ = ("source", "line", "reason")
+    __slots__ = ("line", "reason", "source")
 
     def __init__(self, source: str, line: int | None, reason: str) -> None:
         self.source = source  # file path, `<stdin>`, or a path inside an input directory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -14,62 +16,125 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SUMFLEET_", extra="forbid")
 
-    database_url: str = Field(defaults.DEFAULT_DATABASE_URL, description="SQLAlchemy URL of the store")
-    broker_url: str = Field(defaults.DEFAULT_BROKER_URL, description="Celery broker URL (Redis)")
-    model: str = Field(defaults.DEFAULT_MODEL, description="model name, HF id or local directory")
-    prompt: str = Field(defaults.DEFAULT_PROMPT, description="prompt template name or text")
-    queue: str | None = Field(None, description="queue to use instead of the model's own")
-    chunk_size: int = Field(defaults.CHUNK_SIZE, ge=1, le=10_000, description="job ids per chunk")
+    database_url: str = Field(
+        defaults.DEFAULT_DATABASE_URL, description="SQLAlchemy URL of the store (SQLite, or postgresql+psycopg://...)"
+    )
+    broker_url: str = Field(defaults.DEFAULT_BROKER_URL, description="Redis URL carrying the chunk messages")
+    model: str = Field(
+        defaults.DEFAULT_MODEL,
+        description="smollm2 (bundled), lead or lead-N (extractive), a local directory or .gguf file, "
+        "a Hugging Face id in the local cache, or python:package.module:factory",
+    )
+    prompt: str = Field(
+        defaults.DEFAULT_PROMPT, description="prompt template name (`sumfleet prompts`) or text with {document}"
+    )
+    queue: str | None = Field(
+        None, description="queue to publish to / consume instead of the model's own (sumfleet.<model>)"
+    )
+    chunk_size: int = Field(
+        defaults.CHUNK_SIZE, ge=1, le=10_000, description="job ids per chunk message (one Celery task)"
+    )
     max_new_tokens: int = Field(
-        defaults.MAX_NEW_TOKENS, ge=1, le=defaults.MAX_NEW_TOKENS_LIMIT, description="tokens per summary"
+        defaults.MAX_NEW_TOKENS,
+        ge=1,
+        le=defaults.MAX_NEW_TOKENS_LIMIT,
+        description=f"tokens generated per summary (1-{defaults.MAX_NEW_TOKENS_LIMIT}); a batch's own value wins",
+    )
+    engine: str = Field(
+        "auto",
+        pattern="^(auto|transformers|lead)$",
+        description="what runs the model: transformers, lead (extractive), or auto (lead for lead models, "
+        "else transformers)",
     )
     max_batch_size: int | None = Field(
-        None, ge=1, le=4096, description="docs per generate() (default: 8 on CPU, 128 on GPU)"
+        None,
+        ge=1,
+        le=4096,
+        description=f"rows per generate() call at most (unset: {defaults.MAX_BATCH_SIZE_CPU} on CPU, "
+        f"{defaults.MAX_BATCH_SIZE_CPU_BF16} on CPU in bf16, {defaults.MAX_BATCH_SIZE_GPU} on GPU)",
     )
     token_budget: int | None = Field(
-        None, ge=64, description="padded tokens per generate() (default: per device, see defaults)"
+        None,
+        ge=64,
+        description=f"(longest prompt + max new tokens) x rows per generate() call (unset: {defaults.TOKEN_BUDGET_CPU} "
+        f"on CPU, {defaults.TOKEN_BUDGET_GPU} on GPU); halved for the rest of a chunk on out-of-memory",
     )
-    batching: str = Field("static", pattern="^(static|continuous)$", description="generation scheduler")
-    cache_dir: str | None = Field(None, description="where de-quantized GGUF checkpoints are cached")
-    cache_checkpoints: bool = Field(True, description="cache GGUF models as plain checkpoints")
+    batching: str = Field(
+        "static",
+        pattern="^(static|continuous)$",
+        description="static batches, or continuous (transformers' generate_batch)",
+    )
+    cache_dir: str | None = Field(
+        None, description="where GGUF models are cached as plain checkpoints (unset: ~/.cache/sumfleet/checkpoints)"
+    )
+    cache_checkpoints: bool = Field(True, description="cache de-quantized GGUF models as plain checkpoints")
     max_input_tokens: int | None = Field(
-        None, ge=64, description="usable context per prompt (default: the model's, capped at 2048 on CPU)"
+        None,
+        ge=64,
+        description=f"usable context per prompt (unset: the model's, less the output, at most "
+        f"{defaults.MAX_INPUT_TOKENS_CPU} on CPU)",
     )
     long_documents: str = Field(
-        "map-reduce", pattern="^(map-reduce|truncate)$", description="what to do with documents over the context"
+        "map-reduce",
+        pattern="^(map-reduce|truncate)$",
+        description="documents over the context: map-reduce (summarize pieces, then their summaries) or truncate",
     )
-    max_document_chars: int = Field(defaults.MAX_DOCUMENT_CHARS, ge=1, description="longest document")
-    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$", description="model dtype")
+    max_document_chars: int = Field(defaults.MAX_DOCUMENT_CHARS, ge=1, description="longer documents are bad rows")
+    dtype: str = Field(
+        "auto",
+        pattern="^(auto|float32|bfloat16|float16)$",
+        description="auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX-512 BF16, fp16 on older GPUs, else float32",
+    )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
-    allow_download: bool = Field(False, description="let transformers fetch models from the Hub")
-    task_time_limit: int = Field(defaults.TASK_TIME_LIMIT, ge=1, description="seconds per chunk")
-    visibility_timeout: int = Field(defaults.VISIBILITY_TIMEOUT, ge=1, description="Redis redelivery")
-    max_attempts: int = Field(defaults.MAX_ATTEMPTS, ge=1, le=100, description="tries before a job fails")
-    lease_grace: int = Field(defaults.LEASE_GRACE, ge=0, description="seconds a lease outlives the time limit")
+    threads: int | None = Field(None, ge=1, description="CPU threads per worker process (unset: torch's own)")
+    allow_download: bool = Field(False, description="let transformers download models from the Hub")
+    task_time_limit: int = Field(
+        defaults.TASK_TIME_LIMIT, ge=1, description="seconds a chunk may run before its worker process is killed"
+    )
+    visibility_timeout: int = Field(
+        defaults.VISIBILITY_TIMEOUT,
+        ge=1,
+        description="seconds before Redis redelivers an unacknowledged chunk; must exceed the task time limit",
+    )
+    max_attempts: int = Field(
+        defaults.MAX_ATTEMPTS, ge=1, le=100, description="a job whose worker died this many times ends failed"
+    )
+    lease_grace: int = Field(
+        defaults.LEASE_GRACE, ge=0, description="seconds a job's lease outlives the task time limit"
+    )
     sweep_interval: float = Field(defaults.SWEEP_INTERVAL, gt=0, description="seconds between sweeps")
     republish_after: float = Field(
-        defaults.REPUBLISH_AFTER, gt=0, description="seconds before unclaimed queued jobs are republished"
+        defaults.REPUBLISH_AFTER,
+        gt=0,
+        description="queued jobs of an empty queue published longer ago than this (seconds) are republished",
     )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's own)")
     api_max_upload_bytes: int = Field(
-        defaults.API_MAX_UPLOAD_BYTES, ge=1, description="largest HTTP request body (uploads, inline documents)"
+        defaults.API_MAX_UPLOAD_BYTES, ge=1, description="largest HTTP request body (upload or inline JSON); 413 above"
     )
-    api_max_documents: int = Field(defaults.API_MAX_DOCUMENTS, ge=1, description="documents or requests per HTTP batch")
+    api_max_documents: int = Field(
+        defaults.API_MAX_DOCUMENTS, ge=1, description="documents (native) or requests (OpenAI file) per HTTP batch"
+    )
     api_models: str | None = Field(
-        None, description="comma-separated models the HTTP API accepts (default: SUMFLEET_MODEL and lead)"
+        None, description="models the HTTP API accepts, comma-separated (unset: SUMFLEET_MODEL and lead)"
     )
     api_poll_interval: float = Field(
-        defaults.API_POLL_INTERVAL, gt=0, description="seconds between the API's finalize/expiry/webhook passes"
+        defaults.API_POLL_INTERVAL, gt=0, description="seconds between the API's passes (end batches, expire, deliver)"
     )
-    api_webhook_attempts: int = Field(defaults.WEBHOOK_ATTEMPTS, ge=1, le=100, description="tries per webhook")
-    api_webhook_backoff: float = Field(defaults.WEBHOOK_BACKOFF, gt=0, description="seconds before the first retry")
+    api_webhook_attempts: int = Field(
+        defaults.WEBHOOK_ATTEMPTS, ge=1, le=100, description="tries per webhook before it is given up"
+    )
+    api_webhook_backoff: float = Field(
+        defaults.WEBHOOK_BACKOFF, gt=0, description="seconds before the first webhook retry, doubled each time"
+    )
     api_webhook_private: bool = Field(
-        False, description="allow webhooks to loopback, private and link-local addresses"
+        False, description="allow callback URLs on loopback, private and link-local addresses"
     )
-    api_webhook_timeout: float = Field(defaults.WEBHOOK_TIMEOUT, gt=0, description="seconds per webhook attempt")
+    api_webhook_timeout: float = Field(
+        defaults.WEBHOOK_TIMEOUT, gt=0, description="seconds a webhook receiver has to answer"
+    )
 
     @model_validator(mode="after")
-    def _timeouts(self) -> "Settings":
+    def _timeouts(self) -> Settings:
         if self.visibility_timeout <= self.task_time_limit:
             raise ValueError(
                 f"visibility_timeout ({self.visibility_timeout}s) must exceed task_time_limit "
@@ -90,3 +155,32 @@ def load_settings(**overrides: object) -> Settings:
             env = f"SUMFLEET_{field.upper()}" if field != "settings" else "settings"
             lines.append(f"{env}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(lines)) from None
+
+
+def hide_password(url: str) -> str:
+    """`url` with its password replaced by ***, for messages and logs (database and broker URLs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def settings_help() -> str:
+    """Every setting as `SUMFLEET_NAME  description (default: ...)`, one per line, for `--help`."""
+    lines = ["configuration (flags win over environment variables):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else f" (default: {_shown(default)})"
+        lines.append(f"  SUMFLEET_{name.upper():<22} {field.description}{shown}")
+    return "\n".join(lines) + "\n"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

@@ -7,26 +7,31 @@ chunk delivered twice can never write a second result.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
+from models.db import rowcount
 from models.errors import BatchNotFoundError, InvalidTransition
-from models.states import UNFINISHED_JOB_STATES, BatchState, JobState, batch_sources_for, sources_for
+from models.states import UNFINISHED_JOB_STATES, BatchState, JobState, batch_sources_for, moves
 from models.tables import Batch, Job
+
+# an outcome moves a running job to succeeded or failed (one value: finish_jobs runs as executemany)
+(_FINISHED_FROM,) = set(moves(JobState.SUCCEEDED, JobState.RUNNING)) & set(moves(JobState.FAILED, JobState.RUNNING))
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(moment: datetime) -> datetime:
     """`moment` as an aware UTC datetime (SQLite hands back naive ones)."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def new_batch_id() -> str:
@@ -72,7 +77,6 @@ class BatchCounts:
 
     def __getitem__(self, state: JobState) -> int:
         return self.by_state.get(state.value, 0)
-
 
 
 def create_batch(
@@ -133,7 +137,9 @@ def add_jobs(session: Session, batch: Batch, rows: Iterable[dict[str, Any]], ins
     return count
 
 
-def _iter_id_chunks(sessions: sessionmaker[Session], batch_id: str, size: int, condition) -> Iterator[list[int]]:  # type: ignore[no-untyped-def]
+def _iter_id_chunks(
+    sessions: sessionmaker[Session], batch_id: str, size: int, condition: Callable[[], ColumnElement[bool]]
+) -> Iterator[list[int]]:
     """Ids of a batch's jobs matching `condition()` (rebuilt per page), in id order, `size` at a time."""
     last = 0
     while True:
@@ -156,7 +162,7 @@ def iter_job_id_chunks(
     """Ids of a batch's jobs in `states` (`expired_only`: whose lease ran out), `size` at a time."""
     wanted = [s.value for s in states]
 
-    def condition():  # type: ignore[no-untyped-def]
+    def condition() -> ColumnElement[bool]:
         matches = Job.state.in_(wanted)
         return and_(matches, Job.lease_expires_at < utcnow()) if expired_only else matches
 
@@ -178,38 +184,39 @@ def list_batches(session: Session, limit: int = 50) -> list[Batch]:
 
 def count_jobs(session: Session, batch_id: str) -> BatchCounts:
     """Jobs of a batch per state, in one query."""
-    rows = session.execute(
-        select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state)
-    ).all()
+    rows = session.execute(select(Job.state, func.count()).where(Job.batch_id == batch_id).group_by(Job.state)).all()
     return BatchCounts({state: n for state, n in rows})
 
 
-def _claimable(now: datetime, worker: str | None = None):  # type: ignore[no-untyped-def]
+def _claimable(now: datetime, worker: str | None = None) -> ColumnElement[bool]:
     """Queued jobs, running jobs whose lease ran out (the worker died or hung), and `worker`'s own."""
-    running = Job.lease_expires_at < now if worker is None else or_(Job.lease_expires_at < now, Job.worker == worker)
-    return or_(Job.state == JobState.QUEUED.value, and_(Job.state == JobState.RUNNING.value, running))
+    queued, running = moves(JobState.RUNNING, JobState.QUEUED, JobState.RUNNING)
+    taken_over = Job.lease_expires_at < now if worker is None else or_(Job.lease_expires_at < now, Job.worker == worker)
+    return or_(Job.state == queued, and_(Job.state == running, taken_over))
 
 
 def give_up_exhausted(session: Session, job_ids: Sequence[int], max_attempts: int) -> int:
     """Fail the jobs among `job_ids` that lost their worker `max_attempts` times already."""
     now = utcnow()
-    return session.execute(
-        update(Job)
-        .where(
-            Job.id.in_(list(job_ids)),
-            Job.state == JobState.RUNNING.value,
-            Job.lease_expires_at < now,
-            Job.attempts >= max_attempts,
+    return rowcount(
+        session.execute(
+            update(Job)
+            .where(
+                Job.id.in_(list(job_ids)),
+                Job.state.in_(moves(JobState.FAILED, JobState.RUNNING)),
+                Job.lease_expires_at < now,
+                Job.attempts >= max_attempts,
+            )
+            .values(
+                state=JobState.FAILED.value,
+                error=f"gave up after {max_attempts} attempts: the worker process died or ran out of time "
+                "on this document each time",
+                finished_at=now,
+                lease_expires_at=None,
+            ),
+            execution_options={"synchronize_session": False},
         )
-        .values(
-            state=JobState.FAILED.value,
-            error=f"gave up after {max_attempts} attempts: the worker process died or ran out of time "
-            "on this document each time",
-            finished_at=now,
-            lease_expires_at=None,
-        ),
-        execution_options={"synchronize_session": False},
-    ).rowcount
+    )
 
 
 def claim_jobs(session: Session, job_ids: Sequence[int], worker: str, lease_seconds: float = 3600) -> list[ClaimedJob]:
@@ -250,7 +257,7 @@ def release_jobs(session: Session, job_ids: Sequence[int], worker: str) -> list[
     """Give back jobs `worker` claimed but did not start (a graceful stop): queued again, attempt undone."""
     rows = session.execute(
         update(Job)
-        .where(Job.id.in_(list(job_ids)), Job.worker == worker, Job.state == JobState.RUNNING.value)
+        .where(Job.id.in_(list(job_ids)), Job.worker == worker, Job.state.in_(moves(JobState.QUEUED, JobState.RUNNING)))
         .values(state=JobState.QUEUED.value, attempts=Job.attempts - 1, lease_expires_at=None, started_at=None)
         .returning(Job.id),
         execution_options={"synchronize_session": False},
@@ -279,11 +286,14 @@ def unfinished_batches(session: Session) -> list[tuple[str, str, datetime | None
 
 def count_expired(session: Session, batch_id: str) -> int:
     """Running jobs of a batch whose lease ran out."""
-    return session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.batch_id == batch_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow())
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.batch_id == batch_id, Job.state == JobState.RUNNING.value, Job.lease_expires_at < utcnow())
+        )
+        or 0
+    )
 
 
 def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -> int:
@@ -295,7 +305,7 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
         update(Job)
         .where(
             Job.id == bindparam("b_id"),
-            Job.state == JobState.RUNNING.value,
+            Job.state == _FINISHED_FROM,
             Job.worker == bindparam("b_worker"),
         )
         .values(
@@ -387,12 +397,14 @@ def cancel_batch(session: Session, batch_id: str) -> tuple[int, int]:
     if BatchState(batch.state) not in batch_sources_for(BatchState.CANCELLED):
         raise InvalidTransition(f"batch {batch_id} has already ended ({batch.state}); nothing to cancel")
     now = utcnow()
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.state == JobState.QUEUED.value)
-        .values(state=JobState.CANCELLED.value, finished_at=now),
-        execution_options={"synchronize_session": False},
-    ).rowcount
+    cancelled = rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.state.in_(moves(JobState.CANCELLED, JobState.QUEUED)))
+            .values(state=JobState.CANCELLED.value, finished_at=now),
+            execution_options={"synchronize_session": False},
+        )
+    )
     session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.state.in_([s.value for s in batch_sources_for(BatchState.CANCELLED)]))

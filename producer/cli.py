@@ -9,38 +9,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models import defaults
 from models.errors import InputError, SumfleetError
-from models.settings import Settings, load_settings
+from models.settings import Settings, hide_password, load_settings, settings_help
 
-ENV_HELP = """\
-configuration (flags win over environment variables):
-  SUMFLEET_DATABASE_URL    SQLAlchemy URL of the store      (default: sqlite:///sumfleet.db)
-  SUMFLEET_BROKER_URL      Redis URL carrying chunk messages (default: redis://localhost:6379/0)
-  SUMFLEET_MODEL           model: smollm2 (bundled), lead, lead-N, a local directory or .gguf, an HF id
-  SUMFLEET_PROMPT          prompt template name or text with {document} (default: one-sentence)
-  SUMFLEET_CHUNK_SIZE      job ids per chunk message (default: 32)
-  SUMFLEET_MAX_NEW_TOKENS  tokens generated per summary (default: 64)
-  SUMFLEET_MAX_BATCH_SIZE  documents per generate() call at most (default: 8 on CPU, 16 in bf16, 128 on GPU)
-  SUMFLEET_TOKEN_BUDGET    padded tokens per generate() call (default: 16384 on CPU, 262144 on GPU)
-  SUMFLEET_BATCHING        static (default; measured faster on CPU) or continuous
-  SUMFLEET_THREADS         torch CPU threads per worker process (default: torch's own)
-  SUMFLEET_MAX_INPUT_TOKENS  usable context per prompt (default: the model's, at most 2048 on CPU)
-  SUMFLEET_LONG_DOCUMENTS  map-reduce (default) or truncate, for documents over that context
-  SUMFLEET_DTYPE           auto, float32, bfloat16, float16 (default: auto)
-  SUMFLEET_DEVICE          auto, cpu, cuda, cuda:N (default: auto)
-  SUMFLEET_QUEUE           queue name instead of the model's own (sumfleet.<model>)
-  SUMFLEET_ALLOW_DOWNLOAD  1 lets transformers download models from the Hub (default: off)
-  SUMFLEET_TASK_TIME_LIMIT, SUMFLEET_VISIBILITY_TIMEOUT   seconds (1800, 3600; the second must be larger)
-  SUMFLEET_MAX_ATTEMPTS    a job whose worker died this many times ends failed (default: 3)
-  SUMFLEET_SWEEP_INTERVAL, SUMFLEET_REPUBLISH_AFTER, SUMFLEET_LEASE_GRACE   sweeper timing (30, 120, 60 s)
-  SUMFLEET_CACHE_DIR       cache of de-quantized GGUF checkpoints (default: ~/.cache/sumfleet/checkpoints)
-  SUMFLEET_API_MAX_UPLOAD_BYTES, SUMFLEET_API_MAX_DOCUMENTS   HTTP API limits (100 MiB, 50000 per batch)
-  SUMFLEET_API_MODELS      models the HTTP API accepts, comma-separated (default: SUMFLEET_MODEL and lead)
-  SUMFLEET_API_WEBHOOK_ATTEMPTS, _BACKOFF, _TIMEOUT   webhook retries (12 tries, 2 s doubling, 10 s each)
-"""
+if TYPE_CHECKING:
+    from producer.client import Client
+
+ENV_HELP = settings_help()  # every SUMFLEET_* setting, from the one settings object
 
 
 def _connection_flags(parser: argparse.ArgumentParser, broker: bool = False) -> None:
@@ -51,14 +29,10 @@ def _connection_flags(parser: argparse.ArgumentParser, broker: bool = False) -> 
 
 def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name (env SUMFLEET_MODEL; default smollm2, the bundled model)")
-    parser.add_argument(
-        "--prompt", help="template name (see `sumfleet prompts`) or text containing {document}"
-    )
+    parser.add_argument("--prompt", help="template name (see `sumfleet prompts`) or text containing {document}")
     parser.add_argument("--prompt-file", help="read the prompt template from this file")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per summary (default 64)")
-    parser.add_argument(
-        "--language", help="prompt variant: auto (per document, the default) or en, zh, ja, ko"
-    )
+    parser.add_argument("--language", help="prompt variant: auto (per document, the default) or en, zh, ja, ko")
     parser.add_argument("--max-words", type=int, help="fills {max_words} in templates (default 50)")
     parser.add_argument(
         "--long-documents",
@@ -70,7 +44,12 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="JSONL or CSV file, a directory of .txt/.md files, or - for stdin")
-    parser.add_argument("--format", dest="input_format", choices=["jsonl", "csv", "tsv", "dir"], help="input format (default: from the extension)")
+    parser.add_argument(
+        "--format",
+        dest="input_format",
+        choices=["jsonl", "csv", "tsv", "dir"],
+        help="input format (default: from the extension)",
+    )
     parser.add_argument("--text-field", help="JSON key or CSV column with the text (default: text, document)")
     parser.add_argument("--id-field", default="id", help="JSON key or CSV column with the id (default: id)")
     parser.add_argument(
@@ -92,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(
-            name, help=help_text, description=help_text, epilog=ENV_HELP,
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=ENV_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
@@ -139,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("batch", help="batch id")
     _connection_flags(cancel)
 
-    requeue = command(
-        "requeue", "publish queued jobs (and those of dead workers) again, after the broker lost them"
-    )
+    requeue = command("requeue", "publish queued jobs (and those of dead workers) again, after the broker lost them")
     requeue.add_argument("batch", nargs="?", help="batch id (default: every unfinished batch)")
     _connection_flags(requeue, broker=True)
 
@@ -149,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     database.add_argument("action", choices=["upgrade", "revision"], help="upgrade: migrate to the newest schema")
     _connection_flags(database)
 
-    evaluation = command(
-        "eval", "ROUGE of a batch's summaries against references, beside the Lead-3 baseline"
-    )
+    evaluation = command("eval", "ROUGE of a batch's summaries against references, beside the Lead-3 baseline")
     evaluation.add_argument("batch", nargs="?", help="a batch whose input rows carry reference summaries")
     evaluation.add_argument("--results", help="a results file (JSONL/CSV) instead of a batch")
     evaluation.add_argument("--references", help="the corpus with references, for --results")
@@ -166,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     api = command("api", "serve the HTTP API (OpenAI Batch API compatible) over this database and broker")
     api.add_argument("--host", default=defaults.API_HOST, help=f"address to listen on (default {defaults.API_HOST})")
     api.add_argument("--port", type=int, default=defaults.API_PORT, help=f"port (default {defaults.API_PORT})")
-    api.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                     help="uvicorn log level (default info)")
+    api.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default info)",
+    )
     _connection_flags(api, broker=True)
 
     keys = command("keys", "API keys of the HTTP API: create (the secret is shown once), list, revoke")
@@ -245,27 +227,32 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from producer.embedded import run_embedded
+    from worker.local import run_batch_here  # the CLI is where producer and worker meet
 
     settings = _settings(args)
-    return run_embedded(settings, args.input, args.output, progress=not args.no_progress, **_submit_options(args))
+    options = _submit_options(args)
+    return run_embedded(settings, args.input, args.output, run_batch_here, progress=not args.no_progress, **options)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.engines.loading import canonical_model, queue_for, resolve_model
+    from models.broker import queue_for
+    from models.model_names import canonical_model, resolve_model
 
     settings = _settings(args)
     model = canonical_model(settings.model)
     resolve_model(model, settings)  # refuse an unknown model here, not in a crash-looping child
-    from models.db import ensure_schema, make_engine
+    from models.db import ensure_schema, open_database
 
-    database = make_engine(settings.database_url)
+    database = open_database(settings.database_url)
     ensure_schema(database, migrate=False)  # likewise an unreachable or unmigrated database
     database.dispose()
     from worker.app import create_worker_app
 
     app = create_worker_app(settings, model)
     queue = settings.queue or queue_for(model)
-    print(f"sumfleet worker: model {model}, queue {queue}, broker {_safe(settings.broker_url)}", file=sys.stderr)
+    print(
+        f"sumfleet worker: model {model}, queue {queue}, broker {hide_password(settings.broker_url)}", file=sys.stderr
+    )
     app.worker_main(
         [
             "worker",
@@ -279,12 +266,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ]
     )
     return 0
-
-
-def _safe(url: str) -> str:
-    from kombu.utils.url import maybe_sanitize_url
-
-    return maybe_sanitize_url(url)
 
 
 def _format_seconds(seconds: float | None) -> str:
@@ -308,7 +289,7 @@ def _status_text(status: Any) -> str:
     )
 
 
-def _reader(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _reader(args: argparse.Namespace) -> Client:
     """A client for reading commands: they create the schema only on a SQLite file (embedded use)."""
     from producer.client import Client
 
@@ -380,9 +361,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from models.db import current_revision, make_engine, upgrade
+    from models.db import current_revision, open_database, upgrade
 
-    engine = make_engine(_settings(args).database_url)
+    engine = open_database(_settings(args).database_url)
     if args.action == "upgrade":
         print(f"database at revision {upgrade(engine)}", file=sys.stderr)
     else:
@@ -412,7 +393,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise InputError("give a batch id, or --results and --references")
     report = evaluate(
-        pairs, group_field=args.group_field, with_lead=not args.no_lead, language=args.language,
+        pairs,
+        group_field=args.group_field,
+        with_lead=not args.no_lead,
+        language=args.language,
         bootstrap=args.bootstrap,
     )
     print(json.dumps(report.as_dict(), ensure_ascii=False) if args.json else report.table())
@@ -420,7 +404,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from worker.prompts import TEMPLATES, resolve_prompt
+    from models.prompts import TEMPLATES, resolve_prompt
 
     if args.action == "show":
         if not args.name:
@@ -451,11 +435,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
     client.ensure_schema()
     if args.action == "create":
         with client.sessions.begin() as session:
-            key = create_key(session, args.name)
+            new = create_key(session, args.name)
         if args.json:
-            print(json.dumps({"id": key.id, "name": key.name, "api_key": key.secret, "webhook_secret": key.webhook_secret}))
+            print(
+                json.dumps(
+                    {"id": new.id, "name": new.name, "api_key": new.secret, "webhook_secret": new.webhook_secret}
+                )
+            )
         else:
-            print(f"key id:         {key.id}\napi key:        {key.secret}\nwebhook secret: {key.webhook_secret}")
+            print(f"key id:         {new.id}\napi key:        {new.secret}\nwebhook secret: {new.webhook_secret}")
             print("the api key and webhook secret are shown only now; store them safely", file=sys.stderr)
         return 0
     if args.action == "revoke":
@@ -470,8 +458,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     with client.sessions() as session:
         listed = list_keys(session)
     for key in listed:
-        row = {"id": key.id, "name": key.name, "prefix": key.secret_prefix, "created_at": key.created_at.isoformat(),
-               "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+        row = {
+            "id": key.id,
+            "name": key.name,
+            "prefix": key.secret_prefix,
+            "created_at": key.created_at.isoformat(),
+            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+        }
         if args.json:
             print(json.dumps(row))
         else:

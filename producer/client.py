@@ -1,10 +1,10 @@
 """The Python API: submit documents, follow batches, read results.
 
-    from producer import Client
-    client = Client()                       # settings from SUMFLEET_* env
-    sub = client.submit_file("corpus.jsonl", prompt="headline")
-    client.wait(sub.batch_id)
-    for row in client.results(sub.batch_id): ...
+from producer import Client
+client = Client()                       # settings from SUMFLEET_* env
+sub = client.submit_file("corpus.jsonl", prompt="headline")
+client.wait(sub.batch_id)
+for row in client.results(sub.batch_id): ...
 """
 
 from __future__ import annotations
@@ -12,22 +12,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
+from celery import Celery
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
-from models.db import ensure_schema, hide_password, make_engine, session_factory
+from models.broker import check_broker, create_app, publish_batch, queue_for
+from models.db import ensure_schema, hide_password, open_database, session_factory
 from models.errors import DatabaseError, InputError, RowProblem
+from models.model_names import canonical_model, resolve_model
+from models.prompts import check_language, resolve_prompt
 from models.settings import Settings, load_settings
 from models.states import BatchState
 from models.store import add_jobs, as_utc, cancel_batch, count_jobs, create_batch, get_batch, iter_results, list_batches
 from models.tables import Batch, Job
-from producer.inputs import Document, read_documents
-from worker.engines.loading import canonical_model, queue_for, resolve_model
-from worker.prompts import check_language, resolve_prompt
+from producer.inputs import Document, python_documents, read_documents
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,22 @@ class BatchStatus:
     started_at: datetime | None
     finished_at: datetime | None
 
+    @classmethod
+    def of(cls, batch: Batch, counts: dict[str, int]) -> BatchStatus:
+        """The status of `batch` with its job counts per state."""
+        return cls(
+            id=batch.id,
+            state=batch.state,
+            model=batch.model,
+            prompt=batch.prompt_name,
+            source=batch.source,
+            total=batch.total,
+            counts=counts,
+            created_at=batch.created_at,
+            started_at=batch.started_at,
+            finished_at=batch.finished_at,
+        )
+
     @property
     def finished(self) -> int:
         return sum(self.counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
@@ -68,7 +86,7 @@ class BatchStatus:
         """Seconds from the first job starting to the end (or to now)."""
         if self.started_at is None:
             return None
-        end = self.finished_at or datetime.now(timezone.utc)
+        end = self.finished_at or datetime.now(UTC)
         return max((as_utc(end) - as_utc(self.started_at)).total_seconds(), 1e-9)
 
     @property
@@ -120,8 +138,21 @@ def result_row(job: Job) -> dict[str, Any]:
 
 
 RESULT_FIELDS = (  # the columns of result_row, in order (CSV header)
-    "id", "summary", "status", "error", "prompt_variant", "prompt_tokens", "output_tokens", "generation_seconds",
-    "pieces", "levels", "attempts", "worker", "queued_at", "started_at", "finished_at",
+    "id",
+    "summary",
+    "status",
+    "error",
+    "prompt_variant",
+    "prompt_tokens",
+    "output_tokens",
+    "generation_seconds",
+    "pieces",
+    "levels",
+    "attempts",
+    "worker",
+    "queued_at",
+    "started_at",
+    "finished_at",
 )
 
 
@@ -130,24 +161,23 @@ class Client:
 
     def __init__(self, settings: Settings | None = None, *, migrate: bool = True) -> None:
         self.settings = settings or load_settings()
-        self.engine = make_engine(self.settings.database_url)
+        self.database = open_database(self.settings.database_url)
         self._migrate = migrate
         self._schema_checked = False
-        self.sessions: sessionmaker[Session] = session_factory(self.engine)
-        self._app = None
+        self.sessions: sessionmaker[Session] = session_factory(self.database)
+        self._app: Celery | None = None
 
     # -- setup -----------------------------------------------------------------------------
 
     def ensure_schema(self) -> None:
         if not self._schema_checked:
-            ensure_schema(self.engine, migrate=self._migrate)
+            ensure_schema(self.database, migrate=self._migrate)
             self._schema_checked = True
 
     @property
-    def app(self):  # type: ignore[no-untyped-def]
+    def app(self) -> Celery:
+        """The Celery app this client publishes with (made on first use)."""
         if self._app is None:
-            from worker.app import create_app
-
             self._app = create_app(self.settings)
         return self._app
 
@@ -174,7 +204,9 @@ class Client:
             id_field=id_field,
             max_chars=self.settings.max_document_chars,
         )
-        return self._submit(documents, problems, source=path, skip_bad_rows=skip_bad_rows, publish=publish, **options)
+        return self.submit_documents(
+            documents, problems, source=path, skip_bad_rows=skip_bad_rows, publish=publish, **options
+        )
 
     def submit(
         self,
@@ -186,8 +218,8 @@ class Client:
     ) -> Submission:
         """Submit documents given as strings or mappings with `text` (or `document`) and optional `id`."""
         problems: list[RowProblem] = []
-        return self._submit(
-            _python_documents(documents, problems, self.settings.max_document_chars),
+        return self.submit_documents(
+            python_documents(documents, problems, self.settings.max_document_chars),
             problems,
             source="<python>",
             skip_bad_rows=skip_bad_rows,
@@ -195,7 +227,7 @@ class Client:
             **options,
         )
 
-    def _submit(
+    def submit_documents(
         self,
         documents: Iterable[Document],
         problems: list[RowProblem],
@@ -212,8 +244,15 @@ class Client:
         long_documents: str | None = None,
         before_commit: Callable[[Session, Batch], None] | None = None,
     ) -> Submission:
+        """Submit already-read documents as one batch; the other submit methods end here.
+
+        `problems` holds the bad rows found while reading (the reader appends as it goes):
+        they refuse the whole submission unless `skip_bad_rows`. Everything is one
+        transaction; `before_commit(session, batch)` may add rows of its own to it (the HTTP
+        API records the batch's owner). Messages are published only after the commit.
+        """
         model = canonical_model(model or self.settings.model)
-        resolve_model(model, self.settings)
+        resolve_model(model, self.settings, need_files=False)
         resolved = resolve_prompt(prompt or self.settings.prompt)
         language = check_language(language or "auto")
         if max_words is not None and not 1 <= max_words <= 10_000:
@@ -221,14 +260,13 @@ class Client:
         long_documents = long_documents or self.settings.long_documents
         if long_documents not in defaults.LONG_DOCUMENT_STRATEGIES:
             raise InputError(
-                f"--long-documents must be one of {', '.join(defaults.LONG_DOCUMENT_STRATEGIES)}, got {long_documents!r}"
+                f"--long-documents must be one of {', '.join(defaults.LONG_DOCUMENT_STRATEGIES)}, "
+                f"got {long_documents!r}"
             )
         max_new = max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens
         if not 1 <= max_new <= defaults.MAX_NEW_TOKENS_LIMIT:
             raise InputError(f"--max-new-tokens must be between 1 and {defaults.MAX_NEW_TOKENS_LIMIT}, got {max_new}")
         if publish:
-            from producer.publish import check_broker
-
             check_broker(self.app)  # before anything is written: a refused submission leaves nothing
         self.ensure_schema()
         try:
@@ -253,7 +291,10 @@ class Client:
                 if problems and not skip_bad_rows:
                     raise InputError(_problem_summary(source, problems), problems)
                 if accepted == 0:
-                    raise InputError(f"{source}: no usable documents" + (f" ({len(problems)} bad rows)" if problems else ""), problems)
+                    raise InputError(
+                        f"{source}: no usable documents" + (f" ({len(problems)} bad rows)" if problems else ""),
+                        problems,
+                    )
                 if before_commit is not None:  # the HTTP API records the batch's owner in the same transaction
                     before_commit(session, batch)
                 batch_id = batch.id
@@ -264,8 +305,6 @@ class Client:
 
     def publish(self, batch_id: str) -> int:
         """(Re)publish the batch's queued jobs as chunk messages; returns the number of chunks."""
-        from producer.publish import publish_batch
-
         return publish_batch(self.app, self.sessions, batch_id, self.settings.chunk_size)
 
     # -- reading ---------------------------------------------------------------------------
@@ -273,12 +312,12 @@ class Client:
     def status(self, batch_id: str) -> BatchStatus:
         self.ensure_schema()
         with self.sessions() as session:
-            return _status(get_batch(session, batch_id), count_jobs(session, batch_id).by_state)
+            return BatchStatus.of(get_batch(session, batch_id), count_jobs(session, batch_id).by_state)
 
     def batches(self, limit: int = 50) -> list[BatchStatus]:
         self.ensure_schema()
         with self.sessions() as session:
-            return [_status(b, count_jobs(session, b.id).by_state) for b in list_batches(session, limit)]
+            return [BatchStatus.of(b, count_jobs(session, b.id).by_state) for b in list_batches(session, limit)]
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """Result rows in submission order, streamed from the database."""
@@ -288,18 +327,23 @@ class Client:
             for job in iter_results(session, batch_id):
                 yield result_row(job)
 
-    def references(self, batch_id: str, reference_field: str, group_field: str | None) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    def references(
+        self, batch_id: str, reference_field: str, group_field: str | None
+    ) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(result row, {reference, document, group}) per job, the references from the input's own fields."""
         self.ensure_schema()
         with self.sessions() as session:
             get_batch(session, batch_id)
             for job in iter_results(session, batch_id, with_text=True):
                 meta = job.meta or {}
-                yield result_row(job), {
-                    "reference": meta.get(reference_field),
-                    "document": job.text,
-                    "group": meta.get(group_field) if group_field else None,
-                }
+                yield (
+                    result_row(job),
+                    {
+                        "reference": meta.get(reference_field),
+                        "document": job.text,
+                        "group": meta.get(group_field) if group_field else None,
+                    },
+                )
 
     def cancel(self, batch_id: str) -> tuple[int, int]:
         """Stop a batch: queued jobs are cancelled, running ones finish; returns (cancelled, running)."""
@@ -317,7 +361,7 @@ class Client:
             time.sleep(poll)
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.database.dispose()
 
 
 def submit(documents: Iterable[str | Mapping[str, Any]], **options: Any) -> Submission:
@@ -329,63 +373,12 @@ def submit(documents: Iterable[str | Mapping[str, Any]], **options: Any) -> Subm
         client.close()
 
 
-def _python_documents(
-    documents: Iterable[str | Mapping[str, Any]], problems: list[RowProblem], max_chars: int
-) -> Iterator[Document]:
-    seen: dict[str, int] = {}
-    for number, item in enumerate(documents, start=1):
-        def bad(reason: str) -> None:
-            problems.append(RowProblem("<python>", number, reason))
-
-        if isinstance(item, str):
-            text, doc_id, meta = item, str(number), {}
-        elif isinstance(item, Mapping):
-            key = "text" if "text" in item else "document"
-            text = item.get(key)
-            raw_id = item.get("id", number)
-            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-                bad(f'field "id" must be a string or integer, got {type(raw_id).__name__}')
-                continue
-            doc_id = str(raw_id)
-            meta = {k: v for k, v in item.items() if k not in (key, "id")}
-            if not isinstance(text, str):
-                bad(f'missing text: no "text" or "document" string' if text is None else f'field "{key}" must be a string, got {type(text).__name__}')
-                continue
-        else:
-            bad(f"expected a string or a mapping, got {type(item).__name__}")
-            continue
-        if not text.strip():
-            bad("the text is empty")
-        elif len(text) > max_chars:
-            bad(f"document is {len(text):,} characters; the limit is {max_chars:,}")
-        elif doc_id in seen:
-            bad(f'duplicate id "{doc_id}" (first seen at item {seen[doc_id]})')
-        else:
-            seen[doc_id] = number
-            yield Document(id=doc_id, text=text, source="<python>", line=number, meta=meta)
-
-
 def _problem_summary(source: str, problems: list[RowProblem], shown: int = 20) -> str:
     lines = [f"{source}: {len(problems)} bad row(s); nothing was submitted (use --skip-bad-rows to skip them)"]
     lines += [f"  {p}" for p in problems[:shown]]
     if len(problems) > shown:
         lines.append(f"  ... and {len(problems) - shown} more")
     return "\n".join(lines)
-
-
-def _status(batch: Batch, counts: dict[str, int]) -> BatchStatus:
-    return BatchStatus(
-        id=batch.id,
-        state=batch.state,
-        model=batch.model,
-        prompt=batch.prompt_name,
-        source=batch.source,
-        total=batch.total,
-        counts=counts,
-        created_at=batch.created_at,
-        started_at=batch.started_at,
-        finished_at=batch.finished_at,
-    )
 
 
 def _iso(moment: datetime | None) -> str | None:

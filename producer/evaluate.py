@@ -29,27 +29,17 @@ from typing import Any
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
 
+from models import defaults
 from models.errors import ConfigError, InputError, RowProblem
+from models.text import is_cjk_text, lead
 from producer.inputs import read_documents
-from worker.engines.lead import lead
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 LANGUAGES = ("auto", "en", "zh")
-LEAD_SENTENCES = 3
 SHOWN = 5  # ids or rows named in one error message before "and N more"
 _LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 _KINDS = {dict: "object", list: "list", str: "string", int: "number", float: "number"}
 _KINDS |= {bool: "boolean", type(None): "null"}
-# Han (with extension A, compatibility ideographs, the supplementary planes) and Japanese kana.
-_CJK_RANGES = (
-    (0x3040, 0x30FF),  # hiragana, katakana
-    (0x31F0, 0x31FF),  # katakana phonetic extensions
-    (0x3400, 0x4DBF),  # CJK unified ideographs extension A
-    (0x4E00, 0x9FFF),  # CJK unified ideographs
-    (0xF900, 0xFAFF),  # CJK compatibility ideographs
-    (0x20000, 0x3134F),  # extensions B-G, compatibility supplement
-)
-CJK_SHARE = 0.2  # a text is CJK when this share of its letters and digits are CJK characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +111,7 @@ class EvalReport:
         Cells are mean F1 in % with the 95% bootstrap interval: `41.23 [39.80, 42.61]`.
         """
         head = self.group_field or "group"
-        rows: list[tuple[str, str, int, dict[str, Score] | None]] = [
-            ("overall", "system", self.n, self.system)
-        ]
+        rows: list[tuple[str, str, int, dict[str, Score] | None]] = [("overall", "system", self.n, self.system)]
         if self.lead3 is not None:
             rows.append(("", "Lead-3", self.lead3_n, self.lead3))
         for name, g in self.groups.items():
@@ -206,7 +194,7 @@ def evaluate(
     lead_scores = np.zeros((len(pairs), len(ROUGE_TYPES)))
     for i, p in enumerate(pairs):
         if has_doc[i]:
-            lead_scores[i] = _f1(scorer, p.reference, lead(p.document or "", LEAD_SENTENCES))
+            lead_scores[i] = _f1(scorer, p.reference, lead(p.document or "", defaults.LEAD_SENTENCES))
 
     def summarize(rows: np.ndarray) -> dict[str, Any]:
         docs = rows & has_doc
@@ -220,9 +208,7 @@ def evaluate(
 
     overall = summarize(np.ones(len(pairs), dtype=bool))
     names = sorted({p.group for p in pairs if p.group is not None})
-    groups = {
-        name: summarize(np.array([p.group == name for p in pairs])) for name in names
-    }
+    groups = {name: summarize(np.array([p.group == name for p in pairs])) for name in names}
     return EvalReport(
         n=overall["n"],
         language=language,
@@ -242,22 +228,6 @@ def make_scorer(language: str) -> rouge_scorer.RougeScorer:
     if language == "zh":
         return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=CharTokenizer())
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-
-
-def is_cjk_text(text: str) -> bool:
-    """Whether at least `CJK_SHARE` of the letters and digits of `text` are CJK characters."""
-    cjk = other = 0
-    for ch in text:
-        if _is_cjk_char(ch):
-            cjk += 1
-        elif ch.isalnum():
-            other += 1
-    return cjk > 0 and cjk >= CJK_SHARE * (cjk + other)
-
-
-def _is_cjk_char(ch: str) -> bool:
-    code = ord(ch)
-    return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
 
 
 def _f1(scorer: rouge_scorer.RougeScorer, reference: str, summary: str) -> tuple[float, ...]:
@@ -286,9 +256,7 @@ def _interval(values: np.ndarray, bootstrap: int, seed: int) -> dict[str, Score]
         low, high = np.percentile(means, [2.5, 97.5], axis=0)
         # The percentiles bracket the mean in practice; clamp for the last-bit rounding cases.
         low, high = np.minimum(low, mid), np.maximum(high, mid)
-    return {
-        t: Score(float(low[i]), float(mid[i]), float(high[i])) for i, t in enumerate(ROUGE_TYPES)
-    }
+    return {t: Score(float(low[i]), float(mid[i]), float(high[i])) for i, t in enumerate(ROUGE_TYPES)}
 
 
 def _scores_dict(scores: dict[str, Score] | None) -> dict[str, dict[str, float]] | None:
@@ -339,11 +307,7 @@ def pairs_from_files(
         raise InputError(f"{results_path}: no result rows; nothing to evaluate")
     wanted = {r.id for r in results}
     problems: list[RowProblem] = []
-    docs = {
-        doc.id: doc
-        for doc in read_documents(references_path, problems, text_field=text_field)
-        if doc.id in wanted
-    }
+    docs = {doc.id: doc for doc in read_documents(references_path, problems, text_field=text_field) if doc.id in wanted}
     missing = [r for r in results if r.id not in docs]
     if missing:
         named = ", ".join(f'"{r.id}" (line {r.line})' for r in missing[:SHOWN])
@@ -352,10 +316,7 @@ def pairs_from_files(
             f"{named}{_more(len(missing))}"
         )
         if problems:
-            message += (
-                f"; {_count(len(problems), 'row')} of {references_path} could not be read, "
-                f"first {problems[0]}"
-            )
+            message += f"; {_count(len(problems), 'row')} of {references_path} could not be read, first {problems[0]}"
         raise InputError(message, problems)
 
     bad: list[RowProblem] = []
@@ -391,9 +352,7 @@ def pairs_from_files(
     return pairs
 
 
-def pairs_from_rows(
-    rows: Iterable[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]]
-) -> list[Pair]:
+def pairs_from_rows(rows: Iterable[Mapping[str, Any]], references: Mapping[str, Mapping[str, Any]]) -> list[Pair]:
     """Pairs from result rows (e.g. a finished batch read from the database) and references.
 
     `references` maps id -> {"reference": str, "document": str | None, "group": ... | None}.
@@ -425,14 +384,10 @@ def pairs_from_rows(
         )
     if missing:
         named = ", ".join(f'"{i}"' for i in missing[:SHOWN])
-        raise InputError(
-            f"{_count(len(missing), 'result id')} with no reference: {named}{_more(len(missing))}"
-        )
+        raise InputError(f"{_count(len(missing), 'result id')} with no reference: {named}{_more(len(missing))}")
     if empty:
         named = ", ".join(f'"{i}"' for i in empty[:SHOWN])
-        raise InputError(
-            f"{_count(len(empty), 'reference')} missing or empty: {named}{_more(len(empty))}"
-        )
+        raise InputError(f"{_count(len(empty), 'reference')} missing or empty: {named}{_more(len(empty))}")
     if not pairs:
         raise InputError("no result rows; nothing to evaluate")
     return pairs

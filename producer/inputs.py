@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
@@ -62,9 +62,7 @@ class _Ctx:
         """Record a bad row (it is then skipped)."""
         self.problems.append(RowProblem(self.source, line, reason))
 
-    def finish(
-        self, line: int, doc_id: str, text: str, label: str, meta: dict[str, Any]
-    ) -> Document | None:
+    def finish(self, line: int, doc_id: str, text: str, label: str, meta: dict[str, Any]) -> Document | None:
         """Check that a row's id is new and its text usable: the Document, or None once reported."""
         first = self.seen.setdefault(doc_id, line)
         text = text.strip()
@@ -136,9 +134,7 @@ def _read_file(path: str, gz: bool, fmt: str, ctx: _Ctx) -> Iterator[Document]:
 def _read_stream(stream: BinaryIO, fmt: str, ctx: _Ctx) -> Iterator[Document]:
     """Stream a JSONL or CSV/TSV byte stream; an input with nothing in it at all is an error."""
     before = len(ctx.problems)
-    docs = (
-        _jsonl(stream, ctx) if fmt == "jsonl" else _csv(stream, ctx, "\t" if fmt == "tsv" else ",")
-    )
+    docs = _jsonl(stream, ctx) if fmt == "jsonl" else _csv(stream, ctx, "\t" if fmt == "tsv" else ",")
     found = False
     for doc in docs:
         found = True
@@ -163,9 +159,7 @@ def _lines(stream: BinaryIO, ctx: _Ctx) -> Iterator[tuple[int, bytes | None]]:
             if len(raw) >= limit and not raw.endswith(b"\n"):
                 while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
                     pass
-                ctx.bad(
-                    n, f"line is over {limit:,} bytes; the limit is {ctx.max_chars:,} characters"
-                )
+                ctx.bad(n, f"line is over {limit:,} bytes; the limit is {ctx.max_chars:,} characters")
                 yield n, None
                 continue
             yield n, raw[3:] if n == 1 and raw.startswith(_BOM) else raw
@@ -267,9 +261,7 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
     if ctx.text_field:
         ti = _column(header, ctx.text_field)
         if ti is None:
-            raise InputError(
-                f'{ctx.source}: no column "{ctx.text_field}" (the columns are: {columns})'
-            )
+            raise InputError(f'{ctx.source}: no column "{ctx.text_field}" (the columns are: {columns})')
     else:
         ti = next((i for c in CSV_TEXT_COLUMNS if (i := _column(header, c)) is not None), None)
         if ti is None:
@@ -290,9 +282,7 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
             break
         except csv.Error as e:
             big = f"a field is over {field_limit:,} characters; the limit is {ctx.max_chars:,}"
-            ctx.bad(
-                start, big if "field larger than field limit" in str(e) else f"malformed CSV ({e})"
-            )
+            ctx.bad(start, big if "field larger than field limit" in str(e) else f"malformed CSV ({e})")
             end = reader.line_num
             continue
         end = reader.line_num
@@ -310,9 +300,7 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
         if not doc_id.strip():
             ctx.bad(start, f'column "{ctx.id_field}" is empty')
             continue
-        meta = {
-            h: v for j, (h, v) in enumerate(zip(header, row, strict=True)) if j != ti and j != ii
-        }
+        meta = {h: v for j, (h, v) in enumerate(zip(header, row, strict=True)) if j != ti and j != ii}
         if doc := ctx.finish(start, doc_id, row[ti], label, meta):
             found = True
             yield doc
@@ -373,3 +361,47 @@ def _read_dir(root: str, ctx: _Ctx) -> Iterator[Document]:
         raise InputError(f"{root}: cannot read directory ({e})") from e
     if not found:
         raise InputError(f"{root}: no .txt or .md files in the directory (hidden ones are skipped)")
+
+
+def python_documents(
+    documents: Iterable[str | Mapping[str, Any]], problems: list[RowProblem], max_chars: int
+) -> Iterator[Document]:
+    """Documents given in Python (strings, or mappings with `text`/`document` and an optional `id`),
+    checked like a file's rows; bad ones go to `problems` as `<python>:N` (N counts from 1)."""
+    seen: dict[str, int] = {}
+    for number, item in enumerate(documents, start=1):
+
+        def bad(reason: str, number: int = number) -> None:
+            problems.append(RowProblem("<python>", number, reason))
+
+        if isinstance(item, str):
+            text, doc_id, meta = item, str(number), {}
+        elif isinstance(item, Mapping):
+            key = "text" if "text" in item else "document"
+            given = item.get(key)
+            raw_id = item.get("id", number)
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+                bad(f'field "id" must be a string or integer, got {type(raw_id).__name__}')
+                continue
+            doc_id = str(raw_id)
+            meta = {k: v for k, v in item.items() if k not in (key, "id")}
+            if not isinstance(given, str):
+                bad(
+                    'missing text: no "text" or "document" string'
+                    if given is None
+                    else f'field "{key}" must be a string, got {type(given).__name__}'
+                )
+                continue
+            text = given
+        else:
+            bad(f"expected a string or a mapping, got {type(item).__name__}")
+            continue
+        if not text.strip():
+            bad("the text is empty")
+        elif len(text) > max_chars:
+            bad(f"document is {len(text):,} characters; the limit is {max_chars:,}")
+        elif doc_id in seen:
+            bad(f'duplicate id "{doc_id}" (first seen at item {seen[doc_id]})')
+        else:
+            seen[doc_id] = number
+            yield Document(id=doc_id, text=text, source="<python>", line=number, meta=meta)

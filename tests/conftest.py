@@ -14,11 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import pytest
 
 from models.settings import Settings
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -26,7 +30,7 @@ REDIS = os.environ.get("SUMFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
 SAMPLE = ROOT / "examples" / "sample.jsonl"
 
 
-def _pg_admin():  # type: ignore[no-untyped-def]
+def _pg_admin():
     import psycopg
 
     return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
@@ -41,25 +45,77 @@ def pg_url() -> Iterator[str]:
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     yield f"{base}/{name}"
     with _pg_admin() as admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-        )
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis db number of its own (1-13; bench/ uses 14), flushed before and after."""
+RESERVATION_KEY = "sumfleet:test-reservation"  # set in a Redis db by the test run that uses it
+
+
+@dataclass
+class RedisReservation:
+    """A Redis db this test run reserved while it was empty: the only db it may flush."""
+
+    url: str
+    token: str
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def flush(self) -> None:
+        """Empty the reserved db (what a Redis restart without persistence does), keeping it reserved."""
+        client = self.client()
+        if client.get(RESERVATION_KEY) != self.token.encode():
+            raise AssertionError(f"{self.url} is no longer reserved by this test run: not flushing it")
+        client.flushdb()
+        client.set(RESERVATION_KEY, self.token)
+        client.close()
+
+
+def _reserve_redis_db() -> RedisReservation:
+    """The first empty db (1-13; bench/ uses 14) that this run can mark as its own.
+
+    A db is taken only if setting the reservation key succeeds (no other run holds it) and the
+    key is then the db's only key (nobody else's data is there). SUMFLEET_TEST_REDIS_DB pins
+    the db number; it must be empty too.
+    """
     import redis
 
-    pinned = os.environ.get("SUMFLEET_TEST_REDIS_DB")  # two test runs at once: give each its own
-    number = int(pinned) if pinned else 1 + secrets.randbelow(13)
-    url = f"{REDIS}/{number}"
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    client.flushdb()
-    yield url
-    client.flushdb()
+    pinned = os.environ.get("SUMFLEET_TEST_REDIS_DB")
+    numbers = [int(pinned)] if pinned else list(range(1, 14))
+    token = secrets.token_hex(8)
+    for number in numbers:
+        client = redis.Redis.from_url(f"{REDIS}/{number}", socket_timeout=5)
+        try:
+            if client.set(RESERVATION_KEY, token, nx=True):
+                if client.dbsize() == 1:
+                    return RedisReservation(f"{REDIS}/{number}", token)
+                client.delete(RESERVATION_KEY)  # the db holds someone's data: leave it as it was
+        finally:
+            client.close()
+    raise AssertionError(
+        f"no empty Redis db among {numbers} at {REDIS}: each holds data or another test run's reservation"
+        " (set SUMFLEET_TEST_REDIS_DB to an empty db)"
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_reservation() -> Iterator[RedisReservation]:
+    """A Redis db of this run's own, emptied when the run ends (and only if still reserved by it)."""
+    reservation = _reserve_redis_db()
+    yield reservation
+    client = reservation.client()
+    if client.get(RESERVATION_KEY) == reservation.token.encode():
+        client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_reservation: RedisReservation) -> str:
+    """The URL of this run's own Redis db (see `redis_reservation`)."""
+    return redis_reservation.url
 
 
 @pytest.fixture
@@ -88,8 +144,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def sumfleet(*args: str, settings: Settings | None = None, input: bytes | None = None,
-             timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+def sumfleet(
+    *args: str,
+    settings: Settings | None = None,
+    input: bytes | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     """Run the real `sumfleet` command line in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
@@ -164,7 +225,18 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str, poll: float = 0.2) -> object:
+def transformers_engine(name: str, settings: Settings) -> Any:
+    """The generation pipeline of a transformers model, typed loosely: tests reach into its backend."""
+    from worker.backends.hf import TransformersBackend
+    from worker.loading import load_engine
+    from worker.pipeline import GenerationPipeline
+
+    engine = load_engine(name, settings)
+    assert isinstance(engine, GenerationPipeline) and isinstance(engine.backend, TransformersBackend)
+    return engine
+
+
+def wait_for(condition: Callable[[], T | Literal[False] | None], timeout: float, what: str, poll: float = 0.2) -> T:
     """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

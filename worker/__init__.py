@@ -1,4 +1,5 @@
-"""The worker side: the Celery app and task, chunk processing, and the generation engines.
+"""The worker side: the Celery task, chunk processing, the sweeper, and the generation engines.
 
-Importing this package does not import torch; only `worker.engines.transformers` does.
+Importing this package does not import torch; only `worker.backends.hf` (loaded by
+`worker.engine.load_engine` when a model needs it) does.
 """

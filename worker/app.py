@@ -1,7 +1,5 @@
-"""The Celery app, its one task, and the worker process's lifetime (load the model once).
-
-Reliability settings (DESIGN.md decision 3): late acks, reject on worker lost, prefetch 1,
-JSON only, and a Redis visibility timeout longer than the task time limit.
+"""The worker's Celery app: the shared app (`models.broker`) plus its one task, and the worker
+process's lifetime (the model is loaded once, after fork, in each pool process).
 """
 
 from __future__ import annotations
@@ -9,40 +7,22 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from models import defaults
-from models.db import ensure_schema, make_engine, session_factory
+from models.broker import create_app, send_chunk
+from models.db import ensure_schema, open_database, session_factory
 from models.settings import Settings
 from worker.chunk import ChunkProcessor
 from worker.identity import worker_id
 
 log = logging.getLogger(__name__)
-
-
-def create_app(settings: Settings) -> Celery:
-    """A Celery app configured from `settings` (the producer uses it to publish only)."""
-    app = Celery("sumfleet", broker=settings.broker_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=settings.task_time_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-        worker_proc_alive_timeout=900,  # the model loads in the child before it reports up
-        worker_hijack_root_logger=False,
-        worker_max_tasks_per_child=None,
-        task_default_queue=defaults.QUEUE_PREFIX,
-    )
-    return app
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,13 +43,13 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
         stopping.set()
 
     def requeue(batch_id: str, queue: str, job_ids: list[int]) -> None:
-        app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue)
+        send_chunk(app, batch_id, queue, job_ids)
 
     @signals.worker_process_init.connect(weak=False)
     def _load(**_: object) -> None:
-        from worker.engines.loading import load_engine
+        from worker.loading import load_engine
 
-        database = make_engine(settings.database_url)
+        database = open_database(settings.database_url)
         ensure_schema(database, migrate=False)
         engine = load_engine(model, settings)
         sessions = session_factory(database)
@@ -88,21 +68,26 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
         log.info("worker %s ready with model %s", runtime.processor.worker, model)
 
     @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def summarize_chunk(self, batch_id: str, job_ids: list[int]) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    def summarize_chunk(self: Task, batch_id: str, job_ids: list[int]) -> dict[str, int]:
         if runtime.processor is None:  # solo/threads pools never fork: load on first use
             _load()
-        assert runtime.processor is not None
-        report = _with_database_retries(lambda: runtime.processor.process(batch_id, job_ids), batch_id)
+        processor = runtime.processor
+        assert processor is not None
+        report = _with_database_retries(lambda: processor.process(batch_id, job_ids), batch_id)
         log.info(
             "batch %s: chunk of %d, ran %d, succeeded %d, failed %d",
-            batch_id, len(job_ids), report.claimed, report.succeeded, report.failed,
+            batch_id,
+            len(job_ids),
+            report.claimed,
+            report.succeeded,
+            report.failed,
         )
         return {"claimed": report.claimed, "succeeded": report.succeeded, "failed": report.failed}
 
     return app
 
 
-def _with_database_retries(work, batch_id: str):  # type: ignore[no-untyped-def]
+def _with_database_retries(work: Callable[[], T], batch_id: str) -> T:
     """Run `work`, retrying with backoff while the database is unreachable.
 
     The chunk's message stays unacknowledged meanwhile (late acks), so if the outage

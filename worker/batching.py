@@ -24,16 +24,3 @@ def take_batch(sorted_lengths: Sequence[int], start: int, max_new_tokens: int, b
     ):
         end += 1
     return end
-
-
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, budget: int, max_batch: int) -> list[list[int]]:
-    """Indices of `lengths` grouped into batches, shortest prompts first (see `take_batch`)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    ordered = [lengths[i] for i in order]
-    batches = []
-    start = 0
-    while start < len(order):
-        end = take_batch(ordered, start, max_new_tokens, budget, max_batch)
-        batches.append(order[start:end])
-        start = end
-    return batches

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
+from models.prompts import ANY, PromptPlan
 from models.store import (
     ClaimedJob,
     JobOutcome,
@@ -22,8 +24,7 @@ from models.store import (
     mark_batch_started,
     release_jobs,
 )
-from worker.engines.base import Engine, GenerationParams
-from worker.prompts import ANY, PromptPlan
+from worker.engine import Engine, GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,12 @@ class ChunkProcessor:
         spec = self._specs.get(batch_id)
         if spec is None:
             batch = get_batch(session, batch_id)
-            spec = BatchSpec(batch.model, batch.queue, _plan(batch.prompt_template, batch.params), GenerationParams.from_batch(batch.params))
+            spec = BatchSpec(
+                batch.model,
+                batch.queue,
+                _plan(batch.prompt_template, batch.params),
+                GenerationParams.from_batch(batch.params),
+            )
             if len(self._specs) > 1000:
                 self._specs.clear()
                 self._started.clear()
@@ -139,7 +145,7 @@ class ChunkProcessor:
             self.requeue(batch_id, spec.queue, report.released)
         log.warning("stopping: returned %d job(s) of batch %s to the queue", len(report.released), batch_id)
 
-    def _outcomes(self, claimed: list[ClaimedJob], spec: BatchSpec, isolate: bool):  # type: ignore[no-untyped-def]
+    def _outcomes(self, claimed: list[ClaimedJob], spec: BatchSpec, isolate: bool) -> Iterator[list[JobOutcome]]:
         if not isolate:
             yield from self.engine.run(claimed, spec.prompt, spec.params)
             return
@@ -168,6 +174,6 @@ class ChunkProcessor:
 
 def _plan(template: str, params: dict[str, object]) -> PromptPlan:
     """The batch's prompt: its language variants (or its one template), language setting and values."""
-    variants = params.get("variants") or {ANY: template}
+    variants = cast(dict[str, str], params.get("variants") or {ANY: template})
     values = {"max_words": params["max_words"]} if params.get("max_words") else {}
-    return PromptPlan(dict(variants), str(params.get("language") or "auto"), values)  # type: ignore[arg-type]
+    return PromptPlan(dict(variants), str(params.get("language") or "auto"), values)

@@ -12,33 +12,11 @@ import re
 from collections.abc import Callable, Sequence
 
 from models import defaults
+from models.text import join_sentences, sentences_of
 
-# A sentence ends at . ! ? (plus closing quotes/brackets) followed by whitespace, or at CJK
-# full stops, which need no space after them; the end mark stays with its sentence.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'”’)\]])\s+|(?<=[。！？])")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 
 Counter = Callable[[Sequence[str]], list[int]]  # token counts of several texts, in one call
-
-
-def sentences_of(paragraph: str) -> list[str]:
-    """The sentences of one paragraph, whitespace-trimmed (line breaks inside count as breaks)."""
-    out: list[str] = []
-    for line in paragraph.splitlines():
-        out.extend(s.strip() for s in _SENTENCE_END.split(line) if s and s.strip())
-    return out
-
-
-def _joiner(left: str, right: str) -> str:
-    """Space between two sentences, none between CJK ones."""
-    if not left or not right:
-        return ""
-    return "" if is_cjk(left[-1]) or is_cjk(right[0]) else " "
-
-
-def is_cjk(char: str) -> bool:
-    """CJK characters and punctuation, which are written without spaces between sentences."""
-    return "\u3000" <= char <= "\u9fff" or "\uff00" <= char <= "\uffef"
 
 
 def _cut_to_fit(text: str, limit: int, count: Counter) -> list[str]:
@@ -81,7 +59,7 @@ def split_document(text: str, limit: int, count: Counter, overlap: float = defau
         return []
     counts = count([u[0] for u in units])
     sized: list[tuple[str, bool, int]] = []
-    for (sentence, starts), n in zip(units, counts):
+    for (sentence, starts), n in zip(units, counts, strict=False):
         if n <= limit:
             sized.append((sentence, starts, n))
             continue
@@ -115,7 +93,5 @@ def split_document(text: str, limit: int, count: Counter, overlap: float = defau
 def _join(units: Sequence[tuple[str, bool, int]]) -> str:
     text = ""
     for sentence, starts, _ in units:
-        if text:
-            text += "\n\n" if starts else _joiner(text, sentence)
-        text += sentence
+        text = text + "\n\n" + sentence if text and starts else join_sentences(text, sentence)
     return text

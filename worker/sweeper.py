@@ -23,9 +23,9 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.broker import publish_batch
 from models.settings import Settings
 from models.store import as_utc, count_expired, unfinished_batches, utcnow
-from producer.publish import publish_batch
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sumfleet:sweeper"
@@ -84,7 +84,12 @@ class Sweeper:
                 self.sweep()
             except Exception as error:  # the database or broker may be briefly away: try again next time
                 first = str(error).strip().splitlines()[:1]
-                log.warning("sweeper: sweep failed (%s: %s); next try in %.0fs", type(error).__name__, first, self.settings.sweep_interval)
+                log.warning(
+                    "sweeper: sweep failed (%s: %s); next try in %.0fs",
+                    type(error).__name__,
+                    first,
+                    self.settings.sweep_interval,
+                )
 
     def start(self) -> threading.Event:
         stop = threading.Event()

@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from sqlalchemy import text
 
 from models.settings import Settings
-from producer.api import errors, native, openai_routes
+from producer.api import errors, native, openai_routes, service
 from producer.api.background import Maintainer
 from producer.api.checks import accepted_models
 from producer.api.errors import ApiError, error_responses
@@ -63,12 +62,16 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
     app.state.models = accepted_models(settings)
     errors.install(app)
 
-    @app.get("/health", response_model=Health, tags=["service"], summary="Liveness: the database answers",
-             responses=error_responses(503))
+    @app.get(
+        "/health",
+        response_model=Health,
+        tags=["service"],
+        summary="Liveness: the database answers",
+        responses=error_responses(503),
+    )
     def health(request: Request) -> dict[str, str]:
         try:
-            with request.app.state.client.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            service.ping(request.app.state.client)
         except Exception as error:  # any driver error: the database is not usable
             raise ApiError(503, f"database unreachable: {type(error).__name__}", code="service_unavailable") from None
         return {"status": "ok"}

@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from models.api_store import key_for_secret
 from models.tables import ApiKey
+from producer.api import service
 from producer.api.errors import ApiError
 
 bearer = HTTPBearer(
@@ -32,8 +32,7 @@ def current_key(request: Request, credentials: HTTPAuthorizationCredentials | No
             else "the Authorization header must be `Bearer <key>`"
         )
         raise ApiError(401, message, code="missing_api_key", headers=_CHALLENGE)
-    with request.app.state.client.sessions() as session:
-        key = key_for_secret(session, credentials.credentials.strip())
+    key = service.find_key(request.app.state.client.sessions, credentials.credentials.strip())
     if key is None:
         raise ApiError(401, "invalid API key: no such key", code="invalid_api_key", headers=_CHALLENGE)
     if key.revoked_at is not None:

@@ -21,9 +21,9 @@ from typing import Any
 
 from models import defaults
 from models.errors import RowProblem
+from models.model_names import canonical_model
 from producer.api.checks import unstorable
 from producer.inputs import Document
-from worker.engines.loading import canonical_model
 
 CHAT_COMPLETIONS = "/v1/chat/completions"  # the one endpoint batches may use
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -57,13 +57,26 @@ class Rejected:
     param: str | None
 
     def row(self) -> dict[str, Any]:
-        return {"line": self.line, "custom_id": self.custom_id, "status_code": 400, "code": self.code,
-                "message": self.message, "param": self.param}
+        return {
+            "line": self.line,
+            "custom_id": self.custom_id,
+            "status_code": 400,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+        }
 
 
 def _kind(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -103,8 +116,14 @@ class BatchInput:
     """
 
     def __init__(
-        self, lines: Iterable[bytes], *, endpoint: str, model: str | None, max_requests: int,
-        max_chars: int, default_max_tokens: int,
+        self,
+        lines: Iterable[bytes],
+        *,
+        endpoint: str,
+        model: str | None,
+        max_requests: int,
+        max_chars: int,
+        default_max_tokens: int,
     ) -> None:
         self.lines = lines
         self.endpoint = endpoint
@@ -128,8 +147,14 @@ class BatchInput:
     def openai_errors(self) -> list[dict[str, Any]]:
         listed = [e.as_openai() for e in self.errors]
         if self.hidden_errors:
-            listed.append({"code": "too_many_errors", "message": f"... and {self.hidden_errors} more error(s) not listed",
-                           "param": None, "line": None})
+            listed.append(
+                {
+                    "code": "too_many_errors",
+                    "message": f"... and {self.hidden_errors} more error(s) not listed",
+                    "param": None,
+                    "line": None,
+                }
+            )
         return listed
 
     def documents(self) -> Iterator[Document]:
@@ -138,8 +163,11 @@ class BatchInput:
                 continue  # blank lines (a trailing newline) are not requests
             self.requests += 1
             if self.requests > self.max_requests:
-                self.error(number, "too_many_tasks",
-                           f"more than {self.max_requests:,} requests in one batch (SUMFLEET_API_MAX_DOCUMENTS)")
+                self.error(
+                    number,
+                    "too_many_tasks",
+                    f"more than {self.max_requests:,} requests in one batch (SUMFLEET_API_MAX_DOCUMENTS)",
+                )
                 return
             document = self._line(number, raw)
             if document is not None and not self.errors:
@@ -165,11 +193,21 @@ class BatchInput:
             self.error(number, "invalid_custom_id", f"custom_id {problem}", "custom_id")
             return None
         if len(custom_id) > MAX_CUSTOM_ID:
-            self.error(number, "invalid_custom_id", f"custom_id is {len(custom_id)} characters; the limit is {MAX_CUSTOM_ID}", "custom_id")
+            self.error(
+                number,
+                "invalid_custom_id",
+                f"custom_id is {len(custom_id)} characters; the limit is {MAX_CUSTOM_ID}",
+                "custom_id",
+            )
             return None
         first = self._seen.setdefault(custom_id, number)
         if first != number:
-            self.error(number, "duplicate_custom_id", f"duplicate custom_id {json.dumps(custom_id)} (first at line {first})", "custom_id")
+            self.error(
+                number,
+                "duplicate_custom_id",
+                f"duplicate custom_id {json.dumps(custom_id)} (first at line {first})",
+                "custom_id",
+            )
             return None
         method = value.get("method")
         if method != "POST":
@@ -192,9 +230,11 @@ class BatchInput:
             return None
         if self.model is None or canonical_model(model) != canonical_model(self.model):
             self.error(
-                number, "mismatched_model",
+                number,
+                "mismatched_model",
                 f"body.model {json.dumps(model)} differs from {json.dumps(self.model)}, the model of the batch's "
-                "first request; all requests of a batch must use the same model", "body.model",
+                "first request; all requests of a batch must use the same model",
+                "body.model",
             )
             return None
         return self._request(number, custom_id, body)
@@ -207,25 +247,42 @@ class BatchInput:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             what = "is missing" if messages is None else "must be a non-empty array of messages"
-            self._reject(number, custom_id, "missing_required_parameter" if messages is None else "invalid_value",
-                         f"messages {what}", "messages")
+            self._reject(
+                number,
+                custom_id,
+                "missing_required_parameter" if messages is None else "invalid_value",
+                f"messages {what}",
+                "messages",
+            )
             return None
         normalized: list[dict[str, str]] = []
         chars = 0
         for i, message in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(message, dict):
-                self._reject(number, custom_id, "invalid_value", f"{where} must be an object, got {_kind(message)}", where)
+                self._reject(
+                    number, custom_id, "invalid_value", f"{where} must be an object, got {_kind(message)}", where
+                )
                 return None
             role = message.get("role")
             if role not in ROLES:
-                self._reject(number, custom_id, "invalid_value",
-                             f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}", f"{where}.role")
+                self._reject(
+                    number,
+                    custom_id,
+                    "invalid_value",
+                    f"{where}.role must be one of {', '.join(ROLES)}, got {json.dumps(role)}",
+                    f"{where}.role",
+                )
                 return None
             content = _content(message.get("content"))
             if content is None:
-                self._reject(number, custom_id, "invalid_value",
-                             f"{where}.content must be a string or an array of text parts", f"{where}.content")
+                self._reject(
+                    number,
+                    custom_id,
+                    "invalid_value",
+                    f"{where}.content must be a string or an array of text parts",
+                    f"{where}.content",
+                )
                 return None
             if problem := unstorable(content):
                 self._reject(number, custom_id, "invalid_value", f"{where}.content {problem}", f"{where}.content")
@@ -234,11 +291,18 @@ class BatchInput:
             normalized.append({"role": ROLES[role], "content": content})
         user = next((m["content"] for m in reversed(normalized) if m["role"] == "user"), None)
         if user is None or not user.strip():
-            self._reject(number, custom_id, "invalid_value", "messages must include a user message with text", "messages")
+            self._reject(
+                number, custom_id, "invalid_value", "messages must include a user message with text", "messages"
+            )
             return None
         if chars > self.max_chars:
-            self._reject(number, custom_id, "context_length_exceeded",
-                         f"the messages are {chars:,} characters; the limit is {self.max_chars:,}", "messages")
+            self._reject(
+                number,
+                custom_id,
+                "context_length_exceeded",
+                f"the messages are {chars:,} characters; the limit is {self.max_chars:,}",
+                "messages",
+            )
             return None
         limit = defaults.MAX_NEW_TOKENS_LIMIT
         max_tokens = self.default_max_tokens
@@ -247,20 +311,36 @@ class BatchInput:
             if given is None:
                 continue
             if isinstance(given, bool) or not isinstance(given, int) or not 1 <= given <= limit:
-                self._reject(number, custom_id, "invalid_value",
-                             f"{name} must be an integer between 1 and {limit}, got {json.dumps(given)}", name)
+                self._reject(
+                    number,
+                    custom_id,
+                    "invalid_value",
+                    f"{name} must be an integer between 1 and {limit}, got {json.dumps(given)}",
+                    name,
+                )
                 return None
             max_tokens = given
         temperature = body.get("temperature", 1.0)
         if temperature is None:
             temperature = 1.0
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            self._reject(number, custom_id, "invalid_value",
-                         f"temperature must be a number between 0 and 2, got {json.dumps(temperature)}", "temperature")
+            self._reject(
+                number,
+                custom_id,
+                "invalid_value",
+                f"temperature must be a number between 0 and 2, got {json.dumps(temperature)}",
+                "temperature",
+            )
             return None
         n = body.get("n", 1)
         if n not in (1, None):
-            self._reject(number, custom_id, "invalid_value", f"n must be 1 (one completion per request), got {json.dumps(n)}", "n")
+            self._reject(
+                number,
+                custom_id,
+                "invalid_value",
+                f"n must be 1 (one completion per request), got {json.dumps(n)}",
+                "n",
+            )
             return None
         if body.get("stream"):
             self._reject(number, custom_id, "invalid_value", "stream is not supported in a batch", "stream")

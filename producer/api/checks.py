@@ -5,13 +5,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from models.errors import SumfleetError
+from models.model_names import canonical_model, resolve_model
 from models.settings import Settings
 from producer.api.errors import ApiError
-from worker.engines.loading import canonical_model, resolve_model
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates: the database refuses them in text
 
@@ -49,7 +50,7 @@ def model_problem(name: str, settings: Settings, accepted: list[str]) -> str | N
     if model not in accepted:
         return f"model {name!r} is not served here; the models are: {', '.join(accepted)}"
     try:
-        resolve_model(model, settings)
+        resolve_model(model, settings, need_files=False)
     except SumfleetError as error:
         return str(error)
     return None
@@ -91,13 +92,26 @@ def check_callback_url(url: str | None, param: str = "callback_url", *, allow_pr
         parts.port  # noqa: B018 - a port that is not a number raises here
     except ValueError:
         parts = urlsplit("")
-    if (parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048
-            or any(c.isspace() or not c.isprintable() for c in url)):
-        raise ApiError(400, f"{param} must be an absolute http:// or https:// URL (at most 2048 characters), got {url!r}",
-                       param=param, code="invalid_value")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or len(url) > 2048
+        or any(c.isspace() or not c.isprintable() for c in url)
+    ):
+        raise ApiError(
+            400,
+            f"{param} must be an absolute http:// or https:// URL (at most 2048 characters), got {url!r}",
+            param=param,
+            code="invalid_value",
+        )
     if not allow_private and (address := private_address(parts.hostname)) is not None:
-        raise ApiError(400, f"{param} {url!r} points at a private or local address ({address}); webhooks go to public "
-                            "addresses only unless SUMFLEET_API_WEBHOOK_PRIVATE=1", param=param, code="invalid_value")
+        raise ApiError(
+            400,
+            f"{param} {url!r} points at a private or local address ({address}); webhooks go to public "
+            "addresses only unless SUMFLEET_API_WEBHOOK_PRIVATE=1",
+            param=param,
+            code="invalid_value",
+        )
     return url
 
 
@@ -116,13 +130,11 @@ def unknown_cursor(after: str) -> ApiError:
     return ApiError(400, f"after: no object {after!r} of this key to list after", param="after", code="invalid_cursor")
 
 
-def batch_page(request: Any, owner: str, kind: str, after: str | None, limit: int, render: Any) -> dict[str, Any]:
-    """A page of `owner`'s batches of `kind` (newest first, before `after`), each made by `render`."""
-    from models.api_store import list_api_batches
-
-    with request.app.state.client.sessions() as session:
-        found = list_api_batches(session, owner, kind, after=after, limit=limit)
-        if found is None:
-            raise unknown_cursor(after or "")
-        records, more = found
-        return page(render(session, records), more)
+def listed(
+    found: tuple[list[Any], bool] | None, after: str | None, render: Callable[[Any], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """OpenAI's list object of a page (its items made by `render`), or 400 when `after` named no object of the key."""
+    if found is None:
+        raise unknown_cursor(after or "")
+    items, more = found
+    return page([render(item) for item in items] if render is not None else items, more)

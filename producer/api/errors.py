@@ -47,8 +47,14 @@ class ApiError(Exception):
     """Raised by a route to answer `status` with OpenAI's error shape."""
 
     def __init__(
-        self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-        code: str | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -78,10 +84,17 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
-def error_body(status: int, message: str, *, type: str | None = None, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type or _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+def error_body(
+    status: int, message: str, *, type: str | None = None, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": type or _TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 def _answer(error: ApiError) -> JSONResponse:
@@ -111,7 +124,9 @@ def sumfleet_error(error: SumfleetError, param: str | None = None) -> ApiError:
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    parts = (
+        [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    )
     out = ""
     for part in parts:
         out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
@@ -119,8 +134,11 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"request body too large: the limit is {limit:,} bytes (SUMFLEET_API_MAX_UPLOAD_BYTES)",
-                    code="request_too_large")
+    return ApiError(
+        413,
+        f"request body too large: the limit is {limit:,} bytes (SUMFLEET_API_MAX_UPLOAD_BYTES)",
+        code="request_too_large",
+    )
 
 
 class BodyLimit:
@@ -177,8 +195,9 @@ def install(app: FastAPI) -> None:
         if problems and problems[0].get("type") == "json_invalid":
             reason = (problems[0].get("ctx") or {}).get("error", "malformed")
             position = problems[0].get("loc", ("body", "?"))[-1]
-            return _answer(ApiError(422, f"the body is not valid JSON ({reason} at character {position})",
-                                    code="invalid_json"))
+            return _answer(
+                ApiError(422, f"the body is not valid JSON ({reason} at character {position})", code="invalid_json")
+            )
         messages = []
         for problem in problems[:10]:
             where = _location(tuple(problem.get("loc", ())))

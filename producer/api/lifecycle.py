@@ -13,6 +13,7 @@ files and its webhook delivery in the same transaction.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from models.errors import InvalidTransition
 from models.states import BatchState, JobState
 from models.store import as_utc, cancel_batch, utcnow
 from models.tables import ApiBatch, Batch
-from producer.client import _status
+from producer.client import BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def openai_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, 
 def native_object(record: ApiBatch, batch: Batch, totals: JobTotals) -> dict[str, Any]:
     """A native batch: the `sumfleet status --json` fields, plus its webhook and results URL."""
     return {
-        **_status(batch, totals.by_state).as_dict(),
+        **BatchStatus.of(batch, totals.by_state).as_dict(),
         "object": "summary_batch",
         "callback_url": record.callback_url,
         "results_url": f"/api/v1/batches/{record.id}/results",
@@ -140,7 +141,9 @@ def _line(value: dict[str, Any]) -> bytes:
 
 def _completion(record: ApiBatch, job: JobLine, request_id: str) -> dict[str, Any]:
     prompt, output = job.prompt_tokens or 0, job.output_tokens or 0
-    stopped = job.max_new_tokens is not None and job.output_tokens is not None and job.output_tokens >= job.max_new_tokens
+    stopped = (
+        job.max_new_tokens is not None and job.output_tokens is not None and job.output_tokens >= job.max_new_tokens
+    )
     return {
         "id": f"chatcmpl-{request_id[4:]}",
         "object": "chat.completion",
@@ -169,7 +172,11 @@ def output_lines(session: Session, record: ApiBatch) -> Iterator[bytes]:
             {
                 "id": line_id,
                 "custom_id": job.custom_id,
-                "response": {"status_code": 200, "request_id": request_id, "body": _completion(record, job, request_id)},
+                "response": {
+                    "status_code": 200,
+                    "request_id": request_id,
+                    "body": _completion(record, job, request_id),
+                },
                 "error": None,
             }
         )
@@ -180,11 +187,21 @@ def error_lines(session: Session, record: ApiBatch) -> Iterator[bytes]:
     the batch never ran because it was cancelled or expired (`error` set, no response)."""
     for rejection in iter_rejections(session, record.id):
         line_id, request_id = _ids(record, "rejection", rejection.id)
-        body = {"error": {"message": f"line {rejection.line}: {rejection.message}", "type": "invalid_request_error",
-                          "param": rejection.param, "code": rejection.code}}
+        body = {
+            "error": {
+                "message": f"line {rejection.line}: {rejection.message}",
+                "type": "invalid_request_error",
+                "param": rejection.param,
+                "code": rejection.code,
+            }
+        }
         yield _line(
-            {"id": line_id, "custom_id": rejection.custom_id,
-             "response": {"status_code": rejection.status_code, "request_id": request_id, "body": body}, "error": None}
+            {
+                "id": line_id,
+                "custom_id": rejection.custom_id,
+                "response": {"status_code": rejection.status_code, "request_id": request_id, "body": body},
+                "error": None,
+            }
         )
     if record.batch_id is None:
         return
@@ -198,10 +215,22 @@ def error_lines(session: Session, record: ApiBatch) -> Iterator[bytes]:
     for job in iter_job_lines(session, record.batch_id, states):
         line_id, request_id = _ids(record, "job", job.id)
         if job.state == JobState.FAILED.value:
-            body = {"error": {"message": job.error or "generation failed", "type": "server_error", "param": None,
-                              "code": "generation_failed"}}
-            yield _line({"id": line_id, "custom_id": job.custom_id,
-                         "response": {"status_code": 500, "request_id": request_id, "body": body}, "error": None})
+            body = {
+                "error": {
+                    "message": job.error or "generation failed",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "generation_failed",
+                }
+            }
+            yield _line(
+                {
+                    "id": line_id,
+                    "custom_id": job.custom_id,
+                    "response": {"status_code": 500, "request_id": request_id, "body": body},
+                    "error": None,
+                }
+            )
         else:
             yield _line({"id": line_id, "custom_id": job.custom_id, "response": None, "error": unfinished})
 
@@ -229,8 +258,14 @@ def notify(session: Session, record: ApiBatch, status: str) -> None:
     fresh = session.get(ApiBatch, record.id, populate_existing=True)
     assert fresh is not None
     payload = json.dumps(render(session, fresh), ensure_ascii=False, separators=(",", ":"))
-    add_delivery(session, api_batch_id=record.id, owner=record.owner, url=record.callback_url,
-                 event=EVENTS[status], payload=payload)
+    add_delivery(
+        session,
+        api_batch_id=record.id,
+        owner=record.owner,
+        url=record.callback_url,
+        event=EVENTS[status],
+        payload=payload,
+    )
 
 
 def _finish(sessions: sessionmaker[Session], record_id: str, expected: str, final: str) -> bool:
@@ -239,9 +274,13 @@ def _finish(sessions: sessionmaker[Session], record_id: str, expected: str, fina
     with sessions() as session:
         record = session.get(ApiBatch, record_id)
         assert record is not None
-        sizes = (None, None) if record.kind != "openai" else (
-            _measure(output_lines(session, record)),
-            _measure(error_lines(session, record)),
+        sizes = (
+            (None, None)
+            if record.kind != "openai"
+            else (
+                _measure(output_lines(session, record)),
+                _measure(error_lines(session, record)),
+            )
         )
     try:
         with sessions.begin() as session:
@@ -267,10 +306,8 @@ def cancel_jobs(session: Session, batch_id: str | None) -> None:
         return
     batch = session.get(Batch, batch_id)
     if batch is not None and not BatchState(batch.state).finished:
-        try:
+        with contextlib.suppress(InvalidTransition):  # its last job finished just now: nothing left to cancel
             cancel_batch(session, batch_id)
-        except InvalidTransition:  # its last job finished just now: nothing left to cancel
-            pass
 
 
 def advance(sessions: sessionmaker[Session], record_id: str) -> str | None:

@@ -1,11 +1,11 @@
 """The native summarization endpoints under `/api/v1`: the same batches `sumfleet submit` makes.
 
-    POST /api/v1/batches                documents inline (JSON)
-    POST /api/v1/batches/upload         a JSONL (or CSV/TSV) file, multipart, streamed to the database
-    GET  /api/v1/batches                newest first, `after`/`limit` pages
-    GET  /api/v1/batches/{id}           state, counts, docs/s, ETA, timestamps
-    GET  /api/v1/batches/{id}/results   result rows as JSON Lines, streamed (bounded memory)
-    POST /api/v1/batches/{id}/cancel    queued documents never run, running ones finish
+POST /api/v1/batches                documents inline (JSON)
+POST /api/v1/batches/upload         a JSONL (or CSV/TSV) file, multipart, streamed to the database
+GET  /api/v1/batches                newest first, `after`/`limit` pages
+GET  /api/v1/batches/{id}           state, counts, docs/s, ETA, timestamps
+GET  /api/v1/batches/{id}/results   result rows as JSON Lines, streamed (bounded memory)
+POST /api/v1/batches/{id}/cancel    queued documents never run, running ones finish
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
-from models.api_store import get_api_batch, job_totals
 from models.errors import InputError, InvalidTransition, RowProblem, SumfleetError
-from models.store import utcnow
-from models.tables import ApiBatch, ApiKey, Batch
+from models.tables import ApiBatch, ApiKey
+from producer.api import service
 from producer.api.auth import current_key
-from producer.api.checks import batch_page, check_callback_url, check_model, storable_name, unstorable
+from producer.api.checks import check_callback_url, check_model, listed, storable_name, unstorable
 from producer.api.errors import ApiError, error_responses, sumfleet_error
-from producer.api.lifecycle import advance, native_object, native_objects
 from producer.api.schemas import SummaryBatch, SummaryBatchList, SummaryCreate, SummaryCreated, SummaryOptions
-from producer.client import _python_documents
-from producer.inputs import Document, read_documents
+from producer.inputs import Document, python_documents, read_documents
 
 router = APIRouter(prefix="/api/v1", tags=["summaries"], responses=error_responses(401, 422))
 
@@ -38,8 +35,12 @@ SHOWN_PROBLEMS = 20  # bad documents listed in an error message
 def _limited(documents: Iterable[Document], limit: int) -> Iterator[Document]:
     for number, document in enumerate(documents, start=1):
         if number > limit:
-            raise ApiError(413, f"more than {limit:,} documents in one batch (SUMFLEET_API_MAX_DOCUMENTS)",
-                           param="documents", code="too_many_documents")
+            raise ApiError(
+                413,
+                f"more than {limit:,} documents in one batch (SUMFLEET_API_MAX_DOCUMENTS)",
+                param="documents",
+                code="too_many_documents",
+            )
         yield document
 
 
@@ -63,12 +64,21 @@ def _where(problem: RowProblem, inline: bool) -> str:
 def _problems_message(problems: list[RowProblem], inline: bool, what: str) -> str:
     shown = "; ".join(f"{_where(p, inline)}: {p.reason}" for p in problems[:SHOWN_PROBLEMS])
     more = f"; ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-    return f"{what}: {len(problems)} bad document(s); nothing was submitted (set skip_bad_rows to submit the rest): {shown}{more}"
+    return (
+        f"{what}: {len(problems)} bad document(s); nothing was submitted (set skip_bad_rows to submit the rest): "
+        f"{shown}{more}"
+    )
 
 
 def _create(
-    request: Request, key: ApiKey, documents: Iterable[Document], problems: list[RowProblem], *, source: str,
-    options: SummaryOptions, inline: bool,
+    request: Request,
+    key: ApiKey,
+    documents: Iterable[Document],
+    problems: list[RowProblem],
+    *,
+    source: str,
+    options: SummaryOptions,
+    inline: bool,
 ) -> dict[str, Any]:
     state = request.app.state
     client, settings = state.client, state.settings
@@ -76,54 +86,70 @@ def _create(
     callback_url = check_callback_url(options.callback_url, allow_private=settings.api_webhook_private)
     if options.prompt is not None and (problem := unstorable(options.prompt)):
         raise ApiError(400, f"prompt {problem}", param="prompt", code="invalid_prompt")
-
-    def before_commit(session, batch: Batch) -> None:  # type: ignore[no-untyped-def]
-        session.add(ApiBatch(id=batch.id, kind="native", owner=key.id, batch_id=batch.id, status="in_progress",
-                             callback_url=callback_url, created_at=batch.created_at, in_progress_at=utcnow()))
-
     try:
-        submission = client._submit(
-            _limited(_storable(documents, problems, source), settings.api_max_documents), problems, source=source,
-            skip_bad_rows=options.skip_bad_rows, publish=True, model=model, prompt=options.prompt,
-            max_new_tokens=options.max_new_tokens, language=options.language, max_words=options.max_words,
-            long_documents=options.long_documents, before_commit=before_commit,
+        submission = service.create_native_batch(
+            client,
+            key.id,
+            _limited(_storable(documents, problems, source), settings.api_max_documents),
+            problems,
+            source=source,
+            options=options,
+            model=model,
+            callback_url=callback_url,
         )
     except InputError as error:
         param = "documents" if inline else "file"
         if problems and not options.skip_bad_rows:
-            raise ApiError(400, _problems_message(problems, inline, source), param=param, code="invalid_documents") from None
+            raise ApiError(
+                400, _problems_message(problems, inline, source), param=param, code="invalid_documents"
+            ) from None
         message = str(error).replace("<stdin>", source)
         if problems:
-            message = f"{source}: no usable documents: " + "; ".join(f"{_where(p, inline)}: {p.reason}" for p in problems[:SHOWN_PROBLEMS])
+            message = f"{source}: no usable documents: " + "; ".join(
+                f"{_where(p, inline)}: {p.reason}" for p in problems[:SHOWN_PROBLEMS]
+            )
         raise ApiError(400, message, param=param, code="invalid_documents") from None
     except SumfleetError as error:
         raise sumfleet_error(error) from None
-    with client.sessions() as session:
-        record = session.get(ApiBatch, submission.batch_id)
-        batch = session.get(Batch, submission.batch_id)
-        assert record is not None and batch is not None
-        created = native_object(record, batch, job_totals(session, [batch.id])[batch.id])
+    created = service.batch_object(client.sessions, submission.batch_id)
     skipped = [f"{_where(p, inline)}: {p.reason}" for p in submission.problems]
     return {**created, "accepted": submission.accepted, "skipped": skipped}
 
 
-@router.post("/batches", status_code=201, response_model=SummaryCreated, summary="Create a batch (documents inline)",
-             responses=error_responses(400, 413, 422, 503))
+@router.post(
+    "/batches",
+    status_code=201,
+    response_model=SummaryCreated,
+    summary="Create a batch (documents inline)",
+    responses=error_responses(400, 413, 422, 503),
+)
 def create_inline(request: Request, body: SummaryCreate, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
     problems: list[RowProblem] = []
     settings = request.app.state.settings
     if len(body.documents) > settings.api_max_documents:
-        raise ApiError(413, f"{len(body.documents):,} documents; the limit is {settings.api_max_documents:,} per batch "
-                            "(SUMFLEET_API_MAX_DOCUMENTS)", param="documents", code="too_many_documents")
-    documents = _python_documents(body.documents, problems, settings.max_document_chars)
+        raise ApiError(
+            413,
+            f"{len(body.documents):,} documents; the limit is {settings.api_max_documents:,} per batch "
+            "(SUMFLEET_API_MAX_DOCUMENTS)",
+            param="documents",
+            code="too_many_documents",
+        )
+    documents = python_documents(body.documents, problems, settings.max_document_chars)
     return _create(request, key, documents, problems, source="<api>", options=body, inline=True)
 
 
-@router.post("/batches/upload", status_code=201, response_model=SummaryCreated,
-             summary="Create a batch from an uploaded JSONL, CSV or TSV file", responses=error_responses(400, 413, 422, 503))
+@router.post(
+    "/batches/upload",
+    status_code=201,
+    response_model=SummaryCreated,
+    summary="Create a batch from an uploaded JSONL, CSV or TSV file",
+    responses=error_responses(400, 413, 422, 503),
+)
 def create_upload(
     request: Request,
-    file: UploadFile = File(description="JSON Lines (text in `text` or `document`, optional `id`), or CSV/TSV with a header"),
+    file: UploadFile = File(
+        description="JSON Lines (text in `text` or `document`, optional `id`), or CSV/TSV with a header"
+    ),
     model: str | None = Form(None),
     prompt: str | None = Form(None),
     max_new_tokens: int | None = Form(None),
@@ -138,8 +164,14 @@ def create_upload(
 ) -> dict[str, Any]:
     try:
         options = SummaryOptions(
-            model=model, prompt=prompt, max_new_tokens=max_new_tokens, language=language, max_words=max_words,
-            long_documents=long_documents, callback_url=callback_url, skip_bad_rows=skip_bad_rows,
+            model=model,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            language=language,
+            max_words=max_words,
+            long_documents=long_documents,
+            callback_url=callback_url,
+            skip_bad_rows=skip_bad_rows,
         )
     except ValueError as error:  # pydantic's ValidationError: the same 422 as a JSON body's
         from fastapi.exceptions import RequestValidationError
@@ -151,41 +183,55 @@ def create_upload(
     settings = request.app.state.settings
     problems: list[RowProblem] = []
     try:
-        documents = read_documents("-", problems, fmt=fmt, text_field=text_field, id_field=id_field,
-                                   max_chars=settings.max_document_chars, stdin=file.file)
+        documents = read_documents(
+            "-",
+            problems,
+            fmt=fmt,
+            text_field=text_field,
+            id_field=id_field,
+            max_chars=settings.max_document_chars,
+            stdin=file.file,
+        )
     except InputError as error:
         raise ApiError(400, str(error).replace("<stdin>", name), param="file", code="invalid_documents") from None
     return _create(request, key, documents, problems, source=name, options=options, inline=False)
 
 
-@router.get("/batches", response_model=SummaryBatchList, summary="List batches, newest first",
-            responses=error_responses(400, 422))
+@router.get(
+    "/batches",
+    response_model=SummaryBatchList,
+    summary="List batches, newest first",
+    responses=error_responses(400, 422),
+)
 def list_summary_batches(
     request: Request,
     after: str | None = Query(None, description="a batch id: list the batches created before it"),
     limit: int = Query(20, ge=1, le=100),
     key: ApiKey = Depends(current_key),
 ) -> dict[str, Any]:
-    return batch_page(request, key.id, "native", after, limit, native_objects)
+    found = service.batch_page(request.app.state.client.sessions, key.id, "native", after=after, limit=limit)
+    return listed(found, after)
 
 
 def _owned(request: Request, key: ApiKey, batch_id: str) -> ApiBatch:
-    with request.app.state.client.sessions() as session:
-        record = get_api_batch(session, key.id, batch_id, "native")
+    """The key's native batch `batch_id`, or 404."""
+    record = service.owned_batch(request.app.state.client.sessions, key.id, batch_id, "native")
     if record is None or record.batch_id is None:
         raise ApiError(404, f"no batch {batch_id!r} for this API key", code="not_found")
     return record
 
 
 def _render(request: Request, record_id: str) -> dict[str, Any]:
-    with request.app.state.client.sessions() as session:
-        record = session.get(ApiBatch, record_id)
-        assert record is not None
-        return native_objects(session, [record])[0]
+    """The native batch object of a record, as it is now."""
+    return service.batch_object(request.app.state.client.sessions, record_id)
 
 
-@router.get("/batches/{batch_id}", response_model=SummaryBatch, summary="A batch: state, counts, throughput",
-            responses=error_responses(404))
+@router.get(
+    "/batches/{batch_id}",
+    response_model=SummaryBatch,
+    summary="A batch: state, counts, throughput",
+    responses=error_responses(404),
+)
 def get_summary_batch(request: Request, batch_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
     return _render(request, _owned(request, key, batch_id).id)
 
@@ -194,9 +240,13 @@ def get_summary_batch(request: Request, batch_id: str, key: ApiKey = Depends(cur
     "/batches/{batch_id}/results",
     summary="Result rows as JSON Lines (streamed)",
     response_class=StreamingResponse,
-    responses={200: {"content": {JSONL: {"schema": {"type": "string"}}},
-                     "description": "one row per document, in submission order (the `sumfleet results` fields)"},
-               **error_responses(404)},
+    responses={
+        200: {
+            "content": {JSONL: {"schema": {"type": "string"}}},
+            "description": "one row per document, in submission order (the `sumfleet results` fields)",
+        },
+        **error_responses(404),
+    },
 )
 def results(request: Request, batch_id: str, key: ApiKey = Depends(current_key)) -> StreamingResponse:
     record = _owned(request, key, batch_id)
@@ -205,14 +255,16 @@ def results(request: Request, batch_id: str, key: ApiKey = Depends(current_key))
     return StreamingResponse((json.dumps(row, ensure_ascii=False) + "\n" for row in rows), media_type=JSONL)
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=SummaryBatch, summary="Cancel a batch",
-             responses=error_responses(404, 409))
+@router.post(
+    "/batches/{batch_id}/cancel",
+    response_model=SummaryBatch,
+    summary="Cancel a batch",
+    responses=error_responses(404, 409),
+)
 def cancel_summary_batch(request: Request, batch_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
     record = _owned(request, key, batch_id)
-    client = request.app.state.client
     try:
-        client.cancel(record.batch_id)
+        service.cancel_native_batch(request.app.state.client, record)
     except InvalidTransition as error:
         raise ApiError(409, str(error), code="invalid_state") from None
-    advance(client.sessions, record.id)
     return _render(request, record.id)

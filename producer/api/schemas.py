@@ -45,9 +45,13 @@ class BatchCreate(BaseModel):
     input_file_id: str = Field(description="an uploaded file (purpose batch) of this key")
     endpoint: str = Field(description="only /v1/chat/completions")
     completion_window: str = Field(description='"24h", or any "<N>h" from 1h to 168h; unfinished requests then expire')
-    metadata: dict[str, str] | None = Field(None, description="up to 16 pairs; keys up to 64, values up to 512 characters")
+    metadata: dict[str, str] | None = Field(
+        None, description="up to 16 pairs; keys up to 64, values up to 512 characters"
+    )
     output_expires_after: dict[str, Any] | None = Field(None, description="accepted and ignored (files are kept)")
-    callback_url: str | None = Field(None, description="sumfleet extension: POSTed the batch object, signed, when it ends")
+    callback_url: str | None = Field(
+        None, description="sumfleet extension: POSTed the batch object, signed, when it ends"
+    )
 
 
 class RequestCounts(BaseModel):
@@ -92,7 +96,9 @@ class BatchObject(BaseModel):
     errors: BatchErrors | None = None
     input_file_id: str
     completion_window: str
-    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"]
+    status: Literal[
+        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+    ]
     output_file_id: str | None = None
     error_file_id: str | None = None
     created_at: int
@@ -126,13 +132,25 @@ class SummaryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, max_length=512, description="a model the server accepts (SUMFLEET_API_MODELS)")
-    prompt: str | None = Field(None, max_length=100_000, description="template name (one-sentence, headline, bullets, paragraph, tldr) or text with {document}")
+    prompt: str | None = Field(
+        None,
+        max_length=100_000,
+        description="template name (one-sentence, headline, bullets, paragraph, tldr) or text with {document}",
+    )
     max_new_tokens: int | None = Field(None, ge=1, le=defaults.MAX_NEW_TOKENS_LIMIT, description="tokens per summary")
-    language: Literal["auto", "en", "zh", "ja", "ko"] | None = Field(None, description="prompt variant; auto: per document")
+    language: Literal["auto", "en", "zh", "ja", "ko"] | None = Field(
+        None, description="prompt variant; auto: per document"
+    )
     max_words: int | None = Field(None, ge=1, le=10_000, description="fills {max_words}")
-    long_documents: Literal["map-reduce", "truncate"] | None = Field(None, description="documents over the model's context")
-    callback_url: str | None = Field(None, max_length=2048, description="POSTed the batch object, signed, when the batch ends")
-    skip_bad_rows: bool = Field(False, description="submit the good documents and list the bad ones instead of refusing all")
+    long_documents: Literal["map-reduce", "truncate"] | None = Field(
+        None, description="documents over the model's context"
+    )
+    callback_url: str | None = Field(
+        None, max_length=2048, description="POSTed the batch object, signed, when the batch ends"
+    )
+    skip_bad_rows: bool = Field(
+        False, description="submit the good documents and list the bad ones instead of refusing all"
+    )
 
 
 class SummaryCreate(SummaryOptions):
@@ -162,7 +180,9 @@ class SummaryBatch(BaseModel):
 
 class SummaryCreated(SummaryBatch):
     accepted: int = Field(description="documents queued")
-    skipped: list[str] = Field(default_factory=list, description="bad documents skipped (skip_bad_rows), with where and why")
+    skipped: list[str] = Field(
+        default_factory=list, description="bad documents skipped (skip_bad_rows), with where and why"
+    )
 
 
 class SummaryBatchList(BaseModel):

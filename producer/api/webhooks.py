@@ -78,7 +78,9 @@ def verify_signature(
         raise InvalidSignature(f"{TIMESTAMP_HEADER} is not a Unix time: {timestamp!r}") from None
     current = time.time() if now is None else now
     if abs(current - sent) > tolerance:
-        raise InvalidSignature(f"timestamp {sent} is {current - sent:+.0f}s from now; the tolerance is {tolerance:.0f}s")
+        raise InvalidSignature(
+            f"timestamp {sent} is {current - sent:+.0f}s from now; the tolerance is {tolerance:.0f}s"
+        )
     expected = sign(secret, sent, body)
     offered = [part.strip() for part in signature.split(",") if part.strip().startswith(f"{SCHEME}=")]
     if not any(hmac.compare_digest(expected, candidate) for candidate in offered):

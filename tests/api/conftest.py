@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from models.api_store import create_key
-from models.db import make_engine, session_factory
+from models.db import open_database, session_factory
 from models.settings import Settings
 from tests.conftest import CliProcess
 
@@ -109,7 +109,7 @@ class Key:
 
 def new_key(settings: Settings, name: str = "test") -> Key:
     """A fresh key, written straight to the database (the CLI path has its own test)."""
-    engine = make_engine(settings.database_url)
+    engine = open_database(settings.database_url)
     try:
         with session_factory(engine).begin() as session:
             made = create_key(session, name)
@@ -160,7 +160,13 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status = receiver.script.pop(0) if receiver.script else 200
                 receiver.received.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body, "status": status, "at": time.time()}
+                    {
+                        "path": self.path,
+                        "headers": dict(self.headers),
+                        "body": body,
+                        "status": status,
+                        "at": time.time(),
+                    }
                 )
                 self.send_response(status)
                 self.send_header("Content-Length", "0")

@@ -9,14 +9,14 @@ import re
 import time
 
 from models.store import JobOutcome
-from worker.engines.lead import LeadEngine
+from worker.lead import LeadEngine
 
 _WAIT = re.compile(r"WAIT:(\S+)")
 WAIT_LIMIT = 120.0  # seconds a gate is waited for at most
 
 
 class GatedEngine(LeadEngine):
-    def run(self, jobs, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def run(self, jobs, *args, **kwargs):
         for job in jobs:
             gate = _WAIT.search(job.text)
             deadline = time.monotonic() + WAIT_LIMIT
@@ -30,5 +30,5 @@ class GatedEngine(LeadEngine):
             yield from super().run(rest, *args, **kwargs)
 
 
-def make(name, settings):  # type: ignore[no-untyped-def]
+def make(name, settings):
     return GatedEngine(name, 3)

@@ -10,7 +10,7 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from models.db import make_engine, session_factory
+from models.db import open_database, session_factory
 from models.settings import Settings
 from models.tables import ApiKey
 from tests.api.conftest import ApiServer, Key, jsonl, new_key, request_line
@@ -30,7 +30,7 @@ def test_keys_cli_stores_only_a_hash_and_revokes(api: ApiServer, api_settings: S
     assert made["id"].startswith("key_") and made["name"] == "billing-app"
     assert made["api_key"].startswith("sk-sumfleet-") and len(made["api_key"]) > 40
     assert made["webhook_secret"].startswith("whsec_")
-    engine = make_engine(api_settings.database_url)
+    engine = open_database(api_settings.database_url)
     with session_factory(engine)() as session:
         row = session.scalar(select(ApiKey).where(ApiKey.id == made["id"]))
     engine.dispose()
@@ -48,8 +48,14 @@ def test_keys_cli_stores_only_a_hash_and_revokes(api: ApiServer, api_settings: S
     assert revoked.returncode == 0 and f"revoked {made['id']}" in revoked.stderr.decode()
     refused = httpx.get(f"{api.url}/v1/batches", headers=headers)
     assert refused.status_code == 401
-    assert refused.json() == {"error": {"message": f"API key {made['id']} has been revoked",
-                                        "type": "authentication_error", "param": None, "code": "revoked_api_key"}}
+    assert refused.json() == {
+        "error": {
+            "message": f"API key {made['id']} has been revoked",
+            "type": "authentication_error",
+            "param": None,
+            "code": "revoked_api_key",
+        }
+    }
     assert "revoked" in sumfleet("keys", "list", settings=api_settings).stdout.decode()
     unknown = sumfleet("keys", "revoke", "key_nope", settings=api_settings)
     assert unknown.returncode == 1
@@ -58,9 +64,18 @@ def test_keys_cli_stores_only_a_hash_and_revokes(api: ApiServer, api_settings: S
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x/content"), ("DELETE", "/v1/files/file-x"), ("GET", "/v1/batches"),
-     ("POST", "/v1/batches"), ("POST", "/v1/batches/batch_x/cancel"), ("GET", "/api/v1/batches"),
-     ("POST", "/api/v1/batches"), ("GET", "/api/v1/batches/bx/results")],
+    [
+        ("GET", "/v1/files"),
+        ("POST", "/v1/files"),
+        ("GET", "/v1/files/file-x/content"),
+        ("DELETE", "/v1/files/file-x"),
+        ("GET", "/v1/batches"),
+        ("POST", "/v1/batches"),
+        ("POST", "/v1/batches/batch_x/cancel"),
+        ("GET", "/api/v1/batches"),
+        ("POST", "/api/v1/batches"),
+        ("GET", "/api/v1/batches/bx/results"),
+    ],
 )
 def test_no_key_is_401(api: ApiServer, method: str, path: str) -> None:
     response = httpx.request(method, f"{api.url}{path}")
@@ -84,8 +99,9 @@ def test_another_keys_objects_answer_404(api: ApiServer, api_settings: Settings,
     mine = openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0)
     uploaded = mine.files.create(file=("mine.jsonl", jsonl([request_line("a", "One. Two.")])), purpose="batch")
     batch = mine.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
-    native = httpx.post(f"{api.url}/api/v1/batches", headers=key.headers,
-                        json={"documents": ["Mine. Only."], "model": "lead"}).json()
+    native = httpx.post(
+        f"{api.url}/api/v1/batches", headers=key.headers, json={"documents": ["Mine. Only."], "model": "lead"}
+    ).json()
 
     other = new_key(api_settings, "tenant-b")
     theirs = openai.OpenAI(api_key=other.secret, base_url=f"{api.url}/v1", max_retries=0)
@@ -95,15 +111,21 @@ def test_another_keys_objects_answer_404(api: ApiServer, api_settings: Settings,
         lambda: theirs.files.delete(uploaded.id),
         lambda: theirs.batches.retrieve(batch.id),
         lambda: theirs.batches.cancel(batch.id),
-        lambda: theirs.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"),
+        lambda: theirs.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ),
     ):
         with pytest.raises(openai.NotFoundError) as hidden:
             call()
         assert hidden.value.body["code"] == "not_found"  # type: ignore[index]
     assert theirs.batches.list().data == [] and theirs.files.list().data == []
     with httpx.Client(base_url=api.url, headers=other.headers) as http:
-        for method, path in (("GET", f"/api/v1/batches/{native['id']}"), ("GET", f"/api/v1/batches/{native['id']}/results"),
-                             ("POST", f"/api/v1/batches/{native['id']}/cancel"), ("GET", f"/api/v1/batches/{batch.id}")):
+        for method, path in (
+            ("GET", f"/api/v1/batches/{native['id']}"),
+            ("GET", f"/api/v1/batches/{native['id']}/results"),
+            ("POST", f"/api/v1/batches/{native['id']}/cancel"),
+            ("GET", f"/api/v1/batches/{batch.id}"),
+        ):
             response = http.request(method, path)
             assert response.status_code == 404, (method, path, response.text)
             assert response.json()["error"]["message"].endswith("for this API key")
@@ -121,4 +143,6 @@ def test_api_command_refuses_an_unreachable_database() -> None:
     dead = Settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none")
     refused = sumfleet("api", "--port", "1", settings=dead, timeout=60)
     assert refused.returncode == 1
-    assert refused.stderr.decode().startswith("sumfleet api: error: cannot reach database postgresql+psycopg://postgres@127.0.0.1:1/none")
+    assert refused.stderr.decode().startswith(
+        "sumfleet api: error: cannot reach database postgresql+psycopg://postgres@127.0.0.1:1/none"
+    )

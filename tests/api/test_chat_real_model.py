@@ -26,10 +26,15 @@ def test_chat_requests_on_the_default_model(api: ApiServer, api_settings: Settin
             "custom_id": "system",
             "method": "POST",
             "url": "/v1/chat/completions",
-            "body": {"model": "smollm2", "max_completion_tokens": 24, "temperature": 0, "messages": [
-                {"role": "system", "content": "You write headlines."},
-                {"role": "user", "content": f"Headline for this article:\n\n{article}"},
-            ]},
+            "body": {
+                "model": "smollm2",
+                "max_completion_tokens": 24,
+                "temperature": 0,
+                "messages": [
+                    {"role": "system", "content": "You write headlines."},
+                    {"role": "user", "content": f"Headline for this article:\n\n{article}"},
+                ],
+            },
         },
         request_line("too-long", "word " * 12_000, model="smollm2", max_tokens=8),  # over the model's context
     ]
@@ -38,11 +43,13 @@ def test_chat_requests_on_the_default_model(api: ApiServer, api_settings: Settin
     batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
     ended = ("completed", "failed", "expired", "cancelled")
     done = wait_for(lambda: (b := sdk.batches.retrieve(batch.id)).status in ended and b, 600, "the batch", poll=1)
-    assert done.status == "completed"  # type: ignore[union-attr]
-    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)  # type: ignore[union-attr]
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
 
-    output = {line["custom_id"]: line["response"]["body"]
-              for line in map(json.loads, sdk.files.content(done.output_file_id).text.splitlines())}  # type: ignore[union-attr]
+    output = {
+        line["custom_id"]: line["response"]["body"]
+        for line in map(json.loads, sdk.files.content(str(done.output_file_id)).text.splitlines())
+    }
     assert set(output) == {"short", "system"}
     for custom_id, limit in (("short", 8), ("system", 24)):
         body = output[custom_id]
@@ -53,6 +60,6 @@ def test_chat_requests_on_the_default_model(api: ApiServer, api_settings: Settin
         assert choice["finish_reason"] == ("length" if usage["completion_tokens"] == limit else "stop")
     assert output["short"]["choices"][0]["finish_reason"] == "length"  # 8 tokens cannot hold a sentence
 
-    (error,) = map(json.loads, sdk.files.content(done.error_file_id).text.splitlines())  # type: ignore[union-attr]
+    (error,) = map(json.loads, sdk.files.content(str(done.error_file_id)).text.splitlines())
     assert error["custom_id"] == "too-long" and error["response"]["status_code"] == 500
     assert "over this model's usable context" in error["response"]["body"]["error"]["message"]

@@ -3,35 +3,37 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
 
 from models.settings import Settings
+from models.text import lead
 from tests.api.conftest import ApiServer, new_key
 from tests.conftest import SAMPLE, wait_for
-from worker.engines.lead import lead
 
 pytestmark = pytest.mark.services
 
 
-def _done(http: httpx.Client, batch_id: str, timeout: float = 120) -> dict:  # type: ignore[type-arg]
-    def ended() -> dict | None:  # type: ignore[type-arg]
+def _done(http: httpx.Client, batch_id: str, timeout: float = 120) -> dict:
+    def ended() -> dict | None:
         batch = http.get(f"/api/v1/batches/{batch_id}").json()
         return batch if batch["state"] in ("completed", "cancelled") else None
 
-    return wait_for(ended, timeout, f"batch {batch_id} to end")  # type: ignore[return-value]
+    return wait_for(ended, timeout, f"batch {batch_id} to end")
 
 
 def test_inline_create_get_and_stream_results(http: httpx.Client, api_settings: Settings, start_worker) -> None:
     start_worker(api_settings, "lead")
-    documents = [
+    documents: list[Any] = [
         "Plain string one. It has sentences. Three of them. And a fourth.",
         {"id": "obj-2", "text": "Object two. With an id.", "category": "news"},
         {"id": 3, "document": "Third uses the document key. Fine."},
     ]
-    created = http.post("/api/v1/batches", json={"documents": documents, "model": "lead", "prompt": "headline",
-                                                 "max_new_tokens": 16})
+    created = http.post(
+        "/api/v1/batches", json={"documents": documents, "model": "lead", "prompt": "headline", "max_new_tokens": 16}
+    )
     assert created.status_code == 201, created.text
     batch = created.json()
     assert batch["object"] == "summary_batch" and batch["id"].startswith("b")
@@ -49,7 +51,11 @@ def test_inline_create_get_and_stream_results(http: httpx.Client, api_settings: 
         assert "content-length" not in response.headers  # streamed, not built in memory
         rows = [json.loads(line) for line in response.iter_lines() if line]
     assert [r["id"] for r in rows] == ["1", "obj-2", "3"]
-    assert [r["summary"] for r in rows] == [lead(documents[0], 3), "Object two. With an id.", "Third uses the document key. Fine."]
+    assert [r["summary"] for r in rows] == [
+        lead(documents[0], 3),
+        "Object two. With an id.",
+        "Third uses the document key. Fine.",
+    ]
     assert all(r["status"] == "succeeded" and r["error"] is None and r["worker"] for r in rows)
 
 
@@ -72,15 +78,18 @@ def test_upload_create_with_bad_rows_skipped(http: httpx.Client, api_settings: S
     assert [r["id"] for r in rows] == [s["id"] for s in sources]
     assert [r["summary"] for r in rows] == [lead(s["text"], 3) for s in sources]
 
-    csv_made = http.post("/api/v1/batches/upload", files={"file": ("t.csv", b"id,text\na,One. Two.\nb,Three.\n")},
-                         data={"model": "lead"})
+    csv_made = http.post(
+        "/api/v1/batches/upload", files={"file": ("t.csv", b"id,text\na,One. Two.\nb,Three.\n")}, data={"model": "lead"}
+    )
     assert csv_made.status_code == 201 and csv_made.json()["accepted"] == 2
     assert _done(http, csv_made.json()["id"])["counts"] == {"succeeded": 2}
 
 
 def test_list_pages_newest_first_and_only_this_keys(http: httpx.Client, api: ApiServer, api_settings: Settings) -> None:
-    made = [http.post("/api/v1/batches", json={"documents": [f"Doc {i}. Text."], "model": "lead"}).json()["id"]
-            for i in range(3)]
+    made = [
+        http.post("/api/v1/batches", json={"documents": [f"Doc {i}. Text."], "model": "lead"}).json()["id"]
+        for i in range(3)
+    ]
     other = new_key(api_settings, "tenant-b")
     httpx.post(f"{api.url}/api/v1/batches", headers=other.headers, json={"documents": ["Not mine."], "model": "lead"})
     first = http.get("/api/v1/batches", params={"limit": 2}).json()
@@ -102,8 +111,9 @@ def test_cancel(http: httpx.Client) -> None:
     assert again.status_code == 409
     assert again.json()["error"] == {
         "message": f"batch {batch['id']} has already ended (cancelled); nothing to cancel",
-        "type": "invalid_request_error", "param": None, "code": "invalid_state",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_state",
     }
     rows = [json.loads(line) for line in http.get(f"/api/v1/batches/{batch['id']}/results").text.splitlines()]
     assert [r["status"] for r in rows] == ["cancelled", "cancelled"]
-

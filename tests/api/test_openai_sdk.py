@@ -17,11 +17,11 @@ from sqlalchemy import update
 
 from models.settings import Settings
 from models.tables import ApiBatch
+from models.text import lead
 from producer.client import Client
 from tests.api.conftest import GATED, ApiServer, Key, jsonl
 from tests.api.conftest import request_line as _request_line
 from tests.conftest import sumfleet, wait_for
-from worker.engines.lead import lead
 
 pytestmark = pytest.mark.services
 
@@ -39,9 +39,11 @@ def _lines(content: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in content.text.splitlines()]
 
 
-def _ended(sdk: openai.OpenAI, batch_id: str, timeout: float = 120):  # type: ignore[no-untyped-def]
+def _ended(sdk: openai.OpenAI, batch_id: str, timeout: float = 120):
     ended = ("completed", "failed", "expired", "cancelled")
-    return wait_for(lambda: (b := sdk.batches.retrieve(batch_id)).status in ended and b, timeout, f"batch {batch_id} to end")
+    return wait_for(
+        lambda: (b := sdk.batches.retrieve(batch_id)).status in ended and b, timeout, f"batch {batch_id} to end"
+    )
 
 
 def _underlying(settings: Settings, api_batch_id: str) -> tuple[Client, str]:
@@ -83,13 +85,20 @@ def test_upload_create_poll_and_download_output_and_error_files(
     ]
     data = jsonl(rows)
     uploaded = sdk.files.create(file=("requests.jsonl", data), purpose="batch")
-    assert (uploaded.object, uploaded.purpose, uploaded.filename, uploaded.bytes) == ("file", "batch", "requests.jsonl", len(data))
+    assert (uploaded.object, uploaded.purpose, uploaded.filename, uploaded.bytes) == (
+        "file",
+        "batch",
+        "requests.jsonl",
+        len(data),
+    )
     assert uploaded.id.startswith("file-")
     assert sdk.files.retrieve(uploaded.id).bytes == len(data)
     assert sdk.files.content(uploaded.id).content == data
 
     created = sdk.batches.create(
-        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
         metadata={"run": "nightly"},
     )
     assert created.object == "batch" and created.id.startswith("batch_")
@@ -107,7 +116,11 @@ def test_upload_create_poll_and_download_output_and_error_files(
     output = _lines(sdk.files.content(done.output_file_id))
     by_id = {line["custom_id"]: line for line in output}
     assert [line["custom_id"] for line in output] == ["doc-1", "doc-2", "doc-5"]  # input order
-    expected = {"doc-1": lead(texts["doc-1"], 3), "doc-2": lead(texts["doc-2"], 3), "doc-5": "Gamma first. Gamma second."}
+    expected = {
+        "doc-1": lead(texts["doc-1"], 3),
+        "doc-2": lead(texts["doc-2"], 3),
+        "doc-5": "Gamma first. Gamma second.",
+    }
     for custom_id, summary in expected.items():
         line = by_id[custom_id]
         assert line["error"] is None and line["id"].startswith("batch_req_")
@@ -134,7 +147,9 @@ def test_upload_create_poll_and_download_output_and_error_files(
     assert refused["status_code"] == 400
     assert refused["body"]["error"] == {
         "message": "line 4: max_tokens must be an integer between 1 and 4096, got 0",
-        "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "invalid_value",
     }
 
     out_file = sdk.files.retrieve(done.output_file_id)
@@ -142,13 +157,18 @@ def test_upload_create_poll_and_download_output_and_error_files(
     assert sdk.files.content(done.output_file_id).content == sdk.files.content(done.output_file_id).content  # stable
 
 
-def _held_batch(sdk: openai.OpenAI, settings: Settings, start_worker, gate: Path, prefix: str, window: str = "24h"):  # type: ignore[no-untyped-def]
+def _held_batch(sdk: openai.OpenAI, settings: Settings, start_worker, gate: Path, prefix: str, window: str = "24h"):
     """A batch of 8 requests whose first chunk (4) is held running by the gated engine until `gate` exists."""
     start_worker(settings, GATED)
     rows = [request_line(f"{prefix}-0", f"WAIT:{gate} Held first. Then more.")]
     rows += [request_line(f"{prefix}-{i}", f"Request {i} first sentence. Second sentence.") for i in range(1, 8)]
     uploaded = sdk.files.create(file=(f"{prefix}.jsonl", jsonl(rows)), purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window=window)
+    # completion_window: the SDK's type allows "24h" only; this server takes any "<N>h" up to 168h
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window=window,  # type: ignore[arg-type]
+    )
     client, batch_id = _underlying(settings, batch.id)
     wait_for(lambda: client.status(batch_id).counts.get("running") == 4, 60, "the first chunk to be held running")
     return batch, client, batch_id
@@ -167,7 +187,12 @@ def test_cancel_a_running_batch_keeps_finished_results(
     done = _ended(sdk, batch.id)
     assert done.status == "cancelled" and done.cancelled_at and done.cancelling_at
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (8, 4, 4)
-    assert [line["custom_id"] for line in _lines(sdk.files.content(done.output_file_id))] == ["c-0", "c-1", "c-2", "c-3"]
+    assert [line["custom_id"] for line in _lines(sdk.files.content(done.output_file_id))] == [
+        "c-0",
+        "c-1",
+        "c-2",
+        "c-3",
+    ]
     errors = _lines(sdk.files.content(done.error_file_id))
     assert [line["custom_id"] for line in errors] == ["c-4", "c-5", "c-6", "c-7"]
     assert all(line["response"] is None and line["error"]["code"] == "batch_cancelled" for line in errors)
@@ -180,7 +205,7 @@ def test_a_batch_cancelled_with_the_cli_ends_cancelled(
     sdk: openai.OpenAI, api_settings: Settings, start_worker, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    batch, client, batch_id = _held_batch(sdk, api_settings, start_worker, gate, "k")
+    batch, _, batch_id = _held_batch(sdk, api_settings, start_worker, gate, "k")
     cancelled = sumfleet("cancel", batch_id, settings=api_settings)
     assert cancelled.returncode == 0, cancelled.stderr.decode()
     wait_for(lambda: sdk.batches.retrieve(batch.id).status == "cancelling", 30, "the API to see the cancel")
@@ -209,15 +234,19 @@ def test_a_batch_past_its_completion_window_expires(
 
     with client.sessions.begin() as session:  # the hour has passed
         session.execute(
-            update(ApiBatch).where(ApiBatch.id == batch.id)
-            .values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+            update(ApiBatch).where(ApiBatch.id == batch.id).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
         )
     wait_for(lambda: client.status(batch_id).counts.get("cancelled") == 4, 30, "the queued requests to be cancelled")
     assert sdk.batches.retrieve(batch.id).status == "finalizing"  # waiting for the running chunk
     gate.touch()
     done = _ended(sdk, batch.id)
     assert done.status == "expired" and done.expired_at and done.completed_at is None
-    assert [line["custom_id"] for line in _lines(sdk.files.content(done.output_file_id))] == ["e-0", "e-1", "e-2", "e-3"]
+    assert [line["custom_id"] for line in _lines(sdk.files.content(done.output_file_id))] == [
+        "e-0",
+        "e-1",
+        "e-2",
+        "e-3",
+    ]
     errors = _lines(sdk.files.content(done.error_file_id))
     assert [line["custom_id"] for line in errors] == ["e-4", "e-5", "e-6", "e-7"]
     assert all(line["error"]["code"] == "batch_expired" and line["response"] is None for line in errors)

@@ -53,7 +53,7 @@ def test_openapi_document_lists_every_endpoint_and_the_error_shape(api: ApiServe
 
 
 @pytest.fixture(scope="module")
-def api_schema(api: ApiServer):  # type: ignore[no-untyped-def]
+def api_schema(api: ApiServer):
     return schemathesis.openapi.from_url(f"{api.url}/openapi.json")
 
 
@@ -67,13 +67,13 @@ OPERATIONS = [
 
 
 @pytest.mark.parametrize(("path", "method", "mode"), OPERATIONS)
-def test_no_server_errors(api_schema, key: Key, path: str, method: str, mode: GenerationMode) -> None:  # type: ignore[no-untyped-def]
+def test_no_server_errors(api_schema, key: Key, path: str, method: str, mode: GenerationMode) -> None:
     """Requests generated from the schema (valid ones, and ones that break it) never get a 5xx."""
     operation = api_schema[path][method.upper()]
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
-    def run(case) -> None:  # type: ignore[no-untyped-def]
+    def run(case) -> None:
         case.call_and_validate(headers=key.headers, checks=[not_a_server_error], timeout=30)
 
     run()

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from models.api_store import deliveries_for
-from models.db import make_engine, session_factory
+from models.db import open_database, session_factory
 from models.settings import Settings
 from producer.api.webhooks import InvalidSignature, sign, verify_signature
 from tests.api.conftest import GATED, ApiServer, Key, free_port, jsonl, new_key, request_line
@@ -40,7 +40,9 @@ def test_verify_signature_accepts_a_fresh_genuine_delivery() -> None:
         (b'{"id":"batch_1","status":"completed"}', 301, SECRET, "the tolerance is 300s"),
     ],
 )
-def test_verify_signature_refuses_tampered_wrong_or_stale(body: bytes, timestamp: int, secret: str, reason: str) -> None:
+def test_verify_signature_refuses_tampered_wrong_or_stale(
+    body: bytes, timestamp: int, secret: str, reason: str
+) -> None:
     now = int(time.time())
     signed_at = now + timestamp
     signature = sign(SECRET, signed_at, b'{"id":"batch_1","status":"completed"}')
@@ -61,25 +63,43 @@ def test_verify_signature_refuses_missing_or_malformed_headers() -> None:
 # --- deliveries from a real API process -----------------------------------------------------------
 
 
-def _check_signed(delivery: dict, key: Key) -> dict:  # type: ignore[type-arg]
+def _check_signed(delivery: dict, key: Key) -> dict:
     headers = {k.lower(): v for k, v in delivery["headers"].items()}
-    verify_signature(key.webhook_secret, delivery["body"], headers["sumfleet-timestamp"], headers["sumfleet-signature"],
-                     now=delivery["at"])
+    verify_signature(
+        key.webhook_secret,
+        delivery["body"],
+        headers["sumfleet-timestamp"],
+        headers["sumfleet-signature"],
+        now=delivery["at"],
+    )
     with pytest.raises(InvalidSignature):
-        verify_signature("whsec_someone-else", delivery["body"], headers["sumfleet-timestamp"], headers["sumfleet-signature"],
-                         now=delivery["at"])
+        verify_signature(
+            "whsec_someone-else",
+            delivery["body"],
+            headers["sumfleet-timestamp"],
+            headers["sumfleet-signature"],
+            now=delivery["at"],
+        )
     assert headers["content-type"] == "application/json"
     return headers
 
 
 @pytest.mark.services
-def test_signed_delivery_retried_after_a_500(api: ApiServer, api_settings: Settings, key: Key, start_worker, receivers) -> None:
+def test_signed_delivery_retried_after_a_500(
+    api: ApiServer, api_settings: Settings, key: Key, start_worker, receivers
+) -> None:
     start_worker(api_settings, GATED)
     receiver = receivers(500)  # the first attempt fails, the retry succeeds
     sdk = openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0)
-    uploaded = sdk.files.create(file=("hook.jsonl", jsonl([request_line("a", "One. Two.", model=GATED)])), purpose="batch")
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
-                               extra_body={"callback_url": f"{receiver.url}/hooks/sumfleet"})
+    uploaded = sdk.files.create(
+        file=("hook.jsonl", jsonl([request_line("a", "One. Two.", model=GATED)])), purpose="batch"
+    )
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"callback_url": f"{receiver.url}/hooks/sumfleet"},
+    )
     wait_for(lambda: len(receiver.received) >= 2, 60, "the webhook and its retry")
     first, second = receiver.received[:2]
     assert (first["status"], second["status"]) == (500, 200)
@@ -93,16 +113,17 @@ def test_signed_delivery_retried_after_a_500(api: ApiServer, api_settings: Setti
     assert payload["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
     assert payload["output_file_id"] == sdk.batches.retrieve(batch.id).output_file_id
 
-    engine = make_engine(api_settings.database_url)
+    engine = open_database(api_settings.database_url)
     with session_factory(engine)() as session:
-        def delivered():  # type: ignore[no-untyped-def]
+
+        def delivered():
             rows = deliveries_for(session, batch.id)
             session.expire_all()
             return rows if rows and rows[0].state == "delivered" else None
 
         rows = wait_for(delivered, 10, "the delivery to be recorded")
     engine.dispose()
-    assert len(rows) == 1 and (rows[0].attempts, rows[0].last_status) == (2, 200)  # type: ignore[index]
+    assert len(rows) == 1 and (rows[0].attempts, rows[0].last_status) == (2, 200)
     assert len(receiver.received) == 2  # delivered: no more attempts
 
 
@@ -110,14 +131,20 @@ def test_signed_delivery_retried_after_a_500(api: ApiServer, api_settings: Setti
 def test_cancelled_native_and_failed_openai_batches_notify(api: ApiServer, key: Key, receivers) -> None:
     receiver = receivers()
     with httpx.Client(base_url=api.url, headers=key.headers) as http:
-        native = http.post("/api/v1/batches", json={"documents": ["One. Two."], "model": "lead",
-                                                    "callback_url": f"{receiver.url}/native"}).json()
+        native = http.post(
+            "/api/v1/batches",
+            json={"documents": ["One. Two."], "model": "lead", "callback_url": f"{receiver.url}/native"},
+        ).json()
         assert native["callback_url"] == f"{receiver.url}/native"
         http.post(f"/api/v1/batches/{native['id']}/cancel")
         sdk = openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0)
         uploaded = sdk.files.create(file=("bad.jsonl", b"not json\n"), purpose="batch")
-        failed = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
-                                    metadata={"callback_url": f"{receiver.url}/openai"})
+        failed = sdk.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"callback_url": f"{receiver.url}/openai"},
+        )
         assert failed.status == "failed"
         bad = http.post("/api/v1/batches", json={"documents": ["x."], "model": "lead", "callback_url": "ftp://x"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "callback_url"
@@ -126,7 +153,12 @@ def test_cancelled_native_and_failed_openai_batches_notify(api: ApiServer, key: 
     native_hook = by_path["/native"]
     assert _check_signed(native_hook, key)["sumfleet-event"] == "batch.cancelled"
     body = json.loads(native_hook["body"])
-    assert (body["object"], body["id"], body["state"], body["counts"]) == ("summary_batch", native["id"], "cancelled", {"cancelled": 1})
+    assert (body["object"], body["id"], body["state"], body["counts"]) == (
+        "summary_batch",
+        native["id"],
+        "cancelled",
+        {"cancelled": 1},
+    )
     openai_hook = by_path["/openai"]
     assert _check_signed(openai_hook, key)["sumfleet-event"] == "batch.failed"
     body = json.loads(openai_hook["body"])
@@ -135,7 +167,7 @@ def test_cancelled_native_and_failed_openai_batches_notify(api: ApiServer, key: 
 
 
 @pytest.fixture
-def own_database(pg_url: str):  # type: ignore[no-untyped-def]
+def own_database(pg_url: str):
     """A database of the test's own: no other API process delivers its webhooks."""
     name = f"sumfleet_test_{secrets.token_hex(4)}"
     with _pg_admin() as admin:
@@ -147,25 +179,29 @@ def own_database(pg_url: str):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.services
-def test_a_restarted_api_resumes_pending_deliveries(api_settings: Settings, own_database: str, start_api, receivers) -> None:
+def test_a_restarted_api_resumes_pending_deliveries(
+    api_settings: Settings, own_database: str, start_api, receivers
+) -> None:
     settings = api_settings.model_copy(update={"database_url": own_database, "api_webhook_backoff": 0.2})
     port = free_port()  # nothing listens there yet: attempts fail with "connection refused"
     first = start_api(settings).wait_ready()
     key = new_key(settings)
     with httpx.Client(base_url=first.url, headers=key.headers) as http:
-        batch = http.post("/api/v1/batches", json={"documents": ["One. Two."], "model": "lead",
-                                                   "callback_url": f"http://127.0.0.1:{port}/late"}).json()
+        batch = http.post(
+            "/api/v1/batches",
+            json={"documents": ["One. Two."], "model": "lead", "callback_url": f"http://127.0.0.1:{port}/late"},
+        ).json()
         http.post(f"/api/v1/batches/{batch['id']}/cancel")
-    engine = make_engine(own_database)
+    engine = open_database(own_database)
     sessions = session_factory(engine)
 
-    def delivery():  # type: ignore[no-untyped-def]
+    def delivery():
         with sessions() as session:
             rows = deliveries_for(session, batch["id"])
             return rows[0] if rows else None
 
     failing = wait_for(lambda: (d := delivery()) and d.attempts >= 2 and d, 30, "failed attempts")
-    assert failing.state == "pending" and "ConnectError" in failing.last_error  # type: ignore[union-attr]
+    assert failing.state == "pending" and "ConnectError" in failing.last_error
     first.stop()  # the API goes away with the delivery still owed
 
     receiver = receivers(port=port)
@@ -173,7 +209,7 @@ def test_a_restarted_api_resumes_pending_deliveries(api_settings: Settings, own_
     wait_for(lambda: receiver.received, 30, "the resumed delivery")
     assert _check_signed(receiver.received[0], key)["sumfleet-event"] == "batch.cancelled"
     done = wait_for(lambda: (d := delivery()) and d.state == "delivered" and d, 10, "the delivery to be recorded")
-    assert done.attempts > failing.attempts  # type: ignore[union-attr]
+    assert done.attempts > failing.attempts
     engine.dispose()
 
 
@@ -189,25 +225,38 @@ def test_two_api_processes_end_each_batch_and_send_its_webhook_once(
     start_worker(api_settings, GATED)
     receiver = receivers()
     sdk = openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0)
-    uploaded = sdk.files.create(file=("two.jsonl", jsonl([request_line(f"r{i}", "One. Two.", model=GATED) for i in range(3)])),
-                                purpose="batch")
+    uploaded = sdk.files.create(
+        file=("two.jsonl", jsonl([request_line(f"r{i}", "One. Two.", model=GATED) for i in range(3)])), purpose="batch"
+    )
     made = [
-        sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
-                           extra_body={"callback_url": f"{receiver.url}/{i}"}).id
+        sdk.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_body={"callback_url": f"{receiver.url}/{i}"},
+        ).id
         for i in range(5)
     ]
     wait_for(lambda: len(receiver.received) >= 5, 60, "five webhooks")
     time.sleep(3 * api_settings.api_poll_interval)  # room for a duplicate, were there one
     assert sorted(d["path"] for d in receiver.received) == [f"/{i}" for i in range(5)]
     assert sorted(json.loads(d["body"])["id"] for d in receiver.received) == sorted(made)
-    engine = make_engine(api_settings.database_url)
+    engine = open_database(api_settings.database_url)
     with session_factory(engine)() as session:
-        deliveries = dict(session.execute(
-            select(WebhookDelivery.api_batch_id, func.count()).where(WebhookDelivery.api_batch_id.in_(made))
-            .group_by(WebhookDelivery.api_batch_id)).all())
-        files = dict(session.execute(
-            select(ApiFile.api_batch_id, func.count()).where(ApiFile.api_batch_id.in_(made))
-            .group_by(ApiFile.api_batch_id)).all())
+        deliveries = dict(
+            session.execute(
+                select(WebhookDelivery.api_batch_id, func.count())
+                .where(WebhookDelivery.api_batch_id.in_(made))
+                .group_by(WebhookDelivery.api_batch_id)
+            ).all()
+        )
+        files = dict(
+            session.execute(
+                select(ApiFile.api_batch_id, func.count())
+                .where(ApiFile.api_batch_id.in_(made))
+                .group_by(ApiFile.api_batch_id)
+            ).all()
+        )
     engine.dispose()
     assert deliveries == {batch_id: 1 for batch_id in made}
     assert files == {batch_id: 1 for batch_id in made}  # one output file each (no errors), made by one process
@@ -223,13 +272,19 @@ def test_webhooks_to_private_addresses_are_refused_by_default(
     first = start_api(allowed).wait_ready()
     key = new_key(allowed)
     with httpx.Client(base_url=first.url, headers=key.headers) as http:  # no worker: the batch stays queued
-        batch = http.post("/api/v1/batches", json={"documents": ["One. Two."], "model": "lead",
-                                                   "callback_url": f"{receiver.url}/private"}).json()
+        batch = http.post(
+            "/api/v1/batches",
+            json={"documents": ["One. Two."], "model": "lead", "callback_url": f"{receiver.url}/private"},
+        ).json()
     first.stop()
 
     second = start_api(strict).wait_ready()
     with httpx.Client(base_url=second.url, headers=key.headers) as http:
-        for url, address in ((f"{receiver.url}/x", "127.0.0.1"), ("http://localhost:9/x", None), ("http://10.1.2.3/x", "10.1.2.3")):
+        for url, address in (
+            (f"{receiver.url}/x", "127.0.0.1"),
+            ("http://localhost:9/x", None),
+            ("http://10.1.2.3/x", "10.1.2.3"),
+        ):
             refused = http.post("/api/v1/batches", json={"documents": ["x."], "model": "lead", "callback_url": url})
             assert refused.status_code == 400, refused.text
             message = refused.json()["error"]["message"]
@@ -238,21 +293,27 @@ def test_webhooks_to_private_addresses_are_refused_by_default(
         sdk = openai.OpenAI(api_key=key.secret, base_url=f"{second.url}/v1", max_retries=0)
         uploaded = sdk.files.create(file=("p.jsonl", jsonl([request_line("a", "One. Two.")])), purpose="batch")
         with pytest.raises(openai.BadRequestError) as refused_sdk:
-            sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
-                               metadata={"callback_url": "http://127.0.0.1:9/x"})
+            sdk.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"callback_url": "http://127.0.0.1:9/x"},
+            )
         assert refused_sdk.value.body["param"] == "metadata.callback_url"  # type: ignore[index]
         # a delivery accepted earlier (or whose name now resolves privately) is checked again when sent
         assert http.post(f"/api/v1/batches/{batch['id']}/cancel").status_code == 200
-    engine = make_engine(own_database)
+    engine = open_database(own_database)
     sessions = session_factory(engine)
 
-    def delivery():  # type: ignore[no-untyped-def]
+    def delivery():
         with sessions() as session:
             rows = deliveries_for(session, batch["id"])
             return rows[0] if rows and rows[0].state != "pending" else None
 
     done = wait_for(delivery, 30, "the delivery to be refused")
-    assert done.state == "failed" and done.attempts == 1  # type: ignore[union-attr]
-    assert done.last_error.startswith(f"refused: {receiver.url}/private resolves to the private or local address 127.0.0.1")  # type: ignore[union-attr]
+    assert done.state == "failed" and done.attempts == 1
+    assert done.last_error.startswith(
+        f"refused: {receiver.url}/private resolves to the private or local address 127.0.0.1"
+    )
     assert receiver.received == []
     engine.dispose()

@@ -6,15 +6,15 @@ from __future__ import annotations
 import os
 import signal
 
-from worker.engines.lead import LeadEngine
+from worker.lead import LeadEngine
 
 
 class CrashingEngine(LeadEngine):
-    def run(self, jobs, template, params):  # type: ignore[no-untyped-def]
+    def run(self, jobs, template, params):
         if any("POISON" in job.text for job in jobs):
             os.kill(os.getpid(), signal.SIGKILL)
         yield from super().run(jobs, template, params)
 
 
-def make(name, settings):  # type: ignore[no-untyped-def]
+def make(name, settings):
     return CrashingEngine(name, 1)

@@ -60,34 +60,111 @@ CASES = [
     ("empty file", ["submit", "{empty.jsonl}"], "{empty.jsonl}: no documents (the file is empty)"),
     ("only blank lines", ["submit", "{blank.jsonl}"], "{blank.jsonl}: no documents (the file is empty)"),
     ("whitespace document", ["submit", "{whitespace-doc.jsonl}"], '{whitespace-doc.jsonl}:2: field "text" is empty'),
-    ("malformed JSON line", ["submit", "{malformed.jsonl}"], "{malformed.jsonl}:2: malformed JSON (Expecting ',' delimiter at column 12)"),
-    ("JSON array, not lines", ["submit", "{array.json}"], "{array.json}: a JSON array, not JSON Lines (one object per line)"),
-    ("missing text field", ["submit", "{no-text.jsonl}"], '{no-text.jsonl}:1: missing text: no "text" or "document" field'),
-    ("non-string text", ["submit", "{number-text.jsonl}"], '{number-text.jsonl}:1: field "text" must be a string, got number'),
+    (
+        "malformed JSON line",
+        ["submit", "{malformed.jsonl}"],
+        "{malformed.jsonl}:2: malformed JSON (Expecting ',' delimiter at column 12)",
+    ),
+    (
+        "JSON array, not lines",
+        ["submit", "{array.json}"],
+        "{array.json}: a JSON array, not JSON Lines (one object per line)",
+    ),
+    (
+        "missing text field",
+        ["submit", "{no-text.jsonl}"],
+        '{no-text.jsonl}:1: missing text: no "text" or "document" field',
+    ),
+    (
+        "non-string text",
+        ["submit", "{number-text.jsonl}"],
+        '{number-text.jsonl}:1: field "text" must be a string, got number',
+    ),
     ("undecodable bytes", ["submit", "{latin1.jsonl}"], "{latin1.jsonl}:1: not valid UTF-8 (byte 0xe9 at column 25)"),
     ("UTF-16 file", ["submit", "{utf16.jsonl}"], "{utf16.jsonl}: UTF-16 text; save it as UTF-8"),
-    ("50 MB document", ["submit", "{huge.jsonl}"], "{huge.jsonl}:1: line is over 8,065,536 bytes; the limit is 1,000,000 characters"),
+    (
+        "50 MB document",
+        ["submit", "{huge.jsonl}"],
+        "{huge.jsonl}:1: line is over 8,065,536 bytes; the limit is 1,000,000 characters",
+    ),
     ("binary file in a directory", ["submit", "{with-binary}"], "photo.txt: binary file (not UTF-8 text)"),
     ("directory without text files", ["submit", "{empty-dir}"], "{empty-dir}: no .txt or .md files in the directory"),
     ("duplicate ids", ["submit", "{dup-ids.jsonl}"], '{dup-ids.jsonl}:3: duplicate id "a" (first seen at line 1)'),
-    ("id of the wrong type", ["submit", "{list-id.jsonl}"], '{list-id.jsonl}:1: field "id" must be a string or integer, got list'),
-    ("CSV without a text column", ["submit", "{no-text-column.csv}"], "{no-text-column.csv}: no text column (looked for text, document, article, content, body); the columns are: id, title"),
+    (
+        "id of the wrong type",
+        ["submit", "{list-id.jsonl}"],
+        '{list-id.jsonl}:1: field "id" must be a string or integer, got list',
+    ),
+    (
+        "CSV without a text column",
+        ["submit", "{no-text-column.csv}"],
+        "{no-text-column.csv}: no text column (looked for text, document, article, content, body); "
+        "the columns are: id, title",
+    ),
     ("input that does not exist", ["submit", "missing.jsonl"], "missing.jsonl: no such file or directory"),
     ("unknown model", ["submit", "{sample}", "--model", "gpt-17"], "unknown model 'gpt-17'"),
-    ("model not available offline", ["submit", "{sample}", "--model", "someone/some-model"], "model 'someone/some-model' is not in the local Hugging Face cache and downloads are off"),
-    ("unknown prompt template", ["submit", "{sample}", "--prompt", "one-sentense"], "unknown prompt template 'one-sentense'; known templates:"),
-    ("template without {document}", ["submit", "{sample}", "--prompt", "Summarize {{this}}"], "prompt template has no {document} placeholder"),
-    ("template with an unknown placeholder", ["submit", "{sample}", "--prompt", "For {audience}: {document}"], "prompt template uses unknown placeholder(s) {audience}"),
-    ("both prompt flags", ["submit", "{sample}", "--prompt", "headline", "--prompt-file", "{prompt.txt}"], "give --prompt or --prompt-file, not both"),
-    ("missing prompt file", ["submit", "{sample}", "--prompt-file", "nope.txt"], "cannot read --prompt-file nope.txt: No such file or directory"),
-    ("negative generation limit", ["submit", "{sample}", "--max-new-tokens", "-5"], "--max-new-tokens must be between 1 and 4096, got -5"),
-    ("absurd generation limit", ["submit", "{sample}", "--max-new-tokens", "1000000"], "--max-new-tokens must be between 1 and 4096, got 1000000"),
+    (
+        "model not available offline",
+        ["submit", "{sample}", "--model", "someone/some-model"],
+        "model 'someone/some-model' is not in the local Hugging Face cache and downloads are off",
+    ),
+    (
+        "unknown prompt template",
+        ["submit", "{sample}", "--prompt", "one-sentense"],
+        "unknown prompt template 'one-sentense'; known templates:",
+    ),
+    (
+        "template without {document}",
+        ["submit", "{sample}", "--prompt", "Summarize {{this}}"],
+        "prompt template has no {document} placeholder",
+    ),
+    (
+        "template with an unknown placeholder",
+        ["submit", "{sample}", "--prompt", "For {audience}: {document}"],
+        "prompt template uses unknown placeholder(s) {audience}",
+    ),
+    (
+        "both prompt flags",
+        ["submit", "{sample}", "--prompt", "headline", "--prompt-file", "{prompt.txt}"],
+        "give --prompt or --prompt-file, not both",
+    ),
+    (
+        "missing prompt file",
+        ["submit", "{sample}", "--prompt-file", "nope.txt"],
+        "cannot read --prompt-file nope.txt: No such file or directory",
+    ),
+    (
+        "negative generation limit",
+        ["submit", "{sample}", "--max-new-tokens", "-5"],
+        "--max-new-tokens must be between 1 and 4096, got -5",
+    ),
+    (
+        "absurd generation limit",
+        ["submit", "{sample}", "--max-new-tokens", "1000000"],
+        "--max-new-tokens must be between 1 and 4096, got 1000000",
+    ),
     ("unknown batch id", ["status", "b-nope"], "no batch 'b-nope' in this database (see `sumfleet batches`)"),
     ("unknown batch id to cancel", ["cancel", "b-nope"], "no batch 'b-nope' in this database"),
-    ("unreachable database", ["submit", "{sample}", "--database-url", "postgresql+psycopg://postgres@127.0.0.1:9/test"], "cannot reach database postgresql+psycopg://postgres@127.0.0.1:9/test:"),
-    ("wrong database credentials", ["submit", "{sample}", "--database-url", "postgresql+psycopg://nobody:secret@127.0.0.1:5432/test"], 'password authentication failed for user "nobody"|role "nobody" does not exist'),
-    ("database URL of an unknown kind", ["submit", "{sample}", "--database-url", "oracle+nothing://x/y"], "database URL 'oracle+nothing://x/y' is not usable"),
-    ("unreachable broker", ["submit", "{sample}", "--broker-url", "redis://127.0.0.1:9/0"], "cannot reach the broker at redis://127.0.0.1:9/0"),
+    (
+        "unreachable database",
+        ["submit", "{sample}", "--database-url", "postgresql+psycopg://postgres@127.0.0.1:9/test"],
+        "cannot reach database postgresql+psycopg://postgres@127.0.0.1:9/test:",
+    ),
+    (
+        "wrong database credentials",
+        ["submit", "{sample}", "--database-url", "postgresql+psycopg://nobody:secret@127.0.0.1:5432/test"],
+        'password authentication failed for user "nobody"|role "nobody" does not exist',
+    ),
+    (
+        "database URL of an unknown kind",
+        ["submit", "{sample}", "--database-url", "oracle+nothing://x/y"],
+        "database URL 'oracle+nothing://x/y' is not usable",
+    ),
+    (
+        "unreachable broker",
+        ["submit", "{sample}", "--broker-url", "redis://127.0.0.1:9/0"],
+        "cannot reach the broker at redis://127.0.0.1:9/0",
+    ),
 ]
 
 
@@ -110,7 +187,7 @@ def test_bad_inputs_get_exact_errors_and_nothing_accepted_is_lost(
     client = Client(settings)
     before = [(b.id, b.total, b.counts) for b in client.batches(10_000)]
     broker = redis.Redis.from_url(settings.broker_url)
-    messages = broker.llen(settings.queue)
+    messages = broker.llen(str(settings.queue))
 
     def fill(text: str) -> str:
         text = text.replace("{sample}", str(SAMPLE))
@@ -128,7 +205,7 @@ def test_bad_inputs_get_exact_errors_and_nothing_accepted_is_lost(
     assert not failures, "\n".join(failures)
 
     assert [(b.id, b.total, b.counts) for b in client.batches(10_000)] == before
-    assert broker.llen(settings.queue) == messages
+    assert broker.llen(str(settings.queue)) == messages
     assert client.status(accepted).counts == {"queued": 8}
     broker.close()
 
@@ -136,14 +213,18 @@ def test_bad_inputs_get_exact_errors_and_nothing_accepted_is_lost(
 def test_bad_settings_are_refused_before_anything_runs(fleet_settings: Settings) -> None:
     risky = fleet_settings.model_copy()
     env_overrides = {"task_time_limit": 3600, "visibility_timeout": 600}
-    from tests.conftest import settings_env
     import subprocess
     import sys
 
+    from tests.conftest import settings_env
+
     env = settings_env(risky)
     env.update({f"SUMFLEET_{k.upper()}": str(v) for k, v in env_overrides.items()})
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "worker", "--model", "lead"], env=env,
-                          capture_output=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "worker", "--model", "lead"], env=env, capture_output=True, timeout=60
+    )
     assert done.returncode == 1
-    assert ("visibility_timeout (600s) must exceed task_time_limit (3600s), or Redis redelivers a chunk "
-            "that is still running") in done.stderr.decode()
+    assert (
+        "visibility_timeout (600s) must exceed task_time_limit (3600s), or Redis redelivers a chunk "
+        "that is still running"
+    ) in done.stderr.decode()

@@ -12,12 +12,14 @@ import redis
 
 from models.settings import Settings
 from producer.client import Client
-from tests.conftest import SAMPLE, wait_for
+from tests.conftest import SAMPLE, RedisReservation, wait_for
 
 pytestmark = pytest.mark.services
 
 
-def test_batch_completes_after_redis_lost_its_messages(fleet_settings: Settings, start_worker) -> None:
+def test_batch_completes_after_redis_lost_its_messages(
+    fleet_settings: Settings, start_worker, redis_reservation: RedisReservation
+) -> None:
     settings = fleet_settings.model_copy(update={"sweep_interval": 0.5, "republish_after": 1.0, "chunk_size": 1})
     client = Client(settings)
     client.ensure_schema()
@@ -26,10 +28,8 @@ def test_batch_completes_after_redis_lost_its_messages(fleet_settings: Settings,
     documents = [f"Document {i} first sentence. Second sentence." for i in range(1500)]
     submission = client.submit(documents, model="lead")
     wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "the batch to get going", poll=0.05)
-    broker = redis.Redis.from_url(settings.broker_url)
-    broker.flushdb()  # Redis restarted without persistence, mid-batch: every message is gone
+    redis_reservation.flush()  # Redis restarted without persistence, mid-batch: every message is gone
     lost_at = client.status(submission.batch_id).finished
-    broker.close()
     assert lost_at < 1500
 
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the sweeper to recover")
@@ -43,8 +43,14 @@ def test_batch_completes_after_redis_lost_its_messages(fleet_settings: Settings,
 @pytest.mark.model
 def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: Settings, start_worker) -> None:
     settings = fleet_settings.model_copy(
-        update={"task_time_limit": 45, "lease_grace": 0, "visibility_timeout": 600, "sweep_interval": 1.0,
-                "republish_after": 600.0, "max_new_tokens": 24}
+        update={
+            "task_time_limit": 45,
+            "lease_grace": 0,
+            "visibility_timeout": 600,
+            "sweep_interval": 1.0,
+            "republish_after": 600.0,
+            "max_new_tokens": 24,
+        }
     )
     client = Client(settings)
     client.ensure_schema()
@@ -58,7 +64,9 @@ def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: 
     assert client.status(submission.batch_id).counts == {"running": 4}
 
     second = start_worker(settings, "smollm2")
-    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 400, "the jobs to be taken over", poll=1)
+    status = wait_for(
+        lambda: (s := client.status(submission.batch_id)).done and s, 400, "the jobs to be taken over", poll=1
+    )
     assert status.counts == {"succeeded": 4}, second.text()
     results = list(client.results(submission.batch_id))
     # killed once: at least 2 attempts each (a 3rd if the slow one-at-a-time retry hit the time limit)
@@ -114,7 +122,7 @@ def test_sigterm_finishes_the_current_batch_and_returns_the_rest(fleet_settings:
     assert counts.get("queued", 0) == 4 - counts["succeeded"], counts
     assert "returned" in first.text() and "to the queue" in first.text()
     broker = redis.Redis.from_url(settings.broker_url)
-    assert broker.llen(settings.queue) == 1  # the rest of the chunk, as a new message
+    assert broker.llen(str(settings.queue)) == 1  # the rest of the chunk, as a new message
     broker.close()
 
     start_worker(settings, "smollm2")
@@ -127,8 +135,14 @@ def test_sigterm_finishes_the_current_batch_and_returns_the_rest(fleet_settings:
 
 def test_a_document_that_kills_its_worker_fails_alone(fleet_settings: Settings, start_worker) -> None:
     settings = fleet_settings.model_copy(
-        update={"task_time_limit": 4, "lease_grace": 0, "visibility_timeout": 600, "sweep_interval": 0.5,
-                "republish_after": 600.0, "chunk_size": 4}
+        update={
+            "task_time_limit": 4,
+            "lease_grace": 0,
+            "visibility_timeout": 600,
+            "sweep_interval": 0.5,
+            "republish_after": 600.0,
+            "chunk_size": 4,
+        }
     )
     model = "python:tests.faults.crashing_engine:make"
     client = Client(settings)
@@ -154,12 +168,14 @@ def test_cancel_mid_batch_keeps_finished_results(fleet_settings: Settings, start
     worker.wait_ready(120)
     submission = client.submit([f"Sentence {i}. Another." for i in range(1500)], model="lead")
     wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "some results", poll=0.05)
-    cancelled, running = client.cancel(submission.batch_id)
+    cancelled, _ = client.cancel(submission.batch_id)
     assert cancelled > 0
     broker = redis.Redis.from_url(settings.broker_url)
-    wait_for(lambda: broker.llen(settings.queue) == 0, 120, "the workers to drain the cancelled chunks")
+    wait_for(lambda: broker.llen(str(settings.queue)) == 0, 120, "the workers to drain the cancelled chunks")
     broker.close()
-    status = wait_for(lambda: (s := client.status(submission.batch_id)).counts.get("running", 0) == 0 and s, 60, "running jobs")
+    status = wait_for(
+        lambda: (s := client.status(submission.batch_id)).counts.get("running", 0) == 0 and s, 60, "running jobs"
+    )
     assert status.state == "cancelled"
     assert status.counts["cancelled"] == cancelled
     assert status.counts["succeeded"] + status.counts["cancelled"] == 1500

@@ -12,7 +12,7 @@ import redis
 
 from models.settings import Settings
 from producer.client import Client
-from tests.conftest import SAMPLE, sumfleet, wait_for
+from tests.conftest import SAMPLE, RedisReservation, sumfleet, wait_for
 
 pytestmark = pytest.mark.services
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.services
 def _queue_length(settings: Settings) -> int:
     client = redis.Redis.from_url(settings.broker_url)
     try:
-        return int(client.llen(settings.queue))
+        return int(client.llen(str(settings.queue)))
     finally:
         client.close()
 
@@ -79,8 +79,10 @@ def test_two_workers_share_a_batch_and_no_job_runs_twice(
     workers = [start_worker(settings, "lead"), start_worker(settings, "lead")]
     for worker in workers:
         worker.wait_ready(120)
-    documents = [{"id": f"doc-{i}", "text": f"Sentence one of document {i}. Sentence two. Sentence three. Four."}
-                 for i in range(120)]
+    documents = [
+        {"id": f"doc-{i}", "text": f"Sentence one of document {i}. Sentence two. Sentence three. Four."}
+        for i in range(120)
+    ]
     client = Client(settings)
     submission = client.submit(documents, model="lead")
     assert (submission.accepted, submission.chunks) == (120, 60)
@@ -102,7 +104,7 @@ def test_submit_is_all_or_nothing_on_bad_rows(fleet_settings: Settings, tmp_path
     refused = sumfleet("submit", str(corpus), "--model", "lead", settings=fleet_settings)
     assert refused.returncode == 1
     message = refused.stderr.decode()
-    assert f"{corpus}:2: field \"text\" is empty" in message
+    assert f'{corpus}:2: field "text" is empty' in message
     assert f"{corpus}:3: malformed JSON" in message
     assert "nothing was submitted" in message
     assert refused.stdout == b""
@@ -144,13 +146,13 @@ def test_cancel_before_the_workers_reach_the_batch(fleet_settings: Settings, sta
     assert again.returncode == 1 and "already ended (cancelled)" in again.stderr.decode()
 
 
-def test_requeue_after_the_broker_lost_everything(fleet_settings: Settings) -> None:
+def test_requeue_after_the_broker_lost_everything(
+    fleet_settings: Settings, redis_reservation: RedisReservation
+) -> None:
     first = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings).stdout.decode().strip()
     second = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings).stdout.decode().strip()
     assert _queue_length(fleet_settings) == 4
-    broker = redis.Redis.from_url(fleet_settings.broker_url)
-    broker.flushdb()
-    broker.close()
+    redis_reservation.flush()
     one = sumfleet("requeue", first, settings=fleet_settings)
     assert one.returncode == 0 and f"batch {first}: published 2 chunk(s)" in one.stderr.decode()
     assert _queue_length(fleet_settings) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,10 @@ def test_default_model_through_a_worker_process(fleet_settings: Settings, start_
     _check_summaries(list(client.results(batch_id)))
 
 
+def _done(client: Client, batch_id: str) -> bool:
+    return client.status(batch_id).done
+
+
 def test_embedded_run_with_the_default_model(tmp_path: Path) -> None:
     out = tmp_path / "summaries.jsonl"
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'run.db'}")
@@ -59,7 +64,9 @@ def test_embedded_run_with_the_default_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.services
-def test_a_5000_word_document_through_a_worker_is_map_reduced(fleet_settings: Settings, start_worker, tmp_path: Path) -> None:
+def test_a_5000_word_document_through_a_worker_is_map_reduced(
+    fleet_settings: Settings, start_worker, tmp_path: Path
+) -> None:
     from tests.worker.longdoc import long_document
 
     settings = fleet_settings.model_copy(update={"max_input_tokens": 1024})
@@ -77,9 +84,11 @@ def test_a_5000_word_document_through_a_worker_is_map_reduced(fleet_settings: Se
     client = Client(settings, migrate=False)
     rows = {}
     for strategy, batch_id in batch_ids.items():
-        wait_for(lambda: client.status(batch_id).done, 600, "the batch to finish", poll=1)
+        wait_for(partial(_done, client, batch_id), 600, "the batch to finish", poll=1)
         rows[strategy] = {r["id"]: r for r in client.results(batch_id)}
-    assert all(r["status"] == "succeeded" and r["summary"] for batch in rows.values() for r in batch.values()), worker.text()
+    assert all(r["status"] == "succeeded" and r["summary"] for batch in rows.values() for r in batch.values()), (
+        worker.text()
+    )
     mapped, cut = rows["map-reduce"]["report"], rows["truncate"]["report"]
     assert mapped["pieces"] >= 8 and mapped["levels"] >= 2 and mapped["prompt_tokens"] > 7000
     assert (cut["pieces"], cut["levels"]) == (1, 1) and cut["prompt_tokens"] <= 1024

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models.settings import Settings
 from models.db import head_revision
+from models.settings import Settings
 from tests.conftest import SAMPLE, sumfleet
 
 
@@ -27,8 +27,21 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows][:2] == ["harbour-ferry", "bakery-strike"]
     assert set(rows[0]) == {
-        "id", "summary", "status", "error", "prompt_variant", "prompt_tokens", "output_tokens", "generation_seconds",
-        "pieces", "levels", "attempts", "worker", "queued_at", "started_at", "finished_at",
+        "id",
+        "summary",
+        "status",
+        "error",
+        "prompt_variant",
+        "prompt_tokens",
+        "output_tokens",
+        "generation_seconds",
+        "pieces",
+        "levels",
+        "attempts",
+        "worker",
+        "queued_at",
+        "started_at",
+        "finished_at",
     }
     assert rows[0]["summary"].startswith("The city council voted on Tuesday")
     assert (rows[0]["pieces"], rows[0]["levels"]) == (1, 1)
@@ -38,8 +51,19 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
 def test_run_reads_stdin_csv_and_writes_csv(tmp_path: Path) -> None:
     out = tmp_path / "out.csv"
     data = b'id,body\nx1,"First. Second. Third. Fourth."\nx2,"Only one."\n'
-    done = sumfleet("run", "-", "--format", "csv", "--model", "lead-1", "-o", str(out), "--no-progress",
-                    settings=_settings(tmp_path), input=data)
+    done = sumfleet(
+        "run",
+        "-",
+        "--format",
+        "csv",
+        "--model",
+        "lead-1",
+        "-o",
+        str(out),
+        "--no-progress",
+        settings=_settings(tmp_path),
+        input=data,
+    )
     assert done.returncode == 0, done.stderr.decode()
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -71,7 +95,10 @@ def test_directory_input(tmp_path: Path) -> None:
         (["run", "{sample}", "--model", "lead", "--prompt", "shorter"], "unknown prompt template 'shorter'"),
         (["run", "{sample}", "--model", "lead", "--prompt", "Summarize it."], "unknown prompt template"),
         (["run", "{sample}", "--model", "lead", "--prompt", "Sum {doc}"], "unknown placeholder(s) {doc}"),
-        (["run", "{sample}", "--model", "lead", "--max-new-tokens", "-3"], "--max-new-tokens must be between 1 and 4096, got -3"),
+        (
+            ["run", "{sample}", "--model", "lead", "--max-new-tokens", "-3"],
+            "--max-new-tokens must be between 1 and 4096, got -3",
+        ),
         (["run", "{sample}", "--model", "lead", "--max-new-tokens", "100000"], "got 100000"),
         (["status", "b0000"], "no batch 'b0000' in this database"),
         (["results", "b0000"], "no batch 'b0000'"),
@@ -100,8 +127,19 @@ def test_bad_environment_is_named(tmp_path: Path) -> None:
 
 def test_help_explains_commands_and_configuration() -> None:
     top = sumfleet("--help").stdout.decode()
-    for word in ("run", "submit", "worker", "status", "batches", "results", "SUMFLEET_DATABASE_URL",
-                 "SUMFLEET_BROKER_URL", "SUMFLEET_MODEL", "SUMFLEET_CHUNK_SIZE", "SUMFLEET_MAX_NEW_TOKENS"):
+    for word in (
+        "run",
+        "submit",
+        "worker",
+        "status",
+        "batches",
+        "results",
+        "SUMFLEET_DATABASE_URL",
+        "SUMFLEET_BROKER_URL",
+        "SUMFLEET_MODEL",
+        "SUMFLEET_CHUNK_SIZE",
+        "SUMFLEET_MAX_NEW_TOKENS",
+    ):
         assert word in top
     submit = sumfleet("submit", "--help").stdout.decode()
     for flag in ("--model", "--prompt", "--max-new-tokens", "--skip-bad-rows", "--text-field", "SUMFLEET_BROKER_URL"):
@@ -129,10 +167,18 @@ def test_worker_refuses_to_start_on_an_unmigrated_database(tmp_path: Path) -> No
 def test_eval_a_finished_batch_against_its_references(tmp_path: Path) -> None:
     corpus = tmp_path / "refs.jsonl"
     rows = [
-        {"id": "a", "category": "river", "summary": "Volunteers cleaned the river.",
-         "text": "Volunteers cleaned the river on Saturday. They found tyres. The city thanked them. More later."},
-        {"id": "b", "category": "chess", "summary": "A girl won the chess title.",
-         "text": "A girl won the chess title. She is twelve. Her coach is proud. She travels next."},
+        {
+            "id": "a",
+            "category": "river",
+            "summary": "Volunteers cleaned the river.",
+            "text": "Volunteers cleaned the river on Saturday. They found tyres. The city thanked them. More later.",
+        },
+        {
+            "id": "b",
+            "category": "chess",
+            "summary": "A girl won the chess title.",
+            "text": "A girl won the chess title. She is twelve. Her coach is proud. She travels next.",
+        },
     ]
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = _settings(tmp_path)

@@ -47,8 +47,13 @@ def long_document(words: int = 5200, seed: int = 7) -> str:
                 template = rng.choice(_SENTENCES)
                 sentences.append(
                     template.format(
-                        subject=subject, thing=thing, unit=unit, town=town,
-                        month=rng.choice(_MONTHS), n=rng.randint(3, 900), m=rng.randint(3, 900),
+                        subject=subject,
+                        thing=thing,
+                        unit=unit,
+                        town=town,
+                        month=rng.choice(_MONTHS),
+                        n=rng.randint(3, 900),
+                        m=rng.randint(3, 900),
                     )
                 )
             paragraph = " ".join(sentences)

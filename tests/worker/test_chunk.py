@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
-from models.db import ensure_schema, make_engine, session_factory
+from models.prompts import PromptPlan
 from models.settings import Settings
 from models.states import JobState
 from models.store import ClaimedJob, JobOutcome, iter_job_id_chunks
 from producer.client import Client
 from worker.chunk import ChunkProcessor
-from worker.engines.base import GenerationParams
-from worker.engines.lead import LeadEngine
+from worker.engine import GenerationParams
+from worker.lead import LeadEngine
 
 
 @pytest.fixture
@@ -31,10 +32,14 @@ def test_a_chunk_runs_once_and_a_redelivery_does_nothing(client: Client) -> None
     sub = client.submit(["One. Two. Three. Four.", "Alpha. Beta."], model="lead", publish=False)
     processor = ChunkProcessor(client.sessions, LeadEngine("lead", 3), "w1")
     seen: list[int] = []
-    report = processor.process(sub.batch_id, _ids(client, sub.batch_id), on_batch=lambda o: seen.extend(x.job_id for x in o))
+    report = processor.process(
+        sub.batch_id, _ids(client, sub.batch_id), on_batch=lambda o: seen.extend(x.job_id for x in o)
+    )
     assert (report.claimed, report.succeeded, report.written) == (2, 2, 2)
     assert len(seen) == 2
-    again = ChunkProcessor(client.sessions, LeadEngine("lead", 3), "w2").process(sub.batch_id, _ids(client, sub.batch_id))
+    again = ChunkProcessor(client.sessions, LeadEngine("lead", 3), "w2").process(
+        sub.batch_id, _ids(client, sub.batch_id)
+    )
     assert (again.claimed, again.written) == (0, 0)
     rows = list(client.results(sub.batch_id))
     assert [r["summary"] for r in rows] == ["One. Two. Three.", "Alpha. Beta."]
@@ -54,14 +59,18 @@ class _BreaksAfterOneBatch:
 
     name = "lead"
 
-    def run(self, jobs: Sequence[ClaimedJob], template: str, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+    def run(
+        self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams
+    ) -> Iterator[list[JobOutcome]]:
         yield [JobOutcome(jobs[0].id, summary="fine")]
         raise ValueError("engine bug")
 
 
 def test_an_engine_error_fails_only_the_jobs_still_open(client: Client) -> None:
     sub = client.submit(["a.", "b.", "c."], model="lead", publish=False)
-    report = ChunkProcessor(client.sessions, _BreaksAfterOneBatch(), "w").process(sub.batch_id, _ids(client, sub.batch_id))
+    report = ChunkProcessor(client.sessions, _BreaksAfterOneBatch(), "w").process(
+        sub.batch_id, _ids(client, sub.batch_id)
+    )
     assert (report.succeeded, report.failed) == (1, 2)
     rows = list(client.results(sub.batch_id))
     assert [r["status"] for r in rows] == ["succeeded", "failed", "failed"]
@@ -72,9 +81,21 @@ def test_an_engine_error_fails_only_the_jobs_still_open(client: Client) -> None:
 def test_python_api_rejects_bad_documents_and_writes_nothing(client: Client) -> None:
     from models.errors import InputError
 
+    documents: list[Any] = [  # an int is no document: the check must say so
+        "fine",
+        "  ",
+        {"id": "x"},
+        {"id": "d", "text": 5},
+        7,
+        {"id": "d2", "text": "ok"},
+        {"id": "d2", "text": "again"},
+    ]
     with pytest.raises(InputError) as caught:
-        client.submit(["fine", "  ", {"id": "x"}, {"id": "d", "text": 5}, 7, {"id": "d2", "text": "ok"},
-                       {"id": "d2", "text": "again"}], model="lead", publish=False)
+        client.submit(
+            documents,
+            model="lead",
+            publish=False,
+        )
     reasons = [str(p) for p in caught.value.problems]
     assert reasons == [
         "<python>:2: the text is empty",

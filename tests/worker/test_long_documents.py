@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
 from models.store import ClaimedJob
 from tests.conftest import SAMPLE
 from tests.worker.longdoc import long_document
-from worker.engines.base import GenerationParams
-from worker.engines.loading import load_engine
-from worker.prompts import TEMPLATES, PromptPlan
+from worker.engine import GenerationParams
+from worker.loading import load_engine
 
 pytestmark = pytest.mark.model
 PLAN = PromptPlan(TEMPLATES["one-sentence"])
@@ -20,7 +20,7 @@ CONTEXT = 1024  # a small usable context keeps the test quick and forces several
 
 
 @pytest.fixture(scope="module")
-def engine():  # type: ignore[no-untyped-def]
+def engine():
     return load_engine("smollm2", Settings(database_url="sqlite://", max_input_tokens=CONTEXT))
 
 
@@ -37,26 +37,26 @@ def short_job() -> ClaimedJob:
     return ClaimedJob(2, row["id"], row["text"], 1)
 
 
-def _record_generate(engine):  # type: ignore[no-untyped-def]
+def _record_generate(engine):
     """Record the prompts of every generate() call (the real one still runs)."""
-    real = engine.model.generate
+    real = engine.backend.model.generate
     calls: list[list[list[int]]] = []
 
-    def generate(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def generate(*args, **kwargs):
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        calls.append([row[m.bool()].tolist() for row, m in zip(ids, mask)])
+        calls.append([row[m.bool()].tolist() for row, m in zip(ids, mask, strict=False)])
         return real(*args, **kwargs)
 
-    engine.model.generate = generate
+    engine.backend.model.generate = generate
     return calls
 
 
-def test_map_reduce_summarizes_pieces_batched_with_other_documents(engine, long_job, short_job) -> None:  # type: ignore[no-untyped-def]
+def test_map_reduce_summarizes_pieces_batched_with_other_documents(engine, long_job, short_job) -> None:
     calls = _record_generate(engine)
     try:
         batches = list(engine.run([long_job, short_job], PLAN, GenerationParams(max_new_tokens=24)))
     finally:
-        del engine.model.generate
+        del engine.backend.model.generate
     outcomes = {o.job_id: o for batch in batches for o in batch}
     long, short = outcomes[1], outcomes[2]
     assert long.error is None and long.summary
@@ -65,8 +65,8 @@ def test_map_reduce_summarizes_pieces_batched_with_other_documents(engine, long_
     assert (short.pieces, short.levels, short.error) == (1, 1, None)
     assert all(len(row) <= CONTEXT for call in calls for row in call)
     # the short document rode in a generate() call together with pieces of the long one
-    piece_prompt = engine.tokenizer("Summarize the following part of a longer article", add_special_tokens=False)["input_ids"]
-    short_ids = engine.encode(PLAN, short_job.text)[1]
+    piece_prompt = engine.backend.tokenizer.encode("Summarize the following part of a longer article")
+    short_ids = engine.prompter.encode(PLAN, short_job.text, 24)[1]
 
     def has(row: list[int], needle: list[int]) -> bool:
         return any(row[i : i + len(needle)] == needle for i in range(len(row) - len(needle) + 1))
@@ -78,39 +78,43 @@ def test_map_reduce_summarizes_pieces_batched_with_other_documents(engine, long_
     assert len(calls) < len(first_level)
     # the last level is the batch's own template over the joined piece summaries
     final = calls[-1][0]
-    assert has(final, engine.tokenizer("Summarize the following article in one sentence:", add_special_tokens=False)["input_ids"])
+    assert has(final, engine.backend.tokenizer.encode("Summarize the following article in one sentence:"))
     assert long.prompt_tokens > CONTEXT  # every level's prompts are counted
 
 
-def test_truncate_cuts_the_document_to_the_context(engine, long_job) -> None:  # type: ignore[no-untyped-def]
-    outcomes = [o for batch in engine.run([long_job], PLAN, GenerationParams(8, long_documents="truncate")) for o in batch]
+def test_truncate_cuts_the_document_to_the_context(engine, long_job) -> None:
+    outcomes = [
+        o for batch in engine.run([long_job], PLAN, GenerationParams(8, long_documents="truncate")) for o in batch
+    ]
     (outcome,) = outcomes
     assert (outcome.pieces, outcome.levels, outcome.error) == (1, 1, None)
     assert outcome.prompt_tokens <= CONTEXT
 
 
-def test_a_failing_piece_fails_its_document_with_where(engine, long_job, short_job) -> None:  # type: ignore[no-untyped-def]
-    real = engine.model.generate
-    marker = engine.tokenizer("Chapter 3:", add_special_tokens=False)["input_ids"]
+def test_a_failing_piece_fails_its_document_with_where(engine, long_job, short_job) -> None:
+    real = engine.backend.model.generate
+    marker = engine.backend.tokenizer.encode("Chapter 3:")
 
-    def generate(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def generate(*args, **kwargs):
         for row in kwargs["input_ids"].tolist():
             if any(row[i : i + len(marker)] == marker for i in range(len(row))):
                 raise RuntimeError("device-side assert triggered")
         return real(*args, **kwargs)
 
-    engine.model.generate = generate
+    engine.backend.model.generate = generate
     try:
-        outcomes = {o.job_id: o for batch in engine.run([long_job, short_job], PLAN, GenerationParams(4)) for o in batch}
+        outcomes = {
+            o.job_id: o for batch in engine.run([long_job, short_job], PLAN, GenerationParams(4)) for o in batch
+        }
     finally:
-        del engine.model.generate
+        del engine.backend.model.generate
     assert outcomes[1].error is not None
     assert outcomes[1].error.startswith("generation failed (level 1, piece ")
     assert outcomes[1].error.endswith(": RuntimeError: device-side assert triggered")
     assert outcomes[2].error is None and outcomes[2].summary
 
 
-def test_a_chat_request_runs_its_own_messages_and_limits(engine, short_job) -> None:  # type: ignore[no-untyped-def]
+def test_a_chat_request_runs_its_own_messages_and_limits(engine, short_job) -> None:
     request = {
         "messages": [
             {"role": "system", "content": "You answer in French."},
@@ -123,11 +127,12 @@ def test_a_chat_request_runs_its_own_messages_and_limits(engine, short_job) -> N
     try:
         outcomes = {o.job_id: o for batch in engine.run([job, short_job], PLAN, GenerationParams(12)) for o in batch}
     finally:
-        del engine.model.generate
+        del engine.backend.model.generate
     chat = outcomes[3]
     assert chat.error is None and chat.summary and chat.output_tokens <= 5
     assert chat.prompt_variant == "chat"
-    text = engine.tokenizer.decode([row for call in calls for row in call if len(row) == chat.prompt_tokens][0])
+    chat_row = next(row for call in calls for row in call if len(row) == chat.prompt_tokens)
+    text = engine.backend.tokenizer.decode(chat_row)
     assert "You answer in French." in text and "Summarize" not in text
     too_long = ClaimedJob(4, "chat-2", "x", 1, {"messages": [{"role": "user", "content": "word " * 3000}]})
     (failed,) = [o for batch in engine.run([too_long], PLAN, GenerationParams(4)) for o in batch]

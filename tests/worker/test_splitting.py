@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
 import pytest
 
+from models.text import sentences_of
 from tests.worker.longdoc import long_document
-from worker.splitting import sentences_of, split_document
+from worker.splitting import split_document
 
 
 def words(texts: Sequence[str]) -> list[int]:
@@ -40,11 +42,11 @@ def test_pieces_end_on_sentence_boundaries_and_overlap_a_little() -> None:
     for piece in pieces:
         assert re.search(r"[.!?]$|Chapter \d+: .+$", piece), piece[-80:]
     overlaps = 0
-    for before, after in zip(pieces, pieces[1:]):
+    for before, after in itertools.pairwise(pieces):
         first = sentences_of(after.split("\n\n")[0])[0]
         if first in before:
             overlaps += 1
-            shared = before[before.rindex(first):]
+            shared = before[before.rindex(first) :]
             assert len(shared.split()) <= 30  # within 10% of the piece size
     assert overlaps >= len(pieces) - 2  # (almost) every boundary repeats the sentences before it
 

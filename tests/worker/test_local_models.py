@@ -1,24 +1,34 @@
-"""Encoder-decoder models (T5, BART): tiny ones built from a config here, loaded the real way."""
+"""Local model directories: tiny T5, BART and GPT-2 models built from a config here, loaded the real way."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig, PreTrainedTokenizerFast
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
+from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
 from models.store import ClaimedJob
-from tests.conftest import SAMPLE, sumfleet
+from tests.conftest import SAMPLE, sumfleet, transformers_engine
 from tests.worker.longdoc import long_document
-from worker.engines.base import GenerationParams
-from worker.engines.hf import TransformersEngine
-from worker.engines.loading import load_engine
-from worker.prompts import TEMPLATES, PromptPlan
+from worker.backends.base import Row
+from worker.engine import GenerationParams
 
+pytestmark = pytest.mark.model  # torch models, if tiny ones
 PLAN = PromptPlan(TEMPLATES["one-sentence"])
 SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]  # ids 0, 1, 2, 3
 
@@ -36,10 +46,15 @@ def _tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 def _texts() -> list[str]:
     rows = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
-    return rows + [long_document(800), "summarize : Summarize the following article in one sentence"]
+    return [*rows, long_document(800), "summarize : Summarize the following article in one sentence"]
 
 
-def _save(model, tokenizer, directory: Path) -> Path:  # type: ignore[no-untyped-def]
+def _options(**options: Any) -> dict[str, Any]:
+    """Config keywords as a mapping (transformers' stubs lack some keywords its configs take)."""
+    return options
+
+
+def _save(model, tokenizer, directory: Path) -> Path:
     # untrained weights would often pick </s> or <pad> first: keep them out so outputs are words
     model.generation_config = GenerationConfig(
         decoder_start_token_id=model.config.decoder_start_token_id,
@@ -54,23 +69,45 @@ def _save(model, tokenizer, directory: Path) -> Path:  # type: ignore[no-untyped
 
 
 @pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+def t5_dir(tmp_path_factory) -> Path:
     tokenizer = _tokenizer(_texts())
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        **_options(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     )
     return _save(T5ForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp("tiny-t5"))
 
 
 @pytest.fixture(scope="module")
-def bart_dir(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+def bart_dir(tmp_path_factory) -> Path:
     tokenizer = _tokenizer(_texts())
     config = BartConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=3,
-        decoder_start_token_id=1, forced_bos_token_id=None, forced_eos_token_id=None,
+        **_options(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=3,
+            decoder_start_token_id=1,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+        )
     )
     return _save(BartForConditionalGeneration(config), tokenizer, tmp_path_factory.mktemp("tiny-bart"))
 
@@ -81,14 +118,14 @@ def _jobs() -> list[ClaimedJob]:
 
 
 def test_t5_loads_as_seq2seq_and_gets_its_prefix_not_the_template(t5_dir: Path) -> None:
-    engine = load_engine(str(t5_dir), Settings(database_url="sqlite://", dtype="float32"))
-    assert isinstance(engine, TransformersEngine) and engine.seq2seq
-    assert type(engine.model).__name__ == "T5ForConditionalGeneration"
-    assert engine.prefix == "summarize: "
-    variant, ids = engine.encode(PLAN, "The council said the ferry would keep running.")
+    engine = transformers_engine(str(t5_dir), Settings(database_url="sqlite://", dtype="float32"))
+    assert engine.backend.encoder_decoder
+    assert type(engine.backend.model).__name__ == "T5ForConditionalGeneration"
+    assert engine.backend.input_prefix == "summarize: "
+    variant, ids = engine.prompter.encode(PLAN, "The council said the ferry would keep running.", 6)
     assert variant is None
-    assert engine.tokenizer.decode(ids, skip_special_tokens=True) == "summarize : The council said the ferry would keep running ."
-    config = engine.generation_config(12)
+    assert engine.backend.tokenizer.decode(ids) == "summarize : The council said the ferry would keep running ."
+    config = engine.backend.generation_config(12)
     assert config.num_beams == 2 and config.max_new_tokens == 12  # the model's own settings, our length
     outcomes = {o.job_id: o for batch in engine.run(_jobs(), PLAN, GenerationParams(6)) for o in batch}
     assert len(outcomes) == 3
@@ -102,21 +139,21 @@ def test_bart_takes_the_document_bare_and_its_task_params_are_used(bart_dir: Pat
     config = json.loads(config_path.read_text())
     config["task_specific_params"] = {"summarization": {"num_beams": 3, "no_repeat_ngram_size": 2}}
     config_path.write_text(json.dumps(config))
-    engine = load_engine(str(bart_dir), Settings(database_url="sqlite://", dtype="float32"))
-    assert engine.seq2seq and engine.prefix == ""
-    assert type(engine.model).__name__ == "BartForConditionalGeneration"
-    _, ids = engine.encode(PLAN, "The council said the ferry would keep running.")
-    assert engine.tokenizer.decode(ids, skip_special_tokens=True) == "The council said the ferry would keep running ."
-    generation = engine.generation_config(8)
+    engine = transformers_engine(str(bart_dir), Settings(database_url="sqlite://", dtype="float32"))
+    assert engine.backend.encoder_decoder and engine.backend.input_prefix == ""
+    assert type(engine.backend.model).__name__ == "BartForConditionalGeneration"
+    _, ids = engine.prompter.encode(PLAN, "The council said the ferry would keep running.", 5)
+    assert engine.backend.tokenizer.decode(ids) == "The council said the ferry would keep running ."
+    generation = engine.backend.generation_config(8)
     assert (generation.num_beams, generation.no_repeat_ngram_size) == (3, 2)
-    # the context comes from the model's config: 128 positions less room for the summary
-    assert engine.context == 128 - engine.settings.max_new_tokens
+    # the context comes from the model's config: 128 encoder positions (the summary has its own)
+    assert engine.prompter.room(5) == engine.prompter.room(100) == 128
     outcomes = [o for batch in engine.run(_jobs(), PLAN, GenerationParams(5, long_documents="truncate")) for o in batch]
     assert all(o.error is None and o.summary and o.output_tokens == 5 for o in outcomes), outcomes
 
 
 def test_a_long_document_is_map_reduced_by_a_seq2seq_model(bart_dir: Path) -> None:
-    engine = load_engine(str(bart_dir), Settings(database_url="sqlite://", dtype="float32", max_new_tokens=8))
+    engine = transformers_engine(str(bart_dir), Settings(database_url="sqlite://", dtype="float32", max_new_tokens=8))
     long = ClaimedJob(9, "long", long_document(5000), 1)
     (outcome,) = [o for batch in engine.run([long], PLAN, GenerationParams(8)) for o in batch]
     assert outcome.error is None and outcome.summary
@@ -138,3 +175,31 @@ def test_sumfleet_run_with_a_local_seq2seq_model(t5_dir: Path, tmp_path: Path) -
     assert all(r["output_tokens"] == 4 if r["pieces"] == 1 else r["output_tokens"] > 4 for r in rows)
     assert any(r["pieces"] > 1 for r in rows)  # 64 tokens of context: the longer sample stories are split
     assert all(r["pieces"] >= 1 and r["levels"] >= 1 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A decoder-only model with 256 learned positions: past them, its embedding lookup fails."""
+    tokenizer = _tokenizer(_texts())  # decoder-only prompts are encoded without the </s> it appends
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=1
+    )
+    model = GPT2LMHeadModel(config)
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_truncation_leaves_room_for_the_batchs_own_output_on_a_real_model(gpt2_dir: Path) -> None:
+    """Regression: the room for the prompt came from the worker's SUMFLEET_MAX_NEW_TOKENS (8), not
+    the batch's max_new_tokens (40): prompt 248 + 40 new tokens ran past the 256 positions."""
+    engine = transformers_engine(str(gpt2_dir), Settings(database_url="sqlite://", dtype="float32", max_new_tokens=8))
+    assert engine.backend.context_length == 256
+    with pytest.raises(IndexError):  # the failure the old room led to, on this very model
+        engine.backend.generate([Row([5] * 248, 40)])
+    job = ClaimedJob(1, "long", long_document(800), 1)
+    (outcome,) = [o for batch in engine.run([job], PLAN, GenerationParams(40, "truncate")) for o in batch]
+    assert outcome.error is None, outcome.error
+    assert outcome.prompt_tokens is not None and outcome.prompt_tokens + 40 <= 256

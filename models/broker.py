@@ -1,0 +1,101 @@
+"""The contract between producer and worker: the Celery app both use, queue names, the chunk
+message, and publishing it. Messages carry job ids only, never document text (claim-check).
+
+Reliability settings: late acks, reject on worker lost, prefetch 1, JSON only, and a Redis
+visibility timeout longer than the task time limit (settings refuse otherwise), so a chunk is
+never redelivered while it still runs and never lost when its worker dies.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import defaults
+from models.errors import BrokerError
+from models.settings import Settings, hide_password
+from models.states import JobState
+from models.store import get_batch, iter_claimable_chunks, iter_job_id_chunks, mark_published
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings`: the producer publishes with it, workers add the task."""
+    app = Celery("sumfleet", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_proc_alive_timeout=900,  # the model loads in the child before it reports up
+        worker_hijack_root_logger=False,
+        worker_max_tasks_per_child=None,
+        task_default_queue=defaults.QUEUE_PREFIX,
+    )
+    return app
+
+
+def queue_for(model: str) -> str:
+    """The queue a model's chunks go to: one queue per model, so workers serve one model each."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.strip()).strip("-").lower() or "default"
+    return f"{defaults.QUEUE_PREFIX}.{slug}"
+
+
+def send_chunk(app: Celery, batch_id: str, queue: str, job_ids: list[int], producer: Any = None) -> None:
+    """Put one chunk message on `queue`: the task `TASK_NAME` with (batch id, job ids)."""
+    app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue, producer=producer)
+
+
+def check_broker(app: Celery) -> None:
+    """Fail fast, with the URL in the message, when the broker does not answer."""
+    url = app.conf.broker_url
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5, timeout=5)
+    except Exception as error:  # kombu wraps socket errors in several types
+        raise BrokerError(
+            f"cannot reach the broker at {hide_password(url)}: {error} (set SUMFLEET_BROKER_URL)"
+        ) from None
+
+
+def publish_batch(
+    app: Celery,
+    sessions: sessionmaker[Session],
+    batch_id: str,
+    chunk_size: int,
+    only_expired: bool = False,
+) -> int:
+    """Publish the batch's claimable jobs (queued, or running on an expired lease) as chunk messages.
+
+    `only_expired` publishes just the running jobs whose worker died. Returns the chunk count.
+    """
+    chunks = 0
+    with sessions.begin() as session:
+        queue = get_batch(session, batch_id).queue
+        if not only_expired:
+            mark_published(session, batch_id)
+    ids = (
+        iter_job_id_chunks(sessions, batch_id, chunk_size, (JobState.RUNNING,), expired_only=True)
+        if only_expired
+        else iter_claimable_chunks(sessions, batch_id, chunk_size)
+    )
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_ids in ids:
+                send_chunk(app, batch_id, queue, job_ids, producer)
+                chunks += 1
+    except KombuOperationalError as error:
+        raise BrokerError(
+            f"lost the broker after publishing {chunks} chunk(s) of batch {batch_id}: {error}; "
+            f"the batch is saved, run `sumfleet requeue {batch_id}` when the broker is back"
+        ) from None
+    return chunks

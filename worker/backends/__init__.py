@@ -1,0 +1,1 @@
+"""Backends: one loaded model each, behind the narrow protocol of `worker.backends.base`."""

@@ -1,0 +1,77 @@
+"""The seam under the generation pipeline: what a backend is asked to do, and nothing more.
+
+A backend holds one loaded model. The pipeline above it (`worker.pipeline`) renders prompts
+through the chat template, fits them into the context, runs map-reduce over long documents,
+packs rows under a token budget and halves a call that fails; a backend turns rows of token
+ids into generated tokens, and says how big its calls may be. A new backend is one module
+that implements `Backend` (and a `Tokenizer` for its model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One prompt of a generate call."""
+
+    ids: list[int]  # the prompt's token ids, as `Tokenizer.encode` gave them
+    max_new_tokens: int  # this row stops after this many new tokens (rows of one call may differ)
+    temperature: float = 0.0  # 0: greedy; every row of one call has the same temperature
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """What one row produced."""
+
+    tokens: list[int] | None  # new tokens only, at most the row's max_new_tokens; None when it failed
+    seconds: float  # wall time of the call that produced it
+    error: str | None = None  # why this row alone failed (a backend that reports failures per row)
+
+
+class Tokenizer(Protocol):
+    """Text to token ids and back, for the model a backend holds."""
+
+    @property
+    def eos_ids(self) -> Sequence[int]:
+        """Tokens that end a generated sequence."""
+        ...
+
+    def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; `special_tokens` adds what the model wraps every input in (BOS, EOS)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens left out."""
+        ...
+
+    def chat(self, messages: Sequence[Mapping[str, str]]) -> str | None:
+        """`messages` ({role, content}) through the model's chat template, ending where the
+        assistant's answer starts; None when the model has no chat template."""
+        ...
+
+
+class Backend(Protocol):
+    """One loaded model that generates tokens for rows of token ids."""
+
+    tokenizer: Tokenizer
+    context_length: int | None  # positions the model takes (None: its config does not say)
+    input_cap: int | None  # prompt tokens worth using at most on this hardware (CPU: prefill cost), or None
+    encoder_decoder: bool  # an encoder-decoder summarizer: the document goes in bare, output has its own positions
+    input_prefix: str  # what an encoder-decoder expects before the document (T5: "summarize: ")
+    max_batch_size: int  # rows per call when the settings do not say
+    token_budget: int  # (longest prompt + max new tokens) x rows per call when the settings do not say
+    packs_itself: bool  # it schedules rows itself (continuous batching): hand it all rows at once
+
+    def generate(self, rows: Sequence[Row]) -> list[Generated]:
+        """One `Generated` per row, in order. Raises when the whole call failed (the pipeline
+        then splits the rows in half, down to the failing one)."""
+        ...
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether `error` means the call did not fit in memory (the caller then lowers its
+        token budget); frees what the failed call left behind."""
+        ...

@@ -1,0 +1,38 @@
+"""A batch's chunks run in this process, without a broker (`sumfleet run`): the same engine and
+chunk code a worker runs, on the same job rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.settings import Settings
+from models.states import JobState
+from models.store import JobOutcome, iter_job_id_chunks
+from worker.chunk import ChunkProcessor
+from worker.identity import worker_id
+from worker.loading import load_engine
+
+
+def run_batch_here(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    batch_id: str,
+    model: str,
+    on_batch: Callable[[list[JobOutcome]], None] | None = None,
+) -> float:
+    """Load `model` and process every queued job of the batch, chunk by chunk, committing as a
+    worker does; returns the seconds spent after loading."""
+    processor = ChunkProcessor(
+        sessions,
+        load_engine(model, settings),
+        worker_id(),
+        lease_seconds=settings.task_time_limit + settings.lease_grace,
+        max_attempts=settings.max_attempts,
+    )
+    started = time.perf_counter()
+    for job_ids in iter_job_id_chunks(sessions, batch_id, settings.chunk_size, (JobState.QUEUED,)):
+        processor.process(batch_id, job_ids, on_batch=on_batch)
+    return time.perf_counter() - started

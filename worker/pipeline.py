@@ -1,0 +1,247 @@
+"""The generation pipeline: claimed jobs in, outcomes out, over any backend.
+
+Each job becomes generation rows: a chat request as it is, a document through its prompt
+template, or, when the prompt does not fit the usable context, the pieces of the document
+(map-reduce: the piece summaries are joined and summarized again, level by level). Rows are
+sorted by length and packed under a token budget; rows of different token limits share a
+call. A call that raises is split in half down to the failing row, which alone fails; out of
+memory also lowers the budget for the rest of the chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from models import defaults
+from models.prompts import PIECE_TEMPLATES, PromptPlan
+from models.settings import Settings
+from models.store import ClaimedJob, JobOutcome
+from worker.backends.base import Backend, Generated, Row
+from worker.batching import batch_cost, take_batch
+from worker.engine import GenerationParams
+from worker.prompting import Prompter
+from worker.splitting import split_document
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Doc:
+    """A job on its way through the pipeline: one prompt, or the levels of a long document."""
+
+    job: ClaimedJob
+    variant: str | None  # the prompt variant that ran (None: a seq2seq model, no template)
+    language: str
+    template: str | None  # the batch's template for this document (its last level)
+    level: int = 1
+    pieces: int = 1  # pieces at the first level
+    parts: list[str | None] = field(default_factory=list)  # summaries of this level's pieces
+    waiting: int = 0  # pieces of this level not generated yet
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    closed: bool = False  # its outcome was handed back
+
+
+@dataclass(slots=True)
+class _Item:
+    """One row of a generate call: a whole document's prompt, a piece's, or a chat request."""
+
+    doc: _Doc
+    row: Row
+    slot: int = 0  # which piece of the document's level
+    final: bool = True  # its text is the document's summary
+
+
+class GenerationPipeline:
+    """An `Engine` over one backend (see the module docstring)."""
+
+    def __init__(self, name: str, backend: Backend, settings: Settings) -> None:
+        self.name = name
+        self.backend = backend
+        self.prompter = Prompter(backend, settings)
+        self.max_batch_size = settings.max_batch_size or backend.max_batch_size
+        self.configured_budget = settings.token_budget or backend.token_budget
+        self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
+
+    def run(
+        self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams
+    ) -> Iterator[list[JobOutcome]]:
+        pending: list[_Item] = []
+        failed: list[JobOutcome] = []
+        for job in jobs:
+            try:
+                pending.extend(self._start(job, prompt, params))
+            except Exception as error:  # one bad document must not sink its chunk
+                failed.append(JobOutcome(job.id, error=f"could not build the prompt: {describe(error)}"))
+        if failed:
+            yield failed
+        self.budget = self.configured_budget
+        while pending:  # a round: every row ready now, then the next levels of long documents
+            following: list[_Item] = []
+            groups: dict[float, list[_Item]] = {}  # one sampling setting per generate call
+            for item in pending:
+                groups.setdefault(item.row.temperature, []).append(item)
+            for _, group in sorted(groups.items()):
+                group.sort(key=lambda item: len(item.row.ids))
+                for items in self._batches(group):
+                    outcomes: list[JobOutcome] = []
+                    for item, done in zip(items, self._generate_safely(items), strict=True):
+                        outcome, more = self._advance(item, done, prompt, params)
+                        if outcome is not None:
+                            outcomes.append(outcome)
+                        following.extend(more)
+                    yield outcomes  # possibly empty: a chance to stop between batches
+            pending = following
+
+    # -- rows of a job -----------------------------------------------------------------------
+
+    def _start(self, job: ClaimedJob, prompt: PromptPlan, params: GenerationParams) -> list[_Item]:
+        """The first generation rows of a job."""
+        if job.request is not None:
+            limit = min(int(job.request.get("max_new_tokens") or params.max_new_tokens), defaults.MAX_NEW_TOKENS_LIMIT)
+            ids = self.prompter.chat(job.request["messages"])
+            room = self.prompter.room(limit)
+            if len(ids) > room:
+                raise ValueError(f"the request is {len(ids)} tokens, over this model's usable context of {room} tokens")
+            temperature = float(job.request.get("temperature") or 0.0)
+            return [_Item(_Doc(job, "chat", "", None), Row(ids, limit, temperature))]
+        variant, template, language = prompt.for_document(job.text)
+        doc = _Doc(job, None if self.backend.encoder_decoder else variant, language, template)
+        if params.long_documents == "truncate":
+            room = self.prompter.room(params.max_new_tokens)
+            return [
+                _Item(doc, Row(self.prompter.fit(prompt, template, language, job.text, room), params.max_new_tokens))
+            ]
+        return self._level(doc, job.text, prompt, params)
+
+    def _level(self, doc: _Doc, text: str, prompt: PromptPlan, params: GenerationParams) -> list[_Item]:
+        """Rows for `text` at the document's current level: the final prompt if it fits, else its pieces."""
+        assert doc.template is not None
+        prompter = self.prompter
+        room = prompter.room(params.max_new_tokens)
+        ids = prompter.wrap(prompter.content(prompt, doc.template, doc.language, text))
+        if len(ids) <= room or doc.level >= defaults.MAX_LEVELS:
+            if len(ids) > room:
+                ids = prompter.fit(prompt, doc.template, doc.language, text, room)
+            return [_Item(doc, Row(ids, params.max_new_tokens))]
+        piece_template = PIECE_TEMPLATES.get(doc.language, PIECE_TEMPLATES["en"])
+        piece_new = max(params.max_new_tokens, defaults.MAP_NEW_TOKENS)
+        piece_room = prompter.room(piece_new)
+        overhead = prompter.overhead(prompt, piece_template, doc.language)
+        limit = max(32, piece_room - overhead - defaults.PIECE_MARGIN)
+        pieces = split_document(text, limit, prompter.count)
+        if len(pieces) < 2:  # nothing to split on: cut instead
+            return [
+                _Item(doc, Row(prompter.fit(prompt, doc.template, doc.language, text, room), params.max_new_tokens))
+            ]
+        if doc.level == 1:
+            doc.pieces = len(pieces)
+        doc.parts = [None] * len(pieces)
+        doc.waiting = len(pieces)
+        # a piece's summary is at most a third of the piece, so every level shrinks the text
+        piece_tokens = max(8, min(piece_new, limit // 3))
+        return [
+            _Item(
+                doc,
+                Row(prompter.fit(prompt, piece_template, doc.language, piece, piece_room), piece_tokens),
+                slot=slot,
+                final=False,
+            )
+            for slot, piece in enumerate(pieces)
+        ]
+
+    def _advance(
+        self, item: _Item, done: Generated, prompt: PromptPlan, params: GenerationParams
+    ) -> tuple[JobOutcome | None, list[_Item]]:
+        """Take one generated row: the document's outcome when it is finished, or its next rows."""
+        doc = item.doc
+        if doc.closed:  # another piece of it failed already
+            return None, []
+        doc.seconds += done.seconds
+        doc.prompt_tokens += len(item.row.ids)
+        if item.final:
+            where = "" if doc.level == 1 else f" (level {doc.level}: the summary of the piece summaries)"
+        else:
+            where = f" (level {doc.level}, piece {item.slot + 1} of {len(doc.parts)})"
+        if done.error is not None or done.tokens is None:
+            doc.closed = True
+            return JobOutcome(doc.job.id, error=f"generation failed{where}: {done.error}"), []
+        text, used = self.prompter.decode(done.tokens)
+        doc.output_tokens += used
+        if item.final:
+            doc.closed = True
+            return self._outcome(doc, text), []
+        doc.parts[item.slot] = text
+        doc.waiting -= 1
+        if doc.waiting:
+            return None, []
+        joined = "\n\n".join(part for part in doc.parts if part)
+        if not joined:
+            doc.closed = True
+            return JobOutcome(
+                doc.job.id, error=f"the model produced empty summaries for all {len(doc.parts)} pieces"
+            ), []
+        doc.level += 1
+        try:
+            return None, self._level(doc, joined, prompt, params)
+        except Exception as error:
+            doc.closed = True
+            return JobOutcome(
+                doc.job.id, error=f"could not build the prompt (level {doc.level}): {describe(error)}"
+            ), []
+
+    def _outcome(self, doc: _Doc, summary: str) -> JobOutcome:
+        return JobOutcome(
+            doc.job.id,
+            summary=summary or None,
+            error=None if summary else "the model produced an empty summary",
+            prompt_tokens=doc.prompt_tokens,
+            prompt_variant=doc.variant,
+            output_tokens=doc.output_tokens,
+            generation_seconds=doc.seconds,
+            pieces=doc.pieces,
+            levels=doc.level,
+        )
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def _batches(self, group: list[_Item]) -> Iterator[list[_Item]]:
+        """`group` (sorted by length) in generate calls, packed one at a time so a lowered budget applies at once."""
+        if self.backend.packs_itself:
+            yield group
+            return
+        lengths = [len(item.row.ids) for item in group]
+        max_new_tokens = max(item.row.max_new_tokens for item in group)
+        start = 0
+        while start < len(group):
+            end = take_batch(lengths, start, max_new_tokens, self.budget, self.max_batch_size)
+            yield group[start:end]
+            start = end
+
+    def _generate_safely(self, items: list[_Item]) -> list[Generated]:
+        """Generate a call; on any error split it in half, down to the failing row.
+
+        Out of memory also lowers the token budget for the rest of the chunk.
+        """
+        rows = [item.row for item in items]
+        try:
+            return self.backend.generate(rows)
+        except Exception as error:
+            if self.backend.is_out_of_memory(error):
+                cost = batch_cost(max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows), len(rows))
+                self.budget = max(defaults.MIN_TOKEN_BUDGET, min(self.budget, cost // 2))
+                log.warning("out of memory on %d rows; token budget now %d", len(rows), self.budget)
+            if len(items) == 1:
+                log.warning("job %s failed: %s", items[0].doc.job.id, describe(error))
+                return [Generated(None, 0.0, describe(error))]
+            half = len(items) // 2
+            return self._generate_safely(items[:half]) + self._generate_safely(items[half:])
+
+
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message`, for a job's error."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
