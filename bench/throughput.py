@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import pipeline  # noqa: E402
 
+from models.claims import ClaimedJob  # noqa: E402
 from models.prompts import TEMPLATES, PromptPlan  # noqa: E402
 from models.settings import Settings  # noqa: E402
-from models.store import ClaimedJob  # noqa: E402
 from producer.client import Client  # noqa: E402
 from worker.engine import GenerationParams  # noqa: E402
 from worker.loading import load_engine  # noqa: E402

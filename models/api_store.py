@@ -16,10 +16,11 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.counters import Counts, counts_of
 from models.db import rowcount
 from models.states import JobState
 from models.store import utcnow
-from models.tables import ApiBatch, ApiFile, ApiFileChunk, ApiKey, ApiRejection, Job, WebhookDelivery
+from models.tables import ApiBatch, ApiFile, ApiFileChunk, ApiKey, ApiRejection, Batch, Job, WebhookDelivery
 
 KEY_PREFIX = "sk-sumfleet-"  # API key secrets start with this
 WEBHOOK_SECRET_PREFIX = "whsec_"  # and webhook signing secrets with this
@@ -274,43 +275,12 @@ def rejection_counts(session: Session, api_batch_ids: Sequence[str]) -> dict[str
     return {batch_id: n for batch_id, n in rows}
 
 
-@dataclass
-class JobTotals:
-    """A batch's jobs per state, and the tokens of those that succeeded."""
-
-    by_state: dict[str, int]
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-
-    def __getitem__(self, state: JobState) -> int:
-        return self.by_state.get(state.value, 0)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_state.values())
-
-
-def job_totals(session: Session, batch_ids: Sequence[str]) -> dict[str, JobTotals]:
-    """Per batch id: job counts by state and token sums, in two grouped queries for any number of batches."""
-    totals = {batch_id: JobTotals({}) for batch_id in batch_ids}
-    if not batch_ids:
-        return totals
-    for batch_id, state, n in session.execute(
-        select(Job.batch_id, Job.state, func.count())
-        .where(Job.batch_id.in_(list(batch_ids)))
-        .group_by(Job.batch_id, Job.state)
-    ).all():
-        totals[batch_id].by_state[state] = n
-    for batch_id, prompt, output in session.execute(
-        select(
-            Job.batch_id, func.coalesce(func.sum(Job.prompt_tokens), 0), func.coalesce(func.sum(Job.output_tokens), 0)
-        )
-        .where(Job.batch_id.in_(list(batch_ids)), Job.state == JobState.SUCCEEDED.value)
-        .group_by(Job.batch_id)
-    ).all():
-        totals[batch_id].prompt_tokens = int(prompt or 0)
-        totals[batch_id].output_tokens = int(output or 0)
-    return totals
+def job_totals(session: Session, batch_ids: Sequence[str]) -> dict[str, Counts]:
+    """Per batch id: its counters (jobs by state, tokens of succeeded jobs), one query for any number of batches."""
+    found = {
+        batch.id: counts_of(batch) for batch in session.scalars(select(Batch).where(Batch.id.in_(list(batch_ids))))
+    }
+    return {batch_id: found.get(batch_id, Counts({})) for batch_id in batch_ids}
 
 
 def live_running(session: Session, batch_id: str, now: datetime | None = None) -> int:

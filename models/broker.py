@@ -67,20 +67,30 @@ def check_broker(app: Celery) -> None:
         ) from None
 
 
+def chunk_size_for(total: int, setting: int | None = None) -> int:
+    """Job ids per chunk message for a batch of `total` jobs: `setting` (SUMFLEET_CHUNK_SIZE) when
+    given, else about CHUNKS_PER_BATCH chunks of CHUNK_SIZE_MIN to CHUNK_SIZE_MAX ids."""
+    if setting:
+        return setting
+    return max(defaults.CHUNK_SIZE_MIN, min(defaults.CHUNK_SIZE_MAX, -(-total // defaults.CHUNKS_PER_BATCH)))
+
+
 def publish_batch(
     app: Celery,
     sessions: sessionmaker[Session],
     batch_id: str,
-    chunk_size: int,
+    chunk_size: int | None = None,
     only_expired: bool = False,
 ) -> int:
-    """Publish the batch's claimable jobs (queued, or running on an expired lease) as chunk messages.
-
-    `only_expired` publishes just the running jobs whose worker died. Returns the chunk count.
+    """Publish the batch's claimable jobs (queued, or running on an expired lease) as chunk messages,
+    all over one producer connection. `chunk_size` None sizes chunks by the batch
+    (`chunk_size_for`); `only_expired` publishes just the running jobs whose worker died.
+    Returns the chunk count.
     """
     chunks = 0
     with sessions.begin() as session:
-        queue = get_batch(session, batch_id).queue
+        batch = get_batch(session, batch_id)
+        queue, chunk_size = batch.queue, chunk_size_for(batch.total, chunk_size)
         if not only_expired:
             mark_published(session, batch_id)
     ids = (

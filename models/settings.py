@@ -31,8 +31,12 @@ class Settings(BaseSettings):
     queue: str | None = Field(
         None, description="queue to publish to / consume instead of the model's own (sumfleet.<model>)"
     )
-    chunk_size: int = Field(
-        defaults.CHUNK_SIZE, ge=1, le=10_000, description="job ids per chunk message (one Celery task)"
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description=f"job ids per chunk message (one Celery task) (unset: by batch size, "
+        f"{defaults.CHUNK_SIZE_MIN}-{defaults.CHUNK_SIZE_MAX})",
     )
     max_new_tokens: int = Field(
         defaults.MAX_NEW_TOKENS,
@@ -107,6 +111,9 @@ class Settings(BaseSettings):
         defaults.REPUBLISH_AFTER,
         gt=0,
         description="queued jobs of an empty queue published longer ago than this (seconds) are republished",
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="the API deletes batches this many days after they ended (unset: kept until pruned)"
     )
     api_max_upload_bytes: int = Field(
         defaults.API_MAX_UPLOAD_BYTES, ge=1, description="largest HTTP request body (upload or inline JSON); 413 above"

@@ -34,6 +34,7 @@ class Batch(Base):
     """One submission: a corpus, the model and prompt it runs with, and its progress."""
 
     __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     state: Mapped[str] = mapped_column(String(16), default=BatchState.QUEUED.value, index=True)
@@ -49,6 +50,14 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # when its queued jobs were last put on the broker (the sweeper republishes lost ones)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # counters, changed in the same transaction as the job rows they count (never a scan of jobs)
+    jobs_queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    jobs_running: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    jobs_succeeded: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    jobs_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    jobs_cancelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tokens_prompt: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of succeeded jobs
+    tokens_output: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Job(Base):
@@ -57,12 +66,14 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("batch_id", "doc_id", name="uq_jobs_batch_doc"),
-        Index("ix_jobs_batch_state", "batch_id", "state"),
+        Index("ix_jobs_batch_state_id", "batch_id", "state", "id"),  # a state's jobs in id order
+        Index("ix_jobs_batch_id", "batch_id", "id"),  # all of a batch's jobs in id order
     )
 
     id: Mapped[int] = mapped_column(JobId, primary_key=True, autoincrement=True)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     doc_id: Mapped[str] = mapped_column(String(512))
+    line: Mapped[int | None] = mapped_column(Integer, nullable=True)  # where it was in its input (None: no lines)
     text: Mapped[str] = mapped_column(Text)
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)

@@ -55,7 +55,7 @@ def _input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bad-rows", action="store_true", help="skip bad rows (and list them) instead of rejecting the input"
     )
-    parser.add_argument("--chunk-size", type=int, help="job ids per chunk (default 32)")
+    parser.add_argument("--chunk-size", type=int, help="job ids per chunk (default: by batch size, 16-256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _input_flags(run)
     _generation_flags(run)
     _connection_flags(run)
-    run.add_argument("-o", "--output", default="-", help="results file, .jsonl or .csv (default: stdout)")
+    run.add_argument("-o", "--output", default="-", help="results file: .jsonl, .csv or .parquet (default: stdout)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     submit = command("submit", "queue a corpus for the workers; prints the batch id")
@@ -104,17 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="show a live progress bar until the batch ends")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--verify", action="store_true", help="also recount the batch's jobs and compare with its counters"
+    )
+    status.add_argument("--repair", action="store_true", help="with --verify: set wrong counters to the recount")
     _connection_flags(status)
 
     batches = command("batches", "list batches, newest first")
     batches.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     batches.add_argument("--json", action="store_true", help="print JSON lines")
+    batches.add_argument("--before", metavar="BATCH", help="the page after this batch (the last one listed)")
     _connection_flags(batches)
 
     results = command("results", "export a batch's results (streamed)")
     results.add_argument("batch", help="batch id")
-    results.add_argument("-o", "--output", default="-", help="file, .jsonl or .csv (default: stdout)")
-    results.add_argument("--format", dest="output_format", choices=["jsonl", "csv"], help="output format")
+    results.add_argument("-o", "--output", default="-", help="file: .jsonl, .csv or .parquet (default: stdout)")
+    results.add_argument(
+        "--format",
+        dest="output_format",
+        choices=["jsonl", "csv", "parquet"],
+        help="output format (default: by extension)",
+    )
     _connection_flags(results)
 
     cancel = command("cancel", "cancel a batch: queued jobs never run, running ones finish, results are kept")
@@ -158,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--name", help="a label for a new key")
     keys.add_argument("--json", action="store_true", help="print JSON")
     _connection_flags(keys)
+
+    prune = command("prune", "delete batches that ended before a date, with their jobs and results")
+    prune.add_argument(
+        "--finished-before",
+        required=True,
+        metavar="DATE",
+        help="ISO date or time (UTC unless it says), e.g. 2026-10-01",
+    )
+    _connection_flags(prune)
 
     prompts = command("prompts", "list the prompt templates, or show one")
     prompts.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -309,12 +328,22 @@ def cmd_status(args: argparse.Namespace) -> int:
                 status = client.status(args.batch)
                 bar.update(status.finished - bar.n)
     print(json.dumps(status.as_dict()) if args.json else _status_text(status))
+    if args.verify or args.repair:
+        wrong = client.verify(args.batch, repair=args.repair)
+        for line in wrong:
+            print(f"counter disagrees with the jobs: {line}", file=sys.stderr)
+        if wrong and not args.repair:
+            raise SumfleetError(f"batch {args.batch}: {len(wrong)} counter(s) disagree with a recount (--repair fixes)")
+        print(
+            f"batch {args.batch}: counters {'repaired' if wrong else 'agree with a recount of the jobs'}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
     client = _reader(args)
-    listed = client.batches(args.limit)
+    listed = client.batches(args.limit, args.before)
     if args.json:
         for status in listed:
             print(json.dumps(status.as_dict()))
@@ -357,6 +386,19 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     for batch_id in batches:
         chunks = client.publish(batch_id)
         print(f"batch {batch_id}: published {chunks} chunk(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(args.finished_before)
+    except ValueError:
+        raise InputError(f"--finished-before: {args.finished_before!r} is not an ISO date or time") from None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    batches, jobs = _reader(args).prune(moment)
+    print(f"pruned {batches} batch(es) that ended before {moment.isoformat()}, {jobs} job(s)", file=sys.stderr)
     return 0
 
 
@@ -485,6 +527,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "requeue": cmd_requeue,
     "db": cmd_db,
+    "prune": cmd_prune,
     "eval": cmd_eval,
     "prompts": cmd_prompts,
 }

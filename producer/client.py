@@ -21,15 +21,26 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
 from models.broker import check_broker, create_app, publish_batch, queue_for
+from models.counters import counts_of, differences, recount
+from models.counters import repair as repair_counters
 from models.db import ensure_schema, hide_password, open_database, session_factory
 from models.errors import DatabaseError, InputError, RowProblem
+from models.job_writer import JobWriter
 from models.model_names import canonical_model, resolve_model
 from models.prompts import check_language, resolve_prompt
 from models.settings import Settings, load_settings
 from models.states import BatchState
-from models.store import add_jobs, as_utc, cancel_batch, count_jobs, create_batch, get_batch, iter_results, list_batches
+from models.store import (
+    as_utc,
+    cancel_batch,
+    create_batch,
+    get_batch,
+    iter_results,
+    list_batches,
+    prune_finished,
+)
 from models.tables import Batch, Job
-from producer.inputs import Document, python_documents, read_documents
+from producer.inputs import Document, duplicate_reason, python_documents, read_documents
 
 
 @dataclass(frozen=True)
@@ -203,6 +214,7 @@ class Client:
             text_field=text_field,
             id_field=id_field,
             max_chars=self.settings.max_document_chars,
+            check_duplicates=False,  # the job writer finds them, in flat memory
         )
         return self.submit_documents(
             documents, problems, source=path, skip_bad_rows=skip_bad_rows, publish=publish, **options
@@ -219,7 +231,7 @@ class Client:
         """Submit documents given as strings or mappings with `text` (or `document`) and optional `id`."""
         problems: list[RowProblem] = []
         return self.submit_documents(
-            python_documents(documents, problems, self.settings.max_document_chars),
+            python_documents(documents, problems, self.settings.max_document_chars, check_duplicates=False),
             problems,
             source="<python>",
             skip_bad_rows=skip_bad_rows,
@@ -286,8 +298,7 @@ class Client:
                     },
                     source=source,
                 )
-                rows = ({"doc_id": d.id, "text": d.text, "meta": d.meta, "request": d.request} for d in documents)
-                accepted = add_jobs(session, batch, rows, defaults.INSERT_BATCH)
+                accepted = _write_jobs(JobWriter(session, batch), documents, problems)
                 if problems and not skip_bad_rows:
                     raise InputError(_problem_summary(source, problems), problems)
                 if accepted == 0:
@@ -312,12 +323,31 @@ class Client:
     def status(self, batch_id: str) -> BatchStatus:
         self.ensure_schema()
         with self.sessions() as session:
-            return BatchStatus.of(get_batch(session, batch_id), count_jobs(session, batch_id).by_state)
+            batch = get_batch(session, batch_id)
+            return BatchStatus.of(batch, counts_of(batch).by_state)
 
-    def batches(self, limit: int = 50) -> list[BatchStatus]:
+    def batches(self, limit: int = 50, before: str | None = None) -> list[BatchStatus]:
+        """The newest batches first; `before` a batch id: the page after it."""
         self.ensure_schema()
         with self.sessions() as session:
-            return [BatchStatus.of(b, count_jobs(session, b.id).by_state) for b in list_batches(session, limit)]
+            return [BatchStatus.of(b, counts_of(b).by_state) for b in list_batches(session, limit, before)]
+
+    def verify(self, batch_id: str, *, repair: bool = False) -> list[str]:
+        """Where the batch's counters disagree with a recount of its jobs (one line each; empty: they
+        agree); `repair` then sets them to the recount. Scans the batch's jobs: a check, not a status."""
+        self.ensure_schema()
+        with self.sessions.begin() as session:
+            counted = recount(session, batch_id)
+            wrong = differences(counts_of(get_batch(session, batch_id)), counted)
+            if wrong and repair:
+                repair_counters(session, batch_id, counted)
+        return wrong
+
+    def prune(self, finished_before: datetime) -> tuple[int, int]:
+        """Delete the batches that ended before `finished_before`, with their jobs, in bounded
+        transactions; returns (batches, jobs) deleted."""
+        self.ensure_schema()
+        return prune_finished(self.sessions, finished_before)
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """Result rows in submission order, streamed from the database."""
@@ -371,6 +401,18 @@ def submit(documents: Iterable[str | Mapping[str, Any]], **options: Any) -> Subm
         return client.submit(documents, **options)
     finally:
         client.close()
+
+
+def _write_jobs(writer: JobWriter, documents: Iterable[Document], problems: list[RowProblem]) -> int:
+    """Write every document as a job; an id seen before becomes a bad row. Returns the jobs written."""
+    for document in documents:
+        duplicate = writer.add(
+            document.id, document.text, line=document.line, meta=document.meta, request=document.request
+        )
+        if duplicate is not None:
+            reason = duplicate_reason(document.id, document.source, duplicate.first_line)
+            problems.append(RowProblem(document.source, document.line, reason))
+    return writer.close()
 
 
 def _problem_summary(source: str, problems: list[RowProblem], shown: int = 20) -> str:

@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.claims import JobOutcome
 from models.settings import Settings
-from models.store import JobOutcome
 from producer.client import Client
 from producer.export import write_results
 

@@ -1,4 +1,8 @@
-"""Writing result rows to JSONL or CSV, streamed (a million rows never sit in memory)."""
+"""Writing result rows to JSONL, CSV or Parquet, streamed (a million rows never sit in memory).
+
+Parquet needs pyarrow (`pip install "sumfleet[parquet]"`); it is written in row groups of
+`PARQUET_ROWS`, with typed columns (integers, floats, UTC timestamps).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,27 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from models.errors import InputError
 from producer.client import RESULT_FIELDS
 
+FORMATS = ("jsonl", "csv", "parquet")
+PARQUET_ROWS = 10_000  # rows per Parquet row group (what is held in memory at once)
+_INTEGERS = ("prompt_tokens", "output_tokens", "pieces", "levels", "attempts")
+_MOMENTS = ("queued_at", "started_at", "finished_at")
+
 
 def format_for(path: str, fmt: str | None) -> str:
-    """`jsonl` or `csv`: given explicitly, else from the file extension (default jsonl)."""
+    """`jsonl`, `csv` or `parquet`: given explicitly, else from the file extension (default jsonl)."""
     if fmt:
-        if fmt not in ("jsonl", "csv"):
-            raise InputError(f"unknown output format {fmt!r}: use jsonl or csv")
+        if fmt not in FORMATS:
+            raise InputError(f"unknown output format {fmt!r}: use {', '.join(FORMATS)}")
         return fmt
-    return "csv" if path.lower().endswith(".csv") else "jsonl"
+    suffix = Path(path).suffix.lower()
+    return {".csv": "csv", ".parquet": "parquet"}.get(suffix, "jsonl")
 
 
 @contextmanager
@@ -38,6 +49,8 @@ def _open(path: str) -> Iterator[IO[str]]:
 def write_results(rows: Iterable[dict[str, Any]], path: str, fmt: str | None = None) -> int:
     """Write rows to `path` (`-` is stdout); returns how many were written."""
     kind = format_for(path, fmt)
+    if kind == "parquet":
+        return _write_parquet(rows, path)
     count = 0
     with _open(path) as handle:
         if kind == "csv":
@@ -50,4 +63,34 @@ def write_results(rows: Iterable[dict[str, Any]], path: str, fmt: str | None = N
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
+    return count
+
+
+def _write_parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError('Parquet output needs pyarrow: pip install "sumfleet[parquet]"') from None
+    if path == "-":
+        raise InputError("Parquet cannot go to stdout: give a file name (-o results.parquet)")
+    target = Path(path)
+    if not target.parent.exists():
+        raise InputError(f"cannot write {path}: directory {target.parent} does not exist")
+    types = {name: pa.string() for name in RESULT_FIELDS}
+    types |= {name: pa.int64() for name in _INTEGERS} | {"generation_seconds": pa.float64()}
+    types |= {name: pa.timestamp("us", tz="UTC") for name in _MOMENTS}
+    schema = pa.schema([(name, types[name]) for name in RESULT_FIELDS])
+    count = 0
+    with pq.ParquetWriter(target, schema) as writer:
+        group: list[dict[str, Any]] = []
+        for row in rows:
+            group.append({**row, **{m: row[m] and datetime.fromisoformat(row[m]) for m in _MOMENTS}})
+            if len(group) == PARQUET_ROWS:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                count += len(group)
+                group = []
+        if group or count == 0:
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
+            count += len(group)
     return count

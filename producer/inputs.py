@@ -56,7 +56,7 @@ class _Ctx:
     text_field: str | None
     id_field: str
     max_chars: int
-    seen: dict[str, int] = field(default_factory=dict)  # id -> line it was first seen at
+    seen: dict[str, int] | None = None  # id -> line it was first seen at (None: the caller checks ids)
 
     def bad(self, line: int | None, reason: str) -> None:
         """Record a bad row (it is then skipped)."""
@@ -64,10 +64,10 @@ class _Ctx:
 
     def finish(self, line: int, doc_id: str, text: str, label: str, meta: dict[str, Any]) -> Document | None:
         """Check that a row's id is new and its text usable: the Document, or None once reported."""
-        first = self.seen.setdefault(doc_id, line)
+        first = line if self.seen is None else self.seen.setdefault(doc_id, line)
         text = text.strip()
         if first != line:
-            why = f'duplicate id "{doc_id}" (first seen at line {first})'
+            why = duplicate_reason(doc_id, self.source, first)
         elif not text:
             why = f"{label} is empty"
         elif len(text) > self.max_chars:
@@ -89,6 +89,7 @@ def read_documents(
     id_field: str = "id",
     max_chars: int = 1_000_000,
     stdin: BinaryIO | None = None,
+    check_duplicates: bool = True,
 ) -> Iterator[Document]:
     """Stream the documents of `path` (a file, a directory, or `-` for stdin).
 
@@ -96,15 +97,18 @@ def read_documents(
     `InputError` at once; failures found by reading (a JSON array, a CSV without a text
     column, an empty input) raise it while iterating. `fmt` None detects the format from the
     path: a directory, else `.csv`/`.tsv`, else JSON Lines; a `.gz` suffix is read through gzip.
+    `check_duplicates=False` leaves duplicate ids to the caller (which can check them in flat
+    memory against the database: `models.job_writer`); the reader then keeps no id.
     """
+    seen: dict[str, int] | None = {} if check_duplicates else None
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f'{path}: unknown format "{fmt}" (expected one of: {", ".join(FORMATS)})')
     if path == "-":
         if fmt == "dir":
             raise InputError("<stdin>: a directory cannot be read from stdin")
-        ctx = _Ctx("<stdin>", problems, text_field, id_field, max_chars)
+        ctx = _Ctx("<stdin>", problems, text_field, id_field, max_chars, seen)
         return _read_stream(stdin if stdin is not None else sys.stdin.buffer, fmt or "jsonl", ctx)
-    ctx = _Ctx(path, problems, text_field, id_field, max_chars)
+    ctx = _Ctx(path, problems, text_field, id_field, max_chars, seen)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -364,11 +368,15 @@ def _read_dir(root: str, ctx: _Ctx) -> Iterator[Document]:
 
 
 def python_documents(
-    documents: Iterable[str | Mapping[str, Any]], problems: list[RowProblem], max_chars: int
+    documents: Iterable[str | Mapping[str, Any]],
+    problems: list[RowProblem],
+    max_chars: int,
+    check_duplicates: bool = True,
 ) -> Iterator[Document]:
     """Documents given in Python (strings, or mappings with `text`/`document` and an optional `id`),
-    checked like a file's rows; bad ones go to `problems` as `<python>:N` (N counts from 1)."""
-    seen: dict[str, int] = {}
+    checked like a file's rows; bad ones go to `problems` as `<python>:N` (N counts from 1).
+    `check_duplicates=False`: as for `read_documents`."""
+    seen: dict[str, int] | None = {} if check_duplicates else None
     for number, item in enumerate(documents, start=1):
 
         def bad(reason: str, number: int = number) -> None:
@@ -400,8 +408,15 @@ def python_documents(
             bad("the text is empty")
         elif len(text) > max_chars:
             bad(f"document is {len(text):,} characters; the limit is {max_chars:,}")
-        elif doc_id in seen:
-            bad(f'duplicate id "{doc_id}" (first seen at item {seen[doc_id]})')
+        elif seen is not None and doc_id in seen:
+            bad(duplicate_reason(doc_id, "<python>", seen[doc_id]))
         else:
-            seen[doc_id] = number
+            if seen is not None:
+                seen[doc_id] = number
             yield Document(id=doc_id, text=text, source="<python>", line=number, meta=meta)
+
+
+def duplicate_reason(doc_id: str, source: str, first: int | None) -> str:
+    """The bad-row reason for an id seen before (Python documents count items, files lines)."""
+    unit = "item" if source == "<python>" else "line"
+    return f'duplicate id "{doc_id}" (first seen at {unit} {first})'

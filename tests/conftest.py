@@ -49,6 +49,18 @@ def pg_url() -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
+@pytest.fixture
+def own_database(pg_url: str) -> Iterator[str]:
+    """A PostgreSQL database of the test's own (nothing else in the run sees or changes it)."""
+    name = f"sumfleet_test_{secrets.token_hex(4)}"
+    with _pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"{pg_url.rsplit('/', 1)[0]}/{name}"
+    with _pg_admin() as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 RESERVATION_KEY = "sumfleet:test-reservation"  # set in a Redis db by the test run that uses it
 
 

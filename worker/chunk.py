@@ -11,19 +11,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
+from models.claims import ClaimedJob, JobOutcome, add_attempts, claim_jobs, finish_jobs, give_up_exhausted, release_jobs
 from models.prompts import ANY, PromptPlan
-from models.store import (
-    ClaimedJob,
-    JobOutcome,
-    add_attempts,
-    claim_jobs,
-    close_batch_if_done,
-    finish_jobs,
-    get_batch,
-    give_up_exhausted,
-    mark_batch_started,
-    release_jobs,
-)
+from models.store import close_batch_if_done, get_batch, mark_batch_started
 from worker.engine import Engine, GenerationParams
 
 log = logging.getLogger(__name__)

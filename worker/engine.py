@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PromptPlan
-from models.store import ClaimedJob, JobOutcome
 
 
 @dataclass(frozen=True, slots=True)

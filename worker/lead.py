@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 
+from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PromptPlan
-from models.store import ClaimedJob, JobOutcome
 from models.text import lead
 from worker.engine import GenerationParams
 

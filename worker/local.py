@@ -8,9 +8,11 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.broker import chunk_size_for
+from models.claims import JobOutcome
 from models.settings import Settings
 from models.states import JobState
-from models.store import JobOutcome, iter_job_id_chunks
+from models.store import get_batch, iter_job_id_chunks
 from worker.chunk import ChunkProcessor
 from worker.identity import worker_id
 from worker.loading import load_engine
@@ -33,6 +35,8 @@ def run_batch_here(
         max_attempts=settings.max_attempts,
     )
     started = time.perf_counter()
-    for job_ids in iter_job_id_chunks(sessions, batch_id, settings.chunk_size, (JobState.QUEUED,)):
+    with sessions() as session:
+        size = chunk_size_for(get_batch(session, batch_id).total, settings.chunk_size)
+    for job_ids in iter_job_id_chunks(sessions, batch_id, size, (JobState.QUEUED,)):
         processor.process(batch_id, job_ids, on_batch=on_batch)
     return time.perf_counter() - started

@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from models import defaults
+from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PIECE_TEMPLATES, PromptPlan
 from models.settings import Settings
-from models.store import ClaimedJob, JobOutcome
 from worker.backends.base import Backend, Generated, Row
 from worker.batching import batch_cost, take_batch
 from worker.engine import GenerationParams

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.settings import Settings
+from models.store import prune_finished, utcnow
 from producer.api.lifecycle import advance_all
 from producer.api.webhooks import deliver_due
 
@@ -38,9 +40,15 @@ class Maintainer:
         self._http.close()
 
     def pass_once(self) -> None:
-        """End what can end, expire what ran out of time, then try every due webhook once."""
+        """End what can end, expire what ran out of time, try every due webhook once, and delete
+        one batch past the retention period (SUMFLEET_RETENTION_DAYS), if any."""
         advance_all(self.sessions)
         deliver_due(self.sessions, self.settings, self._http)
+        if self.settings.retention_days is not None:
+            before = utcnow() - timedelta(days=self.settings.retention_days)
+            pruned, jobs = prune_finished(self.sessions, before, max_batches=1)
+            if pruned:
+                log.info("retention: deleted a batch that ended before %s (%d jobs)", before.isoformat(), jobs)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.api_store import (
     JobLine,
-    JobTotals,
     add_delivery,
     add_generated_file,
     iter_job_lines,
@@ -36,6 +35,7 @@ from models.api_store import (
     rejection_counts,
     set_status,
 )
+from models.counters import Counts, counts_of
 from models.errors import InvalidTransition
 from models.states import BatchState, JobState
 from models.store import as_utc, cancel_batch, utcnow
@@ -56,9 +56,9 @@ def unix(moment: datetime | None) -> int | None:
 # --- objects ------------------------------------------------------------------------------------
 
 
-def openai_object(record: ApiBatch, totals: JobTotals | None, rejected: int) -> dict[str, Any]:
+def openai_object(record: ApiBatch, totals: Counts | None, rejected: int) -> dict[str, Any]:
     """The OpenAI `batch` object of a record; cancelled and unfinished-at-the-end requests count as failed."""
-    totals = totals or JobTotals({})
+    totals = totals or Counts({})
     completed = totals[JobState.SUCCEEDED]
     failed = totals[JobState.FAILED] + totals[JobState.CANCELLED] + rejected
     return {
@@ -100,7 +100,7 @@ def openai_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, 
     return [openai_object(r, totals.get(r.batch_id) if r.batch_id else None, rejected.get(r.id, 0)) for r in records]
 
 
-def native_object(record: ApiBatch, batch: Batch, totals: JobTotals) -> dict[str, Any]:
+def native_object(record: ApiBatch, batch: Batch, totals: Counts) -> dict[str, Any]:
     """A native batch: the `sumfleet status --json` fields, plus its webhook and results URL."""
     return {
         **BatchStatus.of(batch, totals.by_state).as_dict(),
@@ -112,10 +112,9 @@ def native_object(record: ApiBatch, batch: Batch, totals: JobTotals) -> dict[str
 
 def native_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, Any]]:
     ids = [r.batch_id for r in records if r.batch_id]
-    totals = job_totals(session, ids)
     batches = {b.id: b for b in session.scalars(select(Batch).where(Batch.id.in_(ids)))} if ids else {}
     return [
-        native_object(record, batches[record.batch_id], totals[record.batch_id])
+        native_object(record, batches[record.batch_id], counts_of(batches[record.batch_id]))
         for record in records
         if record.batch_id in batches
     ]

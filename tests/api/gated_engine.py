@@ -8,7 +8,7 @@ import os
 import re
 import time
 
-from models.store import JobOutcome
+from models.claims import JobOutcome
 from worker.lead import LeadEngine
 
 _WAIT = re.compile(r"WAIT:(\S+)")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import func, select
 
 from models.api_store import create_key
+from models.job_writer import add_jobs
 from models.settings import Settings
-from models.store import add_jobs, create_batch, utcnow
-from models.tables import ApiBatch
+from models.store import create_batch, utcnow
+from models.tables import ApiBatch, Batch, Job
 from producer.api import service
+from producer.api.background import Maintainer
 from producer.api.schemas import BatchCreate
 from producer.client import Client
 
@@ -41,7 +45,7 @@ def _batch(client: Client, owner: str, kind: str, documents: int = 2) -> str:
             params={"max_new_tokens": 8},
             source="test",
         )
-        add_jobs(session, batch, ({"doc_id": f"d{i}", "text": f"text {i}"} for i in range(documents)), 100)
+        add_jobs(session, batch, ({"doc_id": f"d{i}", "text": f"text {i}"} for i in range(documents)))
         record_id = batch.id if kind == "native" else f"batch_{batch.id}"
         session.add(
             ApiBatch(
@@ -145,3 +149,23 @@ def test_a_file_of_bad_lines_makes_a_failed_batch(client: Client) -> None:
         ("invalid_json_line", 2),
     ]
     assert service.batch_page(client.sessions, owner, "openai", after=None, limit=5) == ([made], False)
+
+
+def test_the_background_pass_deletes_batches_past_the_retention_period(client: Client) -> None:
+    owner = _owner(client)
+    old, recent, running = (_batch(client, owner, "native") for _ in range(3))
+    for record_id, ended_days_ago in ((old, 10), (recent, 1)):
+        client.cancel(record_id)
+        with client.sessions.begin() as session:
+            batch = session.get(Batch, record_id)
+            assert batch is not None
+            batch.finished_at = utcnow() - timedelta(days=ended_days_ago)
+    Maintainer(client.sessions, client.settings.model_copy(update={"retention_days": 7})).pass_once()
+    with client.sessions() as session:
+        assert session.get(Batch, old) is None and session.get(ApiBatch, old) is None
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.batch_id == old)) == 0
+        assert session.get(Batch, recent) is not None  # ended a day ago: kept
+        assert session.get(Batch, running) is not None and session.get(ApiBatch, running) is not None
+    Maintainer(client.sessions, client.settings).pass_once()  # no retention set: nothing is deleted
+    with client.sessions() as session:
+        assert session.get(Batch, recent) is not None

@@ -4,7 +4,6 @@ delivered at least once, resumed by a restarted API process."""
 from __future__ import annotations
 
 import json
-import secrets
 import time
 
 import httpx
@@ -16,7 +15,7 @@ from models.db import open_database, session_factory
 from models.settings import Settings
 from producer.api.webhooks import InvalidSignature, sign, verify_signature
 from tests.api.conftest import GATED, ApiServer, Key, free_port, jsonl, new_key, request_line
-from tests.conftest import _pg_admin, wait_for
+from tests.conftest import wait_for
 
 SECRET = "whsec_test"
 
@@ -164,18 +163,6 @@ def test_cancelled_native_and_failed_openai_batches_notify(api: ApiServer, key: 
     body = json.loads(openai_hook["body"])
     assert body["id"] == failed.id and body["status"] == "failed"
     assert body["errors"]["data"][0]["code"] == "invalid_json_line"
-
-
-@pytest.fixture
-def own_database(pg_url: str):
-    """A database of the test's own: no other API process delivers its webhooks."""
-    name = f"sumfleet_test_{secrets.token_hex(4)}"
-    with _pg_admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"{pg_url.rsplit('/', 1)[0]}/{name}"
-    with _pg_admin() as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 @pytest.mark.services

@@ -34,6 +34,7 @@ def test_batch_completes_after_redis_lost_its_messages(
 
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the sweeper to recover")
     assert status.counts == {"succeeded": 1500}, lost_at
+    assert client.verify(submission.batch_id) == []  # the counters agree with a recount of the jobs
     rows = list(client.results(submission.batch_id))
     assert [r["summary"] for r in rows] == documents  # each exactly once, in order
     assert all(r["attempts"] <= 2 for r in rows)
@@ -68,6 +69,7 @@ def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: 
         lambda: (s := client.status(submission.batch_id)).done and s, 400, "the jobs to be taken over", poll=1
     )
     assert status.counts == {"succeeded": 4}, second.text()
+    assert client.verify(submission.batch_id) == []
     results = list(client.results(submission.batch_id))
     # killed once: at least 2 attempts each (a 3rd if the slow one-at-a-time retry hit the time limit)
     assert all(2 <= r["attempts"] <= settings.max_attempts for r in results), [r["attempts"] for r in results]
@@ -99,6 +101,7 @@ def test_database_outage_mid_batch_nothing_lost_nothing_doubled(fleet_settings: 
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch to finish")
     proxy.cut()
     assert status.counts == {"succeeded": 1500}, (cut_at, status.counts)
+    assert client.verify(submission.batch_id) == []
     rows = list(client.results(submission.batch_id))
     assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in documents)
     assert all(r["summary"] == f"Document {r['id'][1:]} says one thing. Then another." for r in rows)
@@ -128,6 +131,7 @@ def test_sigterm_finishes_the_current_batch_and_returns_the_rest(fleet_settings:
     start_worker(settings, "smollm2")
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 300, "the batch", poll=1)
     assert status.counts == {"succeeded": 4}
+    assert client.verify(submission.batch_id) == []
     results = list(client.results(submission.batch_id))
     assert all(r["attempts"] == 1 and r["summary"] for r in results)  # nothing ran twice
     assert len({r["worker"] for r in results}) == 2
@@ -152,6 +156,7 @@ def test_a_document_that_kills_its_worker_fails_alone(fleet_settings: Settings, 
     worker = start_worker(settings, model)
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch", poll=0.5)
     assert status.counts == {"succeeded": 3, "failed": 1}, worker.text()[-3000:]
+    assert client.verify(submission.batch_id) == []
     rows = {r["id"]: r for r in client.results(submission.batch_id)}
     poison = rows.pop("d1")
     assert poison["status"] == "failed" and poison["attempts"] == settings.max_attempts
@@ -178,6 +183,7 @@ def test_cancel_mid_batch_keeps_finished_results(fleet_settings: Settings, start
     )
     assert status.state == "cancelled"
     assert status.counts["cancelled"] == cancelled
+    assert client.verify(submission.batch_id) == []
     assert status.counts["succeeded"] + status.counts["cancelled"] == 1500
     rows = list(client.results(submission.batch_id))
     kept = [r for r in rows if r["status"] == "succeeded"]

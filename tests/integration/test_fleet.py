@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import update
 
 from models.settings import Settings
+from models.tables import Batch
 from producer.client import Client
 from tests.conftest import SAMPLE, RedisReservation, sumfleet, wait_for
 
@@ -40,6 +42,7 @@ def test_submit_worker_status_results(fleet_settings: Settings, start_worker, tm
     status = wait_for(lambda: (s := client.status(batch_id)).done and s, 120, "the batch to finish")
     assert status.state == "completed"
     assert status.counts == {"succeeded": 8}
+    assert client.verify(batch_id) == []
     assert _queue_length(fleet_settings) == 0
 
     shown = sumfleet("status", batch_id, "--json", settings=fleet_settings)
@@ -88,6 +91,7 @@ def test_two_workers_share_a_batch_and_no_job_runs_twice(
     assert (submission.accepted, submission.chunks) == (120, 60)
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch")
     assert status.counts == {"succeeded": 120}
+    assert client.verify(submission.batch_id) == []
 
     rows = list(client.results(submission.batch_id))
     assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in documents)
@@ -144,6 +148,36 @@ def test_cancel_before_the_workers_reach_the_batch(fleet_settings: Settings, sta
     assert (status.state, status.counts) == ("cancelled", {"cancelled": 8})
     again = sumfleet("cancel", batch_id, settings=fleet_settings)
     assert again.returncode == 1 and "already ended (cancelled)" in again.stderr.decode()
+
+
+def test_status_verify_finds_and_repairs_counters_and_prune_deletes_ended_batches(
+    fleet_settings: Settings, own_database: str
+) -> None:
+    fleet_settings = fleet_settings.model_copy(update={"database_url": own_database})
+    batch_id = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings).stdout.decode().strip()
+    verified = sumfleet("status", batch_id, "--verify", settings=fleet_settings)
+    assert verified.returncode == 0 and "counters agree with a recount" in verified.stderr.decode()
+    client = Client(fleet_settings, migrate=False)
+    with client.sessions.begin() as session:  # a counter gone wrong (as a bug or a hand edit would leave it)
+        session.execute(update(Batch).where(Batch.id == batch_id).values(jobs_queued=5, jobs_failed=2))
+    wrong = sumfleet("status", batch_id, "--verify", settings=fleet_settings)
+    assert wrong.returncode == 1, wrong.stderr.decode()
+    assert "counter disagrees with the jobs: queued: counter 5, jobs 8" in wrong.stderr.decode()
+    assert "failed: counter 2, jobs 0" in wrong.stderr.decode()
+    repaired = sumfleet("status", batch_id, "--repair", settings=fleet_settings)
+    assert repaired.returncode == 0 and "counters repaired" in repaired.stderr.decode()
+    assert client.verify(batch_id) == [] and client.status(batch_id).counts == {"queued": 8}
+
+    assert sumfleet("cancel", batch_id, settings=fleet_settings).returncode == 0
+    kept = sumfleet("submit", str(SAMPLE), "--model", "lead", settings=fleet_settings).stdout.decode().strip()
+    pruned = sumfleet("prune", "--finished-before", "2999-01-01", settings=fleet_settings)
+    assert pruned.returncode == 0, pruned.stderr.decode()
+    assert "pruned 1 batch(es)" in pruned.stderr.decode() and ", 8 job(s)" in pruned.stderr.decode()
+    gone = sumfleet("status", batch_id, settings=fleet_settings)
+    assert gone.returncode == 1 and f"no batch '{batch_id}'" in gone.stderr.decode()
+    assert client.status(kept).counts == {"queued": 8}  # a batch still running is never pruned
+    bad = sumfleet("prune", "--finished-before", "last week", settings=fleet_settings)
+    assert bad.returncode == 1 and "--finished-before: 'last week' is not an ISO date" in bad.stderr.decode()
 
 
 def test_requeue_after_the_broker_lost_everything(

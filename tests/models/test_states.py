@@ -3,11 +3,13 @@ from __future__ import annotations
 import pytest
 
 from models import states
+from models.claims import claim_jobs, release_jobs
 from models.db import ensure_schema, open_database, session_factory
 from models.errors import ConfigError, InvalidTransition
+from models.job_writer import add_jobs
 from models.settings import Settings, load_settings
 from models.states import JobState, check_job_transition, moves, sources_for
-from models.store import add_jobs, claim_jobs, create_batch, release_jobs
+from models.store import create_batch
 
 
 def test_finished_jobs_never_change() -> None:
@@ -41,7 +43,7 @@ def test_the_store_changes_states_through_the_table(tmp_path, monkeypatch: pytes
         batch = create_batch(
             session, model="lead", queue="q", prompt_name="p", prompt_template="{document}", params={}, source=None
         )
-        add_jobs(session, batch, [{"doc_id": "a", "text": "A."}], 10)
+        add_jobs(session, batch, [{"doc_id": "a", "text": "A."}])
     with sessions.begin() as session:
         (job,) = claim_jobs(session, [1], "w")
     table = dict(states.JOB_TRANSITIONS)

@@ -10,20 +10,20 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
 
+from models.claims import JobOutcome, claim_jobs, finish_jobs, give_up_exhausted, release_jobs
+from models.counters import counts_of, differences, recount
 from models.db import current_revision, ensure_schema, head_revision, open_database, session_factory
 from models.errors import BatchNotFoundError, DatabaseError
+from models.job_writer import JobWriter, SeenIds, add_jobs
 from models.states import JobState
 from models.store import (
-    JobOutcome,
-    add_jobs,
-    claim_jobs,
+    batch_counts,
+    cancel_batch,
     close_batch_if_done,
-    count_jobs,
     create_batch,
-    finish_jobs,
     get_batch,
-    give_up_exhausted,
     iter_claimable_chunks,
     iter_job_id_chunks,
     iter_results,
@@ -42,6 +42,11 @@ def database(request, tmp_path) -> Iterator[Engine]:
     engine.dispose()
 
 
+def assert_counters_agree(session: Session, batch_id: str) -> None:
+    """The batch's counters equal a recount of its jobs."""
+    assert differences(counts_of(get_batch(session, batch_id)), recount(session, batch_id)) == []
+
+
 def _batch(sessions, n: int = 5) -> tuple[str, list[int]]:
     with sessions.begin() as session:
         batch = create_batch(
@@ -53,7 +58,7 @@ def _batch(sessions, n: int = 5) -> tuple[str, list[int]]:
             params={"max_new_tokens": 8},
             source="test",
         )
-        add_jobs(session, batch, ({"doc_id": f"d{i}", "text": f"text {i}"} for i in range(n)), insert_batch=2)
+        add_jobs(session, batch, ({"doc_id": f"d{i}", "text": f"text {i}"} for i in range(n)))
         batch_id = batch.id
     ids = [i for chunk in iter_job_id_chunks(sessions, batch_id, 100, [JobState.QUEUED]) for i in chunk]
     return batch_id, ids
@@ -73,7 +78,8 @@ def test_jobs_are_added_and_chunked_in_order(database: Engine) -> None:
     assert [len(c) for c in chunks] == [2, 2, 1] and [i for c in chunks for i in c] == ids
     with sessions() as session:
         assert get_batch(session, batch_id).total == 5
-        assert count_jobs(session, batch_id).by_state == {"queued": 5}
+        assert batch_counts(session, batch_id).by_state == {"queued": 5}
+        assert_counters_agree(session, batch_id)
 
 
 def test_claim_finish_is_exactly_once(database: Engine) -> None:
@@ -111,6 +117,9 @@ def test_claim_finish_is_exactly_once(database: Engine) -> None:
     assert rows["d1"].state == "failed" and rows["d1"].error == "boom" and rows["d1"].summary is None
     assert rows["d2"].summary == "from w1" and rows["d2"].attempts == 1
     assert batch.state == "completed" and batch.started_at and batch.finished_at
+    assert counts_of(batch).by_state == {"succeeded": 2, "failed": 1}
+    with sessions() as session:
+        assert_counters_agree(session, batch_id)
 
 
 def test_batch_stays_open_while_jobs_remain(database: Engine) -> None:
@@ -122,7 +131,8 @@ def test_batch_stays_open_while_jobs_remain(database: Engine) -> None:
         assert not close_batch_if_done(session, batch_id)
     with sessions() as session:
         assert get_batch(session, batch_id).state == "queued"
-        assert count_jobs(session, batch_id).by_state == {"queued": 1, "succeeded": 1}
+        assert batch_counts(session, batch_id).by_state == {"queued": 1, "succeeded": 1}
+        assert_counters_agree(session, batch_id)
 
 
 def test_unknown_batch_is_a_clear_error(database: Engine) -> None:
@@ -159,3 +169,57 @@ def test_a_job_whose_worker_died_too_often_fails_with_the_reason(database: Engin
     assert rows["d0"].state == "failed" and rows["d0"].attempts == 3
     assert (rows["d0"].error or "").startswith("gave up after 3 attempts: the worker process died")
     assert rows["d1"].state == "queued"
+
+
+def test_counters_follow_every_move(database: Engine) -> None:
+    """Claims, take-overs, give-ups, releases, outcomes with tokens and a cancel, each checked against a recount."""
+    sessions = session_factory(database)
+    batch_id, ids = _batch(sessions, 8)
+    with sessions.begin() as session:
+        claim_jobs(session, ids[:5], "w1")
+        assert batch_counts(session, batch_id).by_state == {"queued": 3, "running": 5}
+    with sessions.begin() as session:  # w1 died: two jobs' leases ran out, and one used up its attempts
+        session.execute(update(Job).where(Job.id.in_(ids[:2])).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.execute(update(Job).where(Job.id == ids[0]).values(attempts=3))
+    with sessions.begin() as session:
+        assert give_up_exhausted(session, ids[:2], max_attempts=3) == 1
+        assert [job.id for job in claim_jobs(session, ids[:2], "w2")] == [ids[1]]  # taken over: still running
+        assert release_jobs(session, ids[2:3], "w1") == [ids[2]]  # a graceful stop gives one back
+        finish_jobs(
+            session,
+            [JobOutcome(ids[1], summary="s", prompt_tokens=10, output_tokens=3), JobOutcome(ids[3], error="e")],
+            "w2",
+        )  # ids[3] is w1's: not written
+        finish_jobs(session, [JobOutcome(ids[3], summary="t", prompt_tokens=7, output_tokens=2)], "w1")
+        assert_counters_agree(session, batch_id)
+    with sessions.begin() as session:
+        cancelled, running = cancel_batch(session, batch_id)
+        counts = batch_counts(session, batch_id)
+        assert_counters_agree(session, batch_id)
+    assert (cancelled, running) == (4, 1)  # ids[2] and the three never claimed; ids[4] still runs
+    assert counts.by_state == {"failed": 1, "succeeded": 2, "cancelled": 4, "running": 1}
+    assert (counts.prompt_tokens, counts.output_tokens) == (17, 5)
+
+
+def test_duplicate_ids_are_found_in_flat_memory(database: Engine) -> None:
+    sessions = session_factory(database)
+    with sessions.begin() as session:
+        batch = create_batch(
+            session, model="lead", queue="q", prompt_name="p", prompt_template="{document}", params={}, source=None
+        )
+        writer = JobWriter(session, batch, page_rows=3)  # pages of 3: duplicates both written and pending
+        found = {f"d{i}": writer.add(f"d{i}", "text", line=i + 1) for i in range(7)}
+        assert set(found.values()) == {None}
+        assert writer.add("d1", "again", line=8).first_line == 2  # written already: found in the table
+        assert writer.add("d6", "again", line=9).first_line == 7  # still pending
+        assert writer.close() == 7
+        assert get_batch(session, batch.id).total == 7
+        assert_counters_agree(session, batch.id)
+
+
+def test_the_bloom_filter_never_misses_and_rarely_guesses() -> None:
+    seen = SeenIds(bits=1 << 20)
+    assert not any(seen.add(f"id-{i}") for i in range(20_000))
+    assert all(seen.add(f"id-{i}") for i in range(20_000))
+    false_maybes = sum(seen.add(f"other-{i}") for i in range(20_000))
+    assert false_maybes < 200  # about 0.01% expected at this fill

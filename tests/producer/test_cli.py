@@ -10,6 +10,7 @@ import pytest
 
 from models.db import head_revision
 from models.settings import Settings
+from producer.client import RESULT_FIELDS
 from tests.conftest import SAMPLE, sumfleet
 
 
@@ -68,6 +69,30 @@ def test_run_reads_stdin_csv_and_writes_csv(tmp_path: Path) -> None:
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["id"], r["summary"]) for r in rows] == [("x1", "First."), ("x2", "Only one.")]
+
+
+def test_results_as_parquet_with_typed_columns_in_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    from producer import export
+
+    settings = _settings(tmp_path)
+    assert sumfleet("run", str(SAMPLE), "--model", "lead", "--no-progress", settings=settings).returncode == 0
+    batch_id = json.loads(sumfleet("batches", "--json", settings=settings).stdout.decode().splitlines()[0])["id"]
+    out = tmp_path / "out.parquet"
+    done = sumfleet("results", batch_id, "-o", str(out), settings=settings)
+    assert done.returncode == 0, done.stderr.decode()
+    table = pq.read_table(out)
+    assert table.num_rows == 8 and table.column_names == list(RESULT_FIELDS)
+    assert str(table.schema.field("attempts").type) == "int64"
+    assert str(table.schema.field("finished_at").type) == "timestamp[us, tz=UTC]"
+    assert table.column("summary")[0].as_py().startswith("The city council voted on Tuesday")
+    monkeypatch.setattr(export, "PARQUET_ROWS", 3)  # row groups: the writer never holds more than 3 rows
+    rows = [{name: None for name in RESULT_FIELDS} | {"id": str(i)} for i in range(7)]
+    assert export.write_results(rows, str(tmp_path / "groups.parquet")) == 7
+    assert pq.ParquetFile(tmp_path / "groups.parquet").metadata.num_row_groups == 3
+    stdout = sumfleet("results", batch_id, "--format", "parquet", settings=settings)
+    assert stdout.returncode == 1 and "Parquet cannot go to stdout" in stdout.stderr.decode()
 
 
 def test_run_to_stdout_keeps_stdout_clean(tmp_path: Path) -> None:

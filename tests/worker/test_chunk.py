@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
+from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PromptPlan
 from models.settings import Settings
 from models.states import JobState
-from models.store import ClaimedJob, JobOutcome, iter_job_id_chunks
+from models.store import iter_job_id_chunks
 from producer.client import Client
 from worker.chunk import ChunkProcessor
 from worker.engine import GenerationParams

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from models.claims import ClaimedJob, JobOutcome
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
-from models.store import ClaimedJob, JobOutcome
 from tests.conftest import SAMPLE, transformers_engine
 from worker.engine import GenerationParams
 

@@ -20,9 +20,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from models.claims import ClaimedJob
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
-from models.store import ClaimedJob
 from tests.conftest import SAMPLE, sumfleet, transformers_engine
 from tests.worker.longdoc import long_document
 from worker.backends.base import Row

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from models.claims import ClaimedJob
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
-from models.store import ClaimedJob
 from tests.conftest import SAMPLE
 from tests.worker.longdoc import long_document
 from worker.engine import GenerationParams

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from models.claims import ClaimedJob, JobOutcome
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
-from models.store import ClaimedJob, JobOutcome
 from tests.conftest import SAMPLE
 from tests.worker.longdoc import long_document
 from tests.worker.toy_backend import ToyBackend, ToyOutOfMemory
