@@ -93,20 +93,35 @@ class Run:
     stdout: str
 
 
+# runs `sumfleet ARGS`, then writes the process's own peak RSS (VmHWM: unlike ru_maxrss, not
+# inherited from the parent's image before exec) to the file PEAK_RSS_FILE names
+_MEASURED = """
+import os, sys
+from pathlib import Path
+from producer.cli import main
+code = main(sys.argv[1:])
+peak = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+Path(os.environ["PEAK_RSS_FILE"]).write_text(peak.split()[1])
+sys.exit(code)
+"""
+
+
 def run_measured(args: list[str], env: dict[str, str]) -> Run:
-    """Run a command and take its own resource usage from wait4 (not its children's)."""
+    """Run `sumfleet ARGS`; its CPU time from wait4, its peak RSS from its own VmHWM."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(args, env=env, stdout=out, stderr=err, cwd=ROOT)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as peak:
+        command = [sys.executable, "-c", _MEASURED, *args]
+        process = subprocess.Popen(command, env={**env, "PEAK_RSS_FILE": peak.name}, stdout=out, stderr=err, cwd=ROOT)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
+        rss_kib = int(Path(peak.name).read_text() or 0)
     if process.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed ({process.returncode}):\n{stderr}")
-    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, stdout)
+        raise SystemExit(f"sumfleet {' '.join(args)} failed ({process.returncode}):\n{stderr}")
+    return Run(seconds, usage.ru_utime + usage.ru_stime, rss_kib / 1024, stdout)
 
 
 @contextmanager
@@ -144,7 +159,7 @@ def sumfleet(*args: str) -> list[str]:
 def enqueue(settings: Settings, path: Path, count: int) -> tuple[dict[str, Any], str]:
     """`sumfleet submit` of `count` documents: wall, docs/s, CPU per 1,000 docs (submit, PostgreSQL), peak RSS."""
     before = postgres_cpu()
-    run = run_measured(sumfleet("submit", str(path), "--model", MODEL), environment(settings))
+    run = run_measured(["submit", str(path), "--model", MODEL], environment(settings))
     database_cpu = postgres_cpu() - before
     figures = {
         "docs": count,
@@ -187,7 +202,7 @@ def finish_in_sql(settings: Settings, batch_id: str) -> None:
 
 def export(settings: Settings, batch_id: str, count: int, directory: Path) -> dict[str, Any]:
     path = directory / f"results-{count}.jsonl"
-    run = run_measured(sumfleet("results", batch_id, "-o", str(path)), environment(settings))
+    run = run_measured(["results", batch_id, "-o", str(path)], environment(settings))
     rows = sum(1 for _ in path.open())
     path.unlink()
     return {

@@ -19,7 +19,7 @@ from models import defaults
 from models.errors import BrokerError
 from models.settings import Settings, hide_password
 from models.states import JobState
-from models.store import get_batch, iter_claimable_chunks, iter_job_id_chunks, mark_published
+from models.store import get_batch, iter_claimable_chunks, iter_job_id_chunks, mark_published, refresh_statistics
 
 
 def create_app(settings: Settings) -> Celery:
@@ -93,6 +93,8 @@ def publish_batch(
         queue, chunk_size = batch.queue, chunk_size_for(batch.total, chunk_size)
         if not only_expired:
             mark_published(session, batch_id)
+            if batch.total >= defaults.ANALYZE_AFTER:
+                refresh_statistics(session)  # just bulk-inserted: keep the planner on the keyset index
     ids = (
         iter_job_id_chunks(sessions, batch_id, chunk_size, (JobState.RUNNING,), expired_only=True)
         if only_expired

@@ -11,6 +11,7 @@ TASK_NAME = "sumfleet.summarize_chunk"  # the one Celery task: a chunk of job id
 CHUNK_SIZE_MIN = 16  # job ids per chunk message (one task) when the batch is small: every worker gets some
 CHUNK_SIZE_MAX = 256  # ... and when it is large: the message, claim and ack cost per chunk become negligible
 CHUNKS_PER_BATCH = 64  # a batch is cut into about this many chunks between those two sizes
+ANALYZE_AFTER = 10_000  # publishing a batch this large first refreshes PostgreSQL's statistics of jobs
 MAX_NEW_TOKENS = 64  # generated tokens per summary
 MAX_NEW_TOKENS_LIMIT = 4096  # larger requests are refused at submit time
 MAX_BATCH_SIZE_CPU = 8  # documents per generation batch at most, on a CPU in float32 (measured best of 4-32)

@@ -46,9 +46,9 @@ class Settings(BaseSettings):
     )
     engine: str = Field(
         "auto",
-        pattern="^(auto|transformers|lead)$",
-        description="what runs the model: transformers, lead (extractive), or auto (lead for lead models, "
-        "else transformers)",
+        pattern="^(auto|transformers|llama.cpp|lead)$",
+        description="what runs the model: transformers, llama.cpp (GGUF files, CPU), lead (extractive), or auto "
+        "(see worker/loading.py)",
     )
     max_batch_size: int | None = Field(
         None,
@@ -90,7 +90,9 @@ class Settings(BaseSettings):
         description="auto: bf16 on CUDA with bf16 and on CPUs with AMX/AVX-512 BF16, fp16 on older GPUs, else float32",
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
-    threads: int | None = Field(None, ge=1, description="CPU threads per worker process (unset: torch's own)")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads per worker process (unset: the cores divided among its processes)"
+    )
     allow_download: bool = Field(False, description="let transformers download models from the Hub")
     task_time_limit: int = Field(
         defaults.TASK_TIME_LIMIT, ge=1, description="seconds a chunk may run before its worker process is killed"

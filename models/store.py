@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 from models.counters import Counts, count_moves, counts_of
@@ -116,6 +116,12 @@ def iter_claimable_chunks(sessions: sessionmaker[Session], batch_id: str, size: 
     """Ids of a batch's claimable jobs, `size` at a time: running ones whose lease ran out, then queued ones."""
     yield from iter_job_id_chunks(sessions, batch_id, size, (JobState.RUNNING,), expired_only=True)
     yield from iter_job_id_chunks(sessions, batch_id, size, (JobState.QUEUED,))
+
+
+def refresh_statistics(session: Session) -> None:
+    """Have PostgreSQL re-sample the jobs table (after a bulk insert its statistics lag behind)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE jobs"))
 
 
 def mark_published(session: Session, batch_id: str) -> None:

@@ -267,8 +267,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     database.dispose()
     from worker.app import create_worker_app
 
-    app = create_worker_app(settings, model)
     queue = settings.queue or queue_for(model)
+    app = create_worker_app(settings, model, args.concurrency, queue)
     print(
         f"sumfleet worker: model {model}, queue {queue}, broker {hide_password(settings.broker_url)}", file=sys.stderr
     )

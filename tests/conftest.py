@@ -248,6 +248,15 @@ def transformers_engine(name: str, settings: Settings) -> Any:
     return engine
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM), in MiB. Not ru_maxrss: that one keeps the peak of
+    the process image before exec, so a child of a big test process would report its parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
 def wait_for(condition: Callable[[], T | Literal[False] | None], timeout: float, what: str, poll: float = 0.2) -> T:
     """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from celery import Celery, Task, signals
@@ -20,6 +22,7 @@ from models.db import ensure_schema, open_database, session_factory
 from models.settings import Settings
 from worker.chunk import ChunkProcessor
 from worker.identity import worker_id
+from worker.pulling import ChunkPuller
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,8 +35,19 @@ class _Runtime:
     processor: ChunkProcessor | None = None
 
 
-def create_worker_app(settings: Settings, model: str) -> Celery:
-    """The app a worker runs: the publishing app plus the task and the per-process model."""
+def threads_per_process(settings: Settings, processes: int) -> int:
+    """CPU threads for each of a worker's `processes`: SUMFLEET_THREADS, else the cores this
+    process may run on divided among them (so `-c 2` on 2 cores runs 2 compute threads, not 4)."""
+    if settings.threads:
+        return settings.threads
+    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+
+
+def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queue: str | None = None) -> Celery:
+    """The app a worker runs: the publishing app plus the task and the per-process model.
+
+    `queue` is the queue the worker consumes; a task whose chunk cannot fill the engine takes
+    more chunks from it (`worker.pulling`)."""
     app = create_app(settings)
     runtime = _Runtime()
     stopping = multiprocessing.Event()  # created before the pool forks, so children see it
@@ -51,7 +65,8 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
 
         database = open_database(settings.database_url)
         ensure_schema(database, migrate=False)
-        engine = load_engine(model, settings)
+        threads = threads_per_process(settings, concurrency)
+        engine = load_engine(model, settings.model_copy(update={"threads": threads}))
         sessions = session_factory(database)
         runtime.processor = ChunkProcessor(
             sessions,
@@ -65,7 +80,7 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
         from worker.sweeper import Sweeper
 
         Sweeper(sessions, app, settings).start()  # in the child: it never forks with a thread running
-        log.info("worker %s ready with model %s", runtime.processor.worker, model)
+        log.info("worker %s ready with model %s (%d threads)", runtime.processor.worker, model, threads)
 
     @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
     def summarize_chunk(self: Task, batch_id: str, job_ids: list[int]) -> dict[str, int]:
@@ -73,16 +88,39 @@ def create_worker_app(settings: Settings, model: str) -> Celery:
             _load()
         processor = runtime.processor
         assert processor is not None
-        report = _with_database_retries(lambda: processor.process(batch_id, job_ids), batch_id)
-        log.info(
-            "batch %s: chunk of %d, ran %d, succeeded %d, failed %d",
-            batch_id,
-            len(job_ids),
-            report.claimed,
-            report.succeeded,
-            report.failed,
-        )
-        return {"claimed": report.claimed, "succeeded": report.succeeded, "failed": report.failed}
+        capacity = int(getattr(processor.engine, "capacity", 0) or 0)
+        puller = ChunkPuller(app, queue) if queue and capacity > len(job_ids) else None
+        groups: dict[str, list[int]] = {batch_id: list(job_ids)}
+        messages = {batch_id: 1}
+        totals = {"claimed": 0, "succeeded": 0, "failed": 0}
+        try:
+            for chunk in puller.pull(capacity - len(job_ids)) if puller else []:
+                groups.setdefault(chunk.batch_id, []).extend(chunk.job_ids)
+                messages[chunk.batch_id] = messages.get(chunk.batch_id, 0) + 1
+            for group, ids in groups.items():
+                ids = list(dict.fromkeys(ids))  # a republished job may ride in two messages
+                if group != batch_id and queue and stopping.is_set():  # not started: published again, then acked
+                    requeue(group, queue, ids)
+                    continue
+                report = _with_database_retries(partial(processor.process, group, ids), group)
+                log.info(
+                    "batch %s: %d job(s) of %d chunk(s), ran %d, succeeded %d, failed %d",
+                    group,
+                    len(ids),
+                    messages[group],
+                    report.claimed,
+                    report.succeeded,
+                    report.failed,
+                )
+                totals["claimed"] += report.claimed
+                totals["succeeded"] += report.succeeded
+                totals["failed"] += report.failed
+            if puller is not None:
+                puller.ack_all()  # every pulled chunk's results are committed (or its jobs published again)
+        finally:
+            if puller is not None:
+                puller.close()
+        return totals
 
     return app
 

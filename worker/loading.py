@@ -12,10 +12,11 @@ import importlib
 from typing import cast
 
 from models.errors import ConfigError
-from models.model_names import resolve_model
+from models.model_names import ModelSource, resolve_model
 from models.settings import Settings
 from worker.backends.base import Backend
 from worker.engine import Engine
+from worker.hardware import cpu_has_fast_bf16, installed, nvidia_gpu_present
 from worker.lead import LeadEngine
 from worker.pipeline import GenerationPipeline
 
@@ -27,14 +28,31 @@ def load_engine(name: str, settings: Settings) -> Engine:
         module, _, attribute = source.location.partition(":")
         made = getattr(importlib.import_module(module), attribute)(name, settings)
         return cast(Engine, made) if hasattr(made, "run") else GenerationPipeline(name, cast(Backend, made), settings)
-    choice = settings.engine
-    if choice == "auto":
-        choice = "lead" if source.kind == "lead" else "transformers"
+    choice = settings.engine if settings.engine != "auto" else auto_engine(source, settings)
     if (choice == "lead") != (source.kind == "lead"):
         served = "the lead models (lead, lead-N)" if choice == "lead" else "generative models, not lead"
         raise ConfigError(f"SUMFLEET_ENGINE={choice} serves {served}; it cannot serve model {name!r}")
     if choice == "lead":
         return LeadEngine(name, source.lead_sentences)
+    if choice == "llama.cpp":
+        from worker.backends.llamacpp import LlamaCppBackend
+
+        return GenerationPipeline(name, LlamaCppBackend.load(name, source, settings), settings)
     from worker.backends.hf import TransformersBackend  # imports torch: only when a model needs it
 
     return GenerationPipeline(name, TransformersBackend.load(name, source, settings), settings)
+
+
+def auto_engine(source: ModelSource, settings: Settings) -> str:
+    """What `SUMFLEET_ENGINE=auto` runs a model with, by what was measured fastest at equal quality.
+
+    `lead` for the lead models. A GGUF file on a CPU without fast bf16 goes to llama.cpp when
+    it is installed (its quantized kernels beat float32 there, in a quarter of the memory);
+    everything else to transformers (bf16 on CPUs that have it, CUDA on GPUs). README: Engines.
+    """
+    if source.kind == "lead":
+        return "lead"
+    on_cpu = settings.device == "cpu" or (settings.device == "auto" and not nvidia_gpu_present())
+    if source.gguf_file and on_cpu and settings.dtype in ("auto", "float32") and not cpu_has_fast_bf16():
+        return "llama.cpp" if installed("llama_cpp") else "transformers"
+    return "transformers"

@@ -25,11 +25,12 @@ def run_batch_here(
     model: str,
     on_batch: Callable[[list[JobOutcome]], None] | None = None,
 ) -> float:
-    """Load `model` and process every queued job of the batch, chunk by chunk, committing as a
-    worker does; returns the seconds spent after loading."""
+    """Load `model` and process every queued job of the batch, chunk by chunk (each at least the
+    engine's capacity), committing as a worker does; returns the seconds spent after loading."""
+    engine = load_engine(model, settings)
     processor = ChunkProcessor(
         sessions,
-        load_engine(model, settings),
+        engine,
         worker_id(),
         lease_seconds=settings.task_time_limit + settings.lease_grace,
         max_attempts=settings.max_attempts,
@@ -37,6 +38,7 @@ def run_batch_here(
     started = time.perf_counter()
     with sessions() as session:
         size = chunk_size_for(get_batch(session, batch_id).total, settings.chunk_size)
+    size = max(size, int(getattr(engine, "capacity", 0) or 0))  # a chunk always fills a generate call
     for job_ids in iter_job_id_chunks(sessions, batch_id, size, (JobState.QUEUED,)):
         processor.process(batch_id, job_ids, on_batch=on_batch)
     return time.perf_counter() - started

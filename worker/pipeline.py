@@ -66,6 +66,12 @@ class GenerationPipeline:
         self.configured_budget = settings.token_budget or backend.token_budget
         self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
 
+    @property
+    def capacity(self) -> int:
+        """Jobs a worker should hand over at once: two generate calls' worth, so that calls are full
+        and rows are sorted by length across them (a worker takes more chunks below this)."""
+        return 2 * self.max_batch_size
+
     def run(
         self, jobs: Sequence[ClaimedJob], prompt: PromptPlan, params: GenerationParams
     ) -> Iterator[list[JobOutcome]]:

@@ -42,9 +42,15 @@ def test_batch_completes_after_redis_lost_its_messages(
 
 
 @pytest.mark.model
-def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: Settings, start_worker) -> None:
+@pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
+def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(
+    fleet_settings: Settings, start_worker, engine: str
+) -> None:
+    if engine == "llama.cpp":
+        pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python")
     settings = fleet_settings.model_copy(
         update={
+            "engine": engine,
             "task_time_limit": 45,
             "lease_grace": 0,
             "visibility_timeout": 600,

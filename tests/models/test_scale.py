@@ -140,7 +140,8 @@ def test_status_reads_counters_not_jobs(million: tuple[Engine, str]) -> None:
 
 
 SUBMIT = """
-import resource, sys
+import sys
+from tests.conftest import peak_rss_mib
 from models.settings import Settings
 from producer.client import Client
 count = int(sys.argv[1])
@@ -148,7 +149,7 @@ client = Client(Settings(database_url=sys.argv[2], chunk_size=256))
 documents = ({"id": f"d{i}", "text": f"Document {i} opens here. It goes on a while." * 3} for i in range(count))
 submission = client.submit(documents, model="lead", publish=False)
 assert submission.accepted == count
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(int(peak_rss_mib() * 1024))
 """
 
 

@@ -7,14 +7,20 @@ map-reduce) is tested in test_pipeline.py, on this backend and on a toy one.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
+from safetensors import safe_open
 
 from models.claims import ClaimedJob, JobOutcome
+from models.model_names import resolve_model
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
 from tests.conftest import SAMPLE, transformers_engine
+from worker.backends.checkpoints import cache_key, content_digest
 from worker.engine import GenerationParams
 
 pytestmark = pytest.mark.model
@@ -113,6 +119,27 @@ def test_gguf_model_is_cached_as_a_plain_checkpoint(tmp_path, engine, jobs) -> N
     local = transformers_engine(str(written), Settings(database_url="sqlite://", dtype="float32", max_input_tokens=512))
     assert local.name == str(written)
     assert {i: o.summary for i, o in _run(local, jobs[:2], params).items()} == {i: o.summary for i, o in a.items()}
+    # a complete checkpoint: the tied output layer is stored as the input embedding (what vLLM reads)
+    with safe_open(str(written / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert json.loads((written / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_the_checkpoint_cache_is_keyed_by_content_not_file_time(tmp_path) -> None:
+    """A reinstall (the same GGUF at a new path and time) reuses the cached checkpoint."""
+    source = resolve_model("smollm2", Settings())
+    gguf = Path(source.location) / str(source.gguf_file)
+    copy = tmp_path / "reinstalled" / gguf.name
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    cache = tmp_path / "cache"
+    assert content_digest(copy, cache) == content_digest(gguf, cache)
+    assert cache_key(copy, cache, "torch.float32") == cache_key(gguf, cache, "torch.float32")
+    os.utime(copy, (1, 1))  # touched: read again, same content, same key
+    assert cache_key(copy, cache, "torch.float32") == cache_key(gguf, cache, "torch.float32")
+    copy.write_bytes(copy.read_bytes()[:-1] + b"\0")  # another file: another key
+    assert cache_key(copy, cache, "torch.float32") != cache_key(gguf, cache, "torch.float32")
 
 
 def test_the_prompt_variant_follows_each_documents_language(engine, jobs) -> None:

@@ -36,6 +36,7 @@ class Kit:
 
     backend: Backend
     out_of_memory: Callable[[], BaseException]
+    exact_across_batches: bool = True  # the same text whatever rows share a call (False: near-ties may flip)
 
     def pipeline(self, **settings: Any) -> GenerationPipeline:
         return GenerationPipeline("m", self.backend, Settings(database_url="sqlite://", **settings))
@@ -49,10 +50,29 @@ def transformers_backend() -> Backend:
     return engine.backend
 
 
-@pytest.fixture(params=["toy", pytest.param("transformers", marks=pytest.mark.model)])
+@pytest.fixture(scope="module")
+def llamacpp_backend() -> Backend:
+    pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python (sumfleet[llamacpp])")
+    engine = load_engine("smollm2", Settings(database_url="sqlite://", engine="llama.cpp"))
+    assert isinstance(engine, GenerationPipeline)
+    return engine.backend
+
+
+@pytest.fixture(
+    params=[
+        "toy",
+        pytest.param("transformers", marks=pytest.mark.model),
+        pytest.param("llama.cpp", marks=pytest.mark.model),
+    ]
+)
 def kit(request: pytest.FixtureRequest) -> Kit:
     if request.param == "toy":
         return Kit(ToyBackend(), lambda: ToyOutOfMemory("out of memory"))
+    if request.param == "llama.cpp":
+        from worker.backends.llamacpp import KVCacheFull
+
+        # llama.cpp's kernels differ with the rows of a call: a near-tie can flip a greedy token
+        return Kit(request.getfixturevalue("llamacpp_backend"), lambda: KVCacheFull("full"), exact_across_batches=False)
     import torch
 
     return Kit(request.getfixturevalue("transformers_backend"), lambda: torch.OutOfMemoryError("CUDA out of memory"))
@@ -127,7 +147,9 @@ def test_out_of_memory_halves_the_call(kit: Kit) -> None:
     with watched(kit.backend, lambda rows: kit.out_of_memory() if len(rows) > 2 else None) as calls:
         outcomes = _run(kit.pipeline(max_batch_size=4), jobs, params)
     assert [len(call) for call in calls] == [4, 2, 2]
-    assert {i: o.summary for i, o in outcomes.items()} == {i: o.summary for i, o in expected.items()}
+    assert all(o.error is None and o.summary for o in outcomes.values()) and outcomes.keys() == expected.keys()
+    if kit.exact_across_batches:
+        assert {i: o.summary for i, o in outcomes.items()} == {i: o.summary for i, o in expected.items()}
 
 
 def test_out_of_memory_lowers_the_budget_for_the_rest_of_the_chunk(kit: Kit) -> None:

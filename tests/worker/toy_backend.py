@@ -10,9 +10,11 @@ a plugin model, `python:tests.worker.toy_backend:factory`.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from models.settings import Settings
 from worker.backends.base import Generated, Row, Tokenizer
@@ -91,3 +93,22 @@ class ToyBackend:
 def factory(name: str, settings: Settings) -> ToyBackend:
     """The plugin entry point: `python:tests.worker.toy_backend:factory` serves the toy backend."""
     return ToyBackend()
+
+
+def recording(name: str, settings: Settings) -> ToyBackend:
+    """`python:tests.worker.toy_backend:recording`: rows per call up to 32, each call's row count
+    appended to the file TOY_BACKEND_CALLS names; while the file TOY_BACKEND_HOLD names exists,
+    a call waits (a test's way to hold a worker mid-generation)."""
+    backend = ToyBackend(max_batch_size=32, token_budget=1_000_000)
+    calls, hold = Path(os.environ["TOY_BACKEND_CALLS"]), os.environ.get("TOY_BACKEND_HOLD")
+    real = backend.generate
+
+    def generate(rows: Sequence[Row]) -> list[Generated]:
+        with calls.open("a") as handle:
+            handle.write(f"{len(rows)}\n")
+        while hold and Path(hold).exists():
+            time.sleep(0.05)
+        return real(rows)
+
+    backend.generate = generate  # type: ignore[method-assign]
+    return backend

@@ -1,13 +1,18 @@
 """A GGUF model de-quantized once into a plain checkpoint on disk, so later loads skip the unpacking.
 
 transformers cannot `save_pretrained` a GGUF-loaded model ("not serializable"), so the
-state dict, config and tokenizer are written here by hand, keyed by the GGUF file's name,
-size and modification time and the transformers version. Writes go to a temporary folder
-renamed into place, so a crash never leaves a half-written cache.
+state dict, config and tokenizer are written here by hand, as a complete Hugging Face
+checkpoint: tied weights are stored once under the input embedding's name (as transformers and
+vLLM expect), not only as `lm_head.weight`. The cache is keyed by the GGUF file's content
+(SHA-256, remembered per path, size and modification time so it is read once), the dtype and
+the transformers version: a reinstall of the same file reuses it. Writes go to a temporary
+folder renamed into place, so a crash never leaves a half-written cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,27 +30,51 @@ def default_cache_dir() -> Path:
     return Path(base) / "sumfleet" / "checkpoints"
 
 
-def cache_key(gguf_path: Path, dtype: object) -> str:
-    stat = gguf_path.stat()
+def content_digest(path: Path, cache_dir: Path) -> str:
+    """The file's SHA-256 (first 16 hex digits), read once per (path, size, mtime) and remembered."""
+    stat = path.stat()
+    memo = cache_dir / ".digests.json"
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        known: dict[str, str] = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        known[key] = digest.hexdigest()[:16]
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            scratch = memo.with_suffix(f".{os.getpid()}")
+            scratch.write_text(json.dumps(known))
+            scratch.replace(memo)
+        except OSError:  # an unwritable cache still works, only slower
+            pass
+    return known[key]
+
+
+def cache_key(gguf_path: Path, cache_dir: Path, dtype: object) -> str:
     kind = str(dtype).removeprefix("torch.")
-    return f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{kind}-tf{transformers.__version__}"
+    return f"{gguf_path.stem}-{content_digest(gguf_path, cache_dir)}-{kind}-tf{transformers.__version__}"
 
 
 def cached_checkpoint(gguf_path: Path, cache_dir: Path, dtype: object) -> Path | None:
     """The cached plain checkpoint of `gguf_path` in `dtype`, if one was written."""
-    folder = cache_dir / cache_key(gguf_path, dtype)
+    folder = cache_dir / cache_key(gguf_path, cache_dir, dtype)
     return folder if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file() else None
 
 
 def write_checkpoint(model: Any, tokenizer: Any, gguf_path: Path, cache_dir: Path, dtype: object) -> Path | None:
     """Save a GGUF-loaded (de-quantized) model as a plain checkpoint; None if that failed (logged)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
-    folder = cache_dir / cache_key(gguf_path, dtype)
+    folder = cache_dir / cache_key(gguf_path, cache_dir, dtype)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".writing-", dir=cache_dir))
-        save_model(model, str(scratch / "model.safetensors"))
+        save_file(complete_state(model), str(scratch / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = str(dtype).removeprefix("torch.")
@@ -60,3 +89,16 @@ def write_checkpoint(model: Any, tokenizer: Any, gguf_path: Path, cache_dir: Pat
     except Exception as error:  # a cache is an optimisation: never fail a load because of it
         log.warning("could not cache a plain checkpoint of %s in %s: %s", gguf_path.name, cache_dir, error)
         return None
+
+
+def complete_state(model: Any) -> dict[str, Any]:
+    """The model's weights as a Hugging Face checkpoint holds them: a tensor shared by several names
+    (a tied output layer) is stored once, under its first name, the input embedding's."""
+    kept: dict[str, Any] = {}
+    stored: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in stored:
+            continue
+        stored.add(tensor.data_ptr())
+        kept[name] = tensor.detach().contiguous()
+    return kept

@@ -33,6 +33,7 @@ from models.model_names import ModelSource
 from models.settings import Settings
 from worker.backends.base import Generated, Row, Tokenizer
 from worker.backends.checkpoints import cached_checkpoint, default_cache_dir, write_checkpoint
+from worker.hardware import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16); Linux flags only."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:

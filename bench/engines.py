@@ -1,0 +1,340 @@
+"""Engines side by side: the peers as a user would call them, each sumfleet backend, the system.
+
+    python bench/engines.py                 # 24 BBC articles, 48 new tokens, two interleaved rounds
+    python bench/engines.py --rounds 1 --docs 8 --variants engine-llama.cpp,llama.cpp-alone
+
+Every variant runs in a process of its own (so its peak RSS is its own), the model loaded
+before the clock starts; the variants run in turn (a, b, c, a, b, c) so a change in the
+machine's load touches all of them alike. Printed per run: docs/s, prompt and generated
+tokens/s, peak RSS; then the machine's CPU flags, load average, measured matmul GFLOPS and the
+FLOPs one document costs (2 x parameters x tokens), and the greedy texts' agreement between
+variants. Written to bench/results/engines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CORPUS = ROOT.parent / "shared" / "corpora" / "bbc_news.jsonl"
+VARIANTS = (
+    "pipeline-one-at-a-time",  # transformers' pipeline, float32 as it comes, one document at a time
+    "pipeline-batch-8",
+    "llama.cpp-alone",  # llama-cpp-python's create_chat_completion, one document at a time
+    "engine-transformers",  # sumfleet's pipeline over the transformers backend (defaults: bf16 where fast)
+    "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
+    "engine-llama.cpp",  # sumfleet's pipeline over the llama.cpp backend
+    "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
+)
+PARAMETERS = 134_515_008  # SmolLM2-135M
+
+
+def documents(count: int) -> list[dict[str, str]]:
+    rows = []
+    with CORPUS.open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            rows.append({"id": str(row["id"]), "text": row["document"]})
+            if len(rows) == count:
+                break
+    return rows
+
+
+def prompt_text(document: str) -> str:
+    from models.prompts import TEMPLATES, render
+
+    return render(TEMPLATES["one-sentence"]["en"], document)
+
+
+def run_variant(variant: str, docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
+    """Load, then time one variant on `docs`; returns its texts and token counts."""
+    if variant.startswith("pipeline"):
+        return _pipeline(docs, max_new, batch=8 if variant.endswith("8") else 1)
+    if variant == "llama.cpp-alone":
+        return _llamacpp_alone(docs, max_new)
+    if variant.startswith("engine-"):
+        engine, _, dtype = variant.removeprefix("engine-").partition("-fp")
+        return _engine(docs, max_new, engine, "float32" if dtype else "auto")
+    raise SystemExit(f"unknown variant {variant}")
+
+
+def _pipeline(docs: list[dict[str, str]], max_new: int, batch: int) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from models.model_names import resolve_model
+    from models.settings import Settings
+
+    source = resolve_model("smollm2", Settings())
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    chats = [[{"role": "user", "content": prompt_text(d["text"])}] for d in docs]
+    options = {"max_new_tokens": max_new, "do_sample": False, "return_full_text": False}
+    started = time.perf_counter()
+    if batch == 1:
+        outputs = [generate(chat, **options) for chat in chats]
+    else:
+        outputs = generate(chats, batch_size=batch, **options)
+    seconds = time.perf_counter() - started
+    texts = [str(o[0]["generated_text"]).strip() for o in outputs]
+    prompt_tokens = sum(
+        len(tokenizer(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))["input_ids"])
+        for chat in chats
+    )
+    output_tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return {"seconds": seconds, "texts": texts, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens}
+
+
+def _llamacpp_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
+    import llama_cpp
+
+    from models.model_names import resolve_model
+    from models.settings import Settings
+
+    source = resolve_model("smollm2", Settings())
+    llm = llama_cpp.Llama(
+        model_path=f"{source.location}/{source.gguf_file}",
+        n_ctx=4096,
+        n_threads=len(os.sched_getaffinity(0)),
+        verbose=False,
+    )
+    started = time.perf_counter()
+    answers: list[Any] = [
+        llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt_text(d["text"])}], max_tokens=max_new, temperature=0.0
+        )
+        for d in docs
+    ]
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "texts": [a["choices"][0]["message"]["content"].strip() for a in answers],
+        "prompt_tokens": sum(a["usage"]["prompt_tokens"] for a in answers),
+        "output_tokens": sum(a["usage"]["completion_tokens"] for a in answers),
+    }
+
+
+def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str) -> dict[str, Any]:
+    from models.claims import ClaimedJob
+    from models.prompts import TEMPLATES, PromptPlan
+    from models.settings import Settings
+    from worker.engine import GenerationParams
+    from worker.loading import load_engine
+
+    loaded = load_engine("smollm2", Settings(database_url="sqlite://", engine=engine, dtype=dtype))
+    jobs = [ClaimedJob(i, d["id"], d["text"], 1) for i, d in enumerate(docs)]
+    started = time.perf_counter()
+    outcomes = {
+        o.job_id: o
+        for batch in loaded.run(jobs, PromptPlan(TEMPLATES["one-sentence"]), GenerationParams(max_new))
+        for o in batch
+    }
+    seconds = time.perf_counter() - started
+    ordered = [outcomes[i] for i in range(len(jobs))]
+    return {
+        "seconds": seconds,
+        "texts": [o.summary or "" for o in ordered],
+        "prompt_tokens": sum(o.prompt_tokens or 0 for o in ordered),
+        "output_tokens": sum(o.output_tokens or 0 for o in ordered),
+        "failed": sum(o.error is not None for o in ordered),
+    }
+
+
+def run_system(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
+    """Submit to one real worker (its engine SUMFLEET_ENGINE=auto) over Redis and PostgreSQL."""
+    import secrets
+    import signal
+
+    import psycopg
+
+    from models.settings import Settings
+    from producer.client import Client
+
+    admin_url = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+    name = f"sumfleet_engines_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+    settings = Settings(database_url=url, broker_url="redis://127.0.0.1:6379/14", queue=f"bench-{secrets.token_hex(3)}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMFLEET_")}
+    env |= {f"SUMFLEET_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+    client = Client(settings)
+    client.ensure_schema()
+    log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "worker", "--model", "smollm2", "--loglevel", "INFO"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        while "ready with model" not in Path(log.name).read_text():
+            if worker.poll() is not None:
+                raise SystemExit(Path(log.name).read_text())
+            time.sleep(0.2)
+        started = time.perf_counter()
+        submission = client.submit(docs, model="smollm2", max_new_tokens=max_new)
+        while not client.status(submission.batch_id).done:
+            time.sleep(0.2)
+        seconds = time.perf_counter() - started
+        rows = list(client.results(submission.batch_id))
+        peak = _peak_rss_of_group(worker.pid)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(60)
+        client.close()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        os.unlink(log.name)
+    return {
+        "seconds": seconds,
+        "texts": [r["summary"] or "" for r in rows],
+        "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
+        "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
+        "peak_rss_mib": peak,
+    }
+
+
+def _peak_rss_of_group(group: int) -> float:
+    """The largest peak RSS (VmHWM) among the processes of a process group (a worker's child holds the model)."""
+    peak = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) != group:
+                    continue
+                for line in (entry / "status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except (OSError, ProcessLookupError):
+                continue
+    return round(peak / 1024, 1)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would keep the parent's peak from before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    flags = []
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")))
+            break
+    gflops = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(1024, 1024, dtype=dtype)
+        b = torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        started = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        gflops[str(dtype).removeprefix("torch.")] = round(20 * 2 * 1024**3 / (time.perf_counter() - started) / 1e9, 1)
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_flags": flags,
+        "load_average": os.getloadavg(),
+        "matmul_gflops": gflops,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant in this process, JSON to stdout
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engines.json")
+    args = parser.parse_args()
+    if not CORPUS.exists():
+        print(f"skipping: {CORPUS} is not here (the shared corpora live beside the repository)", file=sys.stderr)
+        return 0
+    docs = documents(args.docs)
+    if args.one:
+        result = (
+            run_system(docs, args.max_new_tokens)
+            if args.one == "system"
+            else run_variant(args.one, docs, args.max_new_tokens)
+        )
+        result.setdefault("peak_rss_mib", peak_rss_mib())
+        print(json.dumps(result))
+        return 0
+    record: dict[str, Any] = {
+        "docs": len(docs),
+        "max_new_tokens": args.max_new_tokens,
+        "machine": machine(),
+        "runs": [],
+    }
+    print(json.dumps(record["machine"]), file=sys.stderr)
+    variants = args.variants.split(",")
+    texts: dict[str, list[str]] = {}
+    for round_number in range(args.rounds):
+        for variant in variants:
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    variant,
+                    "--docs",
+                    str(args.docs),
+                    "--max-new-tokens",
+                    str(args.max_new_tokens),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            if done.returncode != 0:
+                print(f"{variant}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            texts[variant] = result.pop("texts")
+            run = {
+                "variant": variant,
+                "round": round_number + 1,
+                "seconds": round(result["seconds"], 2),
+                "docs_per_s": round(len(docs) / result["seconds"], 3),
+                "prompt_tokens_per_s": round(result["prompt_tokens"] / result["seconds"], 1),
+                "generated_tokens_per_s": round(result["output_tokens"] / result["seconds"], 1),
+                "peak_rss_mib": result["peak_rss_mib"],
+                "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            }
+            record["runs"].append(run)
+            print(json.dumps(run), file=sys.stderr)
+    prompt_tokens = sum(len(d["text"].split()) for d in docs) * 1.3 / len(docs)
+    record["flops_per_doc_estimate"] = int(2 * PARAMETERS * (prompt_tokens + args.max_new_tokens))
+    reference = "engine-transformers" if "engine-transformers" in texts else next(iter(texts), None)
+    if reference:
+        record["identical_to_" + reference] = {
+            variant: sum(a == b for a, b in zip(found, texts[reference], strict=False))
+            for variant, found in texts.items()
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
