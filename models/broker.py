@@ -50,6 +50,16 @@ def queue_for(model: str) -> str:
     return f"{defaults.QUEUE_PREFIX}.{slug}"
 
 
+def tune_queue_for(model: str) -> str:
+    """The queue a model's tuning runs go to (workers started with `--tune` consume it)."""
+    return queue_for(model).replace(f"{defaults.QUEUE_PREFIX}.", f"{defaults.QUEUE_PREFIX}.tune.", 1)
+
+
+def send_tuning(app: Celery, run_id: str, queue: str) -> None:
+    """Put a tuning run on its queue: the task `TUNE_TASK_NAME` with the run's id."""
+    app.send_task(defaults.TUNE_TASK_NAME, args=[run_id], queue=queue)
+
+
 def send_chunk(app: Celery, batch_id: str, queue: str, job_ids: list[int], producer: Any = None) -> None:
     """Put one chunk message on `queue`: the task `TASK_NAME` with (batch id, job ids)."""
     app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue, producer=producer)

@@ -60,6 +60,10 @@ class ModelNotFoundError(SumfleetError):
     """Raised when a model name resolves to nothing usable offline."""
 
 
+class AdapterError(SumfleetError):
+    """Raised when an adapter is unknown, misnamed, made for another model, or cannot be tuned."""
+
+
 class BatchNotFoundError(SumfleetError):
     """Raised when a batch id names no batch in the database."""
 

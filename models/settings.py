@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         None, description="where GGUF models are cached as plain checkpoints (unset: ~/.cache/sumfleet/checkpoints)"
     )
     cache_checkpoints: bool = Field(True, description="cache de-quantized GGUF models as plain checkpoints")
+    adapter_dir: str | None = Field(
+        None,
+        description="where tuned adapters are stored (unset: ~/.local/share/sumfleet/adapters; share it with workers)",
+    )
     max_input_tokens: int | None = Field(
         None,
         ge=64,
@@ -107,6 +111,9 @@ class Settings(BaseSettings):
     )
     lease_grace: int = Field(
         defaults.LEASE_GRACE, ge=0, description="seconds a job's lease outlives the task time limit"
+    )
+    tune_lease: int = Field(
+        defaults.TUNE_LEASE, ge=1, description="seconds a tuning run's lease lasts (each training step renews it)"
     )
     sweep_interval: float = Field(defaults.SWEEP_INTERVAL, gt=0, description="seconds between sweeps")
     republish_after: float = Field(

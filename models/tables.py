@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -50,6 +51,7 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # when its queued jobs were last put on the broker (the sweeper republishes lost ones)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    adapter: Mapped[str | None] = mapped_column(String(80), nullable=True)  # name@version of its adapter, if any
     # counters, changed in the same transaction as the job rows they count (never a scan of jobs)
     jobs_queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     jobs_running: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -96,6 +98,72 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # a running job whose lease has expired lost its worker: another delivery may take it over
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Adapter(Base):
+    """A tuned adapter of a base model (a soft prompt or a LoRA): one version of a name.
+
+    Its weights live under SUMFLEET_ADAPTER_DIR at `path`; the row records how it was made and
+    how it scored on held-out documents, so a batch can name it and a result can say which one ran.
+    """
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_adapters_name_version"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(512))  # the canonical model name it was tuned on
+    method: Mapped[str] = mapped_column(String(32))  # prompt-tuning or lora
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # hyper-parameters, template
+    data_fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of the training pairs, in order
+    train_examples: Mapped[int] = mapped_column(Integer, default=0)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, nullable=True
+    )  # held-out ROUGE: zero-shot, adapter, Lead-3
+    path: Mapped[str] = mapped_column(Text)  # relative to SUMFLEET_ADAPTER_DIR
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TuningRun(Base):
+    """A tuning job given to the fleet (`sumfleet tune --submit`): a worker with `--tune` trains it.
+
+    Its lease is renewed as training advances; a run whose lease ran out lost its worker and is
+    published again, to resume from its last checkpoint.
+    """
+
+    __tablename__ = "tuning_runs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))  # the adapter it makes (a new version of it)
+    model: Mapped[str] = mapped_column(String(512))
+    queue: Mapped[str] = mapped_column(String(255))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)  # TuneConfig's fields
+    prompt: Mapped[str] = mapped_column(Text)
+    max_new_tokens: Mapped[int] = mapped_column(Integer)  # per held-out summary
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued, running, completed, failed
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # of the last step
+    adapter: Mapped[str | None] = mapped_column(String(80), nullable=True)  # name@version, once made
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class TuningExample(Base):
+    """A training (or held-out) pair of a tuning run, in order."""
+
+    __tablename__ = "tuning_examples"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("tuning_runs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text)
+    heldout: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 # --- the HTTP API (producer/api): keys, files, API batch records, webhook deliveries ---------

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from models import defaults
@@ -40,6 +41,7 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
         help="documents over the model's context: summarize pieces then their summaries (map-reduce, "
         "the default) or cut them (truncate)",
     )
+    parser.add_argument("--adapter", help="a tuned adapter, NAME or NAME@VERSION (see `sumfleet adapters`)")
 
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("-c", "--concurrency", type=int, default=1, help="worker processes (one model each)")
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo"], help="Celery pool")
     worker.add_argument("--loglevel", default="INFO", help="Celery log level")
+    worker.add_argument("--tune", action="store_true", help="also train the tuning runs given to this model's fleet")
 
     status = command("status", "counts per state, docs/s and ETA of a batch")
     status.add_argument("batch", help="batch id")
@@ -178,6 +181,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_flags(prune)
 
+    tune = command("tune", "learn an adapter (soft prompt or LoRA) for a corpus with the model frozen, and score it")
+    tune.add_argument("train", help="JSONL/CSV/directory with documents and reference summaries")
+    tune.add_argument("--name", required=True, help="the adapter's name (each run makes a new version)")
+    tune.add_argument("--model", help="base model (env SUMFLEET_MODEL; default smollm2)")
+    tune.add_argument("--method", choices=["prompt-tuning", "lora"], default="prompt-tuning")
+    tune.add_argument("--prompt", help="the template it is tuned (and later run) with (default one-sentence)")
+    tune.add_argument("--virtual-tokens", type=int, default=20, help="soft prompt length (default 20)")
+    tune.add_argument("--init-text", help="text whose embeddings start the soft prompt (default: the template's)")
+    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    tune.add_argument("--lr", type=float, help="learning rate (default 3e-3 soft prompt, 5e-4 LoRA)")
+    tune.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step (default 4)")
+    tune.add_argument("--max-input-tokens", type=int, default=512, help="prompt tokens per example (default 512)")
+    tune.add_argument("--lora-rank", type=int, default=8)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--checkpoint-every", type=int, default=20, help="steps between checkpoints (resume point)")
+    tune.add_argument("--reference-field", default="summary", help="field with the reference summary (default summary)")
+    tune.add_argument("--text-field", help="field with the document (default: text, document)")
+    tune.add_argument("--max-examples", type=int, help="use at most this many training rows")
+    tune.add_argument("--eval", dest="heldout", help="held-out documents with references, scored after tuning")
+    tune.add_argument("--eval-fraction", type=float, default=0.0, help="hold this share of TRAIN out instead")
+    tune.add_argument("--eval-max-new-tokens", type=int, default=48, help="tokens per held-out summary (default 48)")
+    tune.add_argument(
+        "--submit", action="store_true", help="give the run to the fleet: a `sumfleet worker --tune` trains it"
+    )
+    _connection_flags(tune)
+
+    adapters = command("adapters", "tuned adapters: list, show one (its settings and held-out scores), delete one")
+    adapters.add_argument("action", choices=["list", "show", "delete"], nargs="?", default="list")
+    adapters.add_argument("adapter", nargs="?", help="NAME or NAME@VERSION")
+    adapters.add_argument("--json", action="store_true", help="print JSON")
+    _connection_flags(adapters)
+
     prompts = command("prompts", "list the prompt templates, or show one")
     prompts.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     prompts.add_argument("name", nargs="?", help="template name for `show`")
@@ -217,6 +253,7 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "language": args.language,
         "max_words": args.max_words,
         "long_documents": args.long_documents,
+        "adapter": args.adapter,
     }
 
 
@@ -254,7 +291,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from models.broker import queue_for
+    from models.broker import queue_for, tune_queue_for
     from models.model_names import canonical_model, resolve_model
 
     settings = _settings(args)
@@ -275,7 +312,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app.worker_main(
         [
             "worker",
-            f"--queues={queue}",
+            f"--queues={queue}" + (f",{tune_queue_for(model)}" if args.tune else ""),
             f"--pool={args.pool}",
             f"--concurrency={args.concurrency}",
             f"--loglevel={args.loglevel}",
@@ -318,6 +355,13 @@ def _reader(args: argparse.Namespace) -> Client:
 
 def cmd_status(args: argparse.Namespace) -> int:
     client = _reader(args)
+    if args.batch.startswith("tune_"):  # a tuning run given to the fleet
+        run = client.tuning_status(args.batch)
+        while args.watch and run["state"] in ("queued", "running"):
+            time.sleep(args.interval)
+            run = client.tuning_status(args.batch)
+        print(json.dumps(run) if args.json else _tuning_text(run))
+        return 0 if run["state"] != "failed" else 3
     status = client.status(args.batch)
     if args.watch:
         from tqdm import tqdm
@@ -339,6 +383,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _tuning_text(run: dict[str, Any]) -> str:
+    steps = f"step {run['step']}/{run['total_steps'] or '?'}" + (f", loss {run['loss']:.3f}" if run["loss"] else "")
+    made = f"  adapter {run['adapter']} (sumfleet adapters show {run['adapter']})" if run["adapter"] else ""
+    failed = f"  failed: {run['error']}" if run["error"] else ""
+    what = f"{run['name']} ({run['method']}) on {run['model']}"
+    return f"tuning run {run['id']}  {run['state']}  {what}  {steps}{made}{failed}"
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
@@ -386,6 +438,107 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     for batch_id in batches:
         chunks = client.publish(batch_id)
         print(f"batch {batch_id}: published {chunks} chunk(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from producer.tuning_data import describe_scores, examples_from, split_heldout, tqdm_bar
+    from worker.tuning import TuneConfig
+
+    settings = _settings(args)
+    limit = settings.max_document_chars
+    pairs = examples_from(args.train, args.reference_field, args.text_field, limit, args.max_examples)
+    held = examples_from(args.heldout, args.reference_field, args.text_field, limit) if args.heldout else []
+    if args.eval_fraction and not held:
+        pairs, held = split_heldout(pairs, args.eval_fraction, args.seed)
+    config = TuneConfig(
+        method=args.method,
+        virtual_tokens=args.virtual_tokens,
+        init_text=args.init_text,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        max_input_tokens=args.max_input_tokens,
+        lora_rank=args.lora_rank,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    from producer.client import Client
+
+    client = Client(settings)
+    if args.submit:
+        run_id = client.submit_tuning(
+            args.name, pairs, held, asdict(config), prompt=args.prompt, max_new_tokens=args.eval_max_new_tokens
+        )
+        print(
+            f"tuning run {run_id} queued for a `sumfleet worker --tune` (follow it: sumfleet status {run_id})",
+            file=sys.stderr,
+        )
+        print(run_id)
+        return 0
+    from worker import tuning  # the CLI is where producer and worker meet
+
+    client.ensure_schema()
+    with tqdm_bar() as progress:
+        outcome = tuning.run(
+            client.sessions,
+            settings,
+            args.name,
+            [tuning.Example(document, reference) for document, reference in pairs],
+            [tuning.Example(document, reference) for document, reference in held],
+            config,
+            args.prompt,
+            args.eval_max_new_tokens,
+            progress=progress,
+        )
+    print(outcome.describe(describe_scores))
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    import shutil
+
+    from models.adapters import adapter_dir, delete_adapter, find_adapter, list_adapters
+
+    client = _reader(args)
+    client.ensure_schema()
+    if args.action == "list":
+        with client.sessions() as session:
+            found = list_adapters(session)
+        for a in found:
+            row = {
+                "adapter": f"{a.name}@{a.version}",
+                "model": a.base_model,
+                "method": a.method,
+                "examples": a.train_examples,
+                "created_at": a.created_at.isoformat(),
+            }
+            line = f"{row['adapter']:<30} {a.method:<14} {a.base_model[:24]:<24} {a.train_examples:>7}"
+            print(json.dumps(row) if args.json else f"{line} {a.created_at:%Y-%m-%d %H:%M}")
+        return 0
+    if not args.adapter:
+        raise InputError(f"`sumfleet adapters {args.action}` needs an adapter name (NAME or NAME@VERSION)")
+    if args.action == "show":
+        with client.sessions() as session:
+            a = find_adapter(session, args.adapter)
+        shown = {
+            "adapter": f"{a.name}@{a.version}",
+            "model": a.base_model,
+            "method": a.method,
+            "params": a.params,
+            "data_fingerprint": a.data_fingerprint,
+            "train_examples": a.train_examples,
+            "scores": a.scores,
+            "path": str(adapter_dir(client.settings.adapter_dir) / a.path),
+            "created_at": a.created_at.isoformat(),
+        }
+        print(json.dumps(shown, indent=None if args.json else 2))
+        return 0
+    with client.sessions.begin() as session:
+        gone = delete_adapter(session, args.adapter)
+    shutil.rmtree(adapter_dir(client.settings.adapter_dir) / gone.path, ignore_errors=True)
+    print(f"deleted adapter {gone.name}@{gone.version}", file=sys.stderr)
     return 0
 
 
@@ -528,6 +681,8 @@ COMMANDS = {
     "requeue": cmd_requeue,
     "db": cmd_db,
     "prune": cmd_prune,
+    "tune": cmd_tune,
+    "adapters": cmd_adapters,
     "eval": cmd_eval,
     "prompts": cmd_prompts,
 }

@@ -20,7 +20,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
-from models.broker import check_broker, create_app, publish_batch, queue_for
+from models.adapters import check_name, find_adapter, usable_for
+from models.broker import check_broker, create_app, publish_batch, queue_for, send_tuning, tune_queue_for
 from models.counters import counts_of, differences, recount
 from models.counters import repair as repair_counters
 from models.db import ensure_schema, hide_password, open_database, session_factory
@@ -40,6 +41,7 @@ from models.store import (
     prune_finished,
 )
 from models.tables import Batch, Job
+from models.tuning_runs import create_run, get_run
 from producer.inputs import Document, duplicate_reason, python_documents, read_documents
 
 
@@ -67,6 +69,7 @@ class BatchStatus:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    adapter: str | None = None  # name@version of the tuned adapter it runs with
 
     @classmethod
     def of(cls, batch: Batch, counts: dict[str, int]) -> BatchStatus:
@@ -82,6 +85,7 @@ class BatchStatus:
             created_at=batch.created_at,
             started_at=batch.started_at,
             finished_at=batch.finished_at,
+            adapter=batch.adapter,
         )
 
     @property
@@ -116,6 +120,7 @@ class BatchStatus:
             "state": self.state,
             "model": self.model,
             "prompt": self.prompt,
+            "adapter": self.adapter,
             "source": self.source,
             "total": self.total,
             "counts": self.counts,
@@ -127,14 +132,15 @@ class BatchStatus:
         }
 
 
-def result_row(job: Job) -> dict[str, Any]:
-    """One exported result: the same shape from `results`, `run -o` and the API."""
+def result_row(job: Job, adapter: str | None = None) -> dict[str, Any]:
+    """One exported result: the same shape from `results`, `run -o` and the API (`adapter`: the batch's)."""
     return {
         "id": job.doc_id,
         "summary": job.summary,
         "status": job.state,
         "error": job.error,
         "prompt_variant": job.prompt_variant,
+        "adapter": adapter,
         "prompt_tokens": job.prompt_tokens,
         "output_tokens": job.output_tokens,
         "generation_seconds": job.generation_seconds,
@@ -154,6 +160,7 @@ RESULT_FIELDS = (  # the columns of result_row, in order (CSV header)
     "status",
     "error",
     "prompt_variant",
+    "adapter",
     "prompt_tokens",
     "output_tokens",
     "generation_seconds",
@@ -254,6 +261,7 @@ class Client:
         language: str | None = None,
         max_words: int | None = None,
         long_documents: str | None = None,
+        adapter: str | None = None,
         before_commit: Callable[[Session, Batch], None] | None = None,
     ) -> Submission:
         """Submit already-read documents as one batch; the other submit methods end here.
@@ -265,6 +273,13 @@ class Client:
         """
         model = canonical_model(model or self.settings.model)
         resolve_model(model, self.settings, need_files=False)
+        if adapter is not None:  # the exact version it runs with, tuned on this very model; its template by default
+            self.ensure_schema()
+            with self.sessions() as session:
+                found = find_adapter(session, adapter)
+                usable_for(found, model)
+            adapter = f"{found.name}@{found.version}"
+            prompt = prompt or found.params.get("prompt")
         resolved = resolve_prompt(prompt or self.settings.prompt)
         language = check_language(language or "auto")
         if max_words is not None and not 1 <= max_words <= 10_000:
@@ -298,6 +313,7 @@ class Client:
                     },
                     source=source,
                 )
+                batch.adapter = adapter
                 accepted = _write_jobs(JobWriter(session, batch), documents, problems)
                 if problems and not skip_bad_rows:
                     raise InputError(_problem_summary(source, problems), problems)
@@ -313,6 +329,62 @@ class Client:
             raise DatabaseError(f"database {hide_password(self.settings.database_url)} failed: {error.orig}") from None
         chunks = self.publish(batch_id) if publish else 0
         return Submission(batch_id, accepted, chunks, list(problems))
+
+    def submit_tuning(
+        self,
+        name: str,
+        train: Iterable[tuple[str, str]],
+        heldout: Iterable[tuple[str, str]],
+        config: dict[str, Any],
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int = 48,
+        model: str | None = None,
+    ) -> str:
+        """Give a tuning run to the fleet (a worker started with `--tune` trains it); returns its id."""
+        model = canonical_model(model or self.settings.model)
+        resolve_model(model, self.settings, need_files=False)
+        check_name(name)
+        resolved = resolve_prompt(prompt or self.settings.prompt)
+        check_broker(self.app)
+        self.ensure_schema()
+        with self.sessions.begin() as session:
+            run = create_run(
+                session,
+                name=name,
+                model=model,
+                queue=tune_queue_for(model),
+                config=config,
+                prompt=resolved.name if resolved.name != "custom" else resolved.template,
+                max_new_tokens=max_new_tokens,
+                train=train,
+                heldout=heldout,
+            )
+            run_id, queue = run.id, run.queue
+        send_tuning(self.app, run_id, queue)
+        return run_id
+
+    def tuning_status(self, run_id: str) -> dict[str, Any]:
+        """A tuning run as it is now: state, step of total, last loss, the adapter it made, why it failed."""
+        self.ensure_schema()
+        with self.sessions() as session:
+            run = get_run(session, run_id)
+            return {
+                "id": run.id,
+                "state": run.state,
+                "name": run.name,
+                "model": run.model,
+                "method": run.config.get("method"),
+                "step": run.step,
+                "total_steps": run.total_steps,
+                "loss": run.loss,
+                "adapter": run.adapter,
+                "error": run.error,
+                "worker": run.worker,
+                "created_at": _iso(run.created_at),
+                "started_at": _iso(run.started_at),
+                "finished_at": _iso(run.finished_at),
+            }
 
     def publish(self, batch_id: str) -> int:
         """(Re)publish the batch's queued jobs as chunk messages; returns the number of chunks."""
@@ -353,9 +425,9 @@ class Client:
         """Result rows in submission order, streamed from the database."""
         self.ensure_schema()
         with self.sessions() as session:
-            get_batch(session, batch_id)
+            adapter = get_batch(session, batch_id).adapter
             for job in iter_results(session, batch_id):
-                yield result_row(job)
+                yield result_row(job, adapter)
 
     def references(
         self, batch_id: str, reference_field: str, group_field: str | None

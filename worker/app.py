@@ -17,6 +17,7 @@ from celery import Celery, Task, signals
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from models import defaults
+from models.adapters import adapter_dir
 from models.broker import create_app, send_chunk
 from models.db import ensure_schema, open_database, session_factory
 from models.settings import Settings
@@ -76,6 +77,7 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
             max_attempts=settings.max_attempts,
             should_stop=stopping.is_set,
             requeue=requeue,
+            adapters=adapter_dir(settings.adapter_dir),
         )
         from worker.sweeper import Sweeper
 
@@ -121,6 +123,17 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
             if puller is not None:
                 puller.close()
         return totals
+
+    @app.task(name=defaults.TUNE_TASK_NAME, acks_late=False, time_limit=defaults.TUNE_TIME_LIMIT)
+    def tune(run_id: str) -> str | None:
+        """Train a tuning run given to the fleet (acked when taken: its lease, renewed at every step,
+        is what brings it back if this process dies)."""
+        if runtime.processor is None:
+            _load()
+        from worker.tuning import run_claimed
+
+        assert runtime.processor is not None
+        return run_claimed(runtime.processor.sessions, settings, run_id, runtime.processor.worker)
 
     return app
 

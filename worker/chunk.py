@@ -5,15 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
+from models.adapters import adapter_dir, find_adapter
 from models.claims import ClaimedJob, JobOutcome, add_attempts, claim_jobs, finish_jobs, give_up_exhausted, release_jobs
 from models.prompts import ANY, PromptPlan
 from models.store import close_batch_if_done, get_batch, mark_batch_started
+from models.tables import Adapter
+from worker.backends.base import AdapterSpec
 from worker.engine import Engine, GenerationParams
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class ChunkProcessor:
         max_attempts: int = defaults.MAX_ATTEMPTS,
         should_stop: Callable[[], bool] | None = None,
         requeue: Callable[[str, str, list[int]], None] | None = None,
+        adapters: Path | None = None,
     ) -> None:
         self.sessions = sessions
         self.engine = engine
@@ -61,6 +66,7 @@ class ChunkProcessor:
         self.max_attempts = max_attempts
         self.should_stop = should_stop  # asked between generation batches (a worker shutting down)
         self.requeue = requeue  # publishes (batch id, queue, job ids) released by a graceful stop
+        self.adapters = adapters or adapter_dir(None)  # where adapters' files are (SUMFLEET_ADAPTER_DIR)
         self._specs: dict[str, BatchSpec] = {}
         self._started: set[str] = set()  # batches this process has already marked running
 
@@ -72,13 +78,17 @@ class ChunkProcessor:
                 batch.model,
                 batch.queue,
                 _plan(batch.prompt_template, batch.params),
-                GenerationParams.from_batch(batch.params),
+                GenerationParams.from_batch(batch.params, self._adapter(session, batch.adapter)),
             )
             if len(self._specs) > 1000:
                 self._specs.clear()
                 self._started.clear()
             self._specs[batch_id] = spec
         return spec
+
+    def _adapter(self, session: Session, ref: str | None) -> AdapterSpec | None:
+        """The batch's adapter, as the engine needs it (None: the batch runs without one)."""
+        return None if ref is None else _adapter_spec(find_adapter(session, ref), self.adapters)
 
     def process(
         self, batch_id: str, job_ids: Sequence[int], on_batch: Callable[[list[JobOutcome]], None] | None = None
@@ -160,6 +170,11 @@ class ChunkProcessor:
                 report.failed += 1
         if on_batch is not None:
             on_batch(outcomes)
+
+
+def _adapter_spec(adapter: Adapter, root: Path) -> AdapterSpec:
+    virtual = int(adapter.params.get("virtual_tokens") or 0) if adapter.method == "prompt-tuning" else 0
+    return AdapterSpec(f"{adapter.name}@{adapter.version}", adapter.method, str(root / adapter.path), virtual)
 
 
 def _plan(template: str, params: dict[str, object]) -> PromptPlan:

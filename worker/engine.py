@@ -13,6 +13,7 @@ from typing import Protocol
 
 from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PromptPlan
+from worker.backends.base import AdapterSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,12 +22,14 @@ class GenerationParams:
 
     max_new_tokens: int
     long_documents: str = "map-reduce"  # or "truncate": documents over the model's context
+    adapter: AdapterSpec | None = None  # the batch's tuned adapter (on its final prompts, not map pieces)
 
     @classmethod
-    def from_batch(cls, params: dict[str, object]) -> GenerationParams:
+    def from_batch(cls, params: dict[str, object], adapter: AdapterSpec | None = None) -> GenerationParams:
         return cls(
             max_new_tokens=int(str(params["max_new_tokens"])),
             long_documents=str(params.get("long_documents") or "map-reduce"),
+            adapter=adapter,
         )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.adapters import adapter_dir
 from models.broker import chunk_size_for
 from models.claims import JobOutcome
 from models.settings import Settings
@@ -34,6 +35,7 @@ def run_batch_here(
         worker_id(),
         lease_seconds=settings.task_time_limit + settings.lease_grace,
         max_attempts=settings.max_attempts,
+        adapters=adapter_dir(settings.adapter_dir),
     )
     started = time.perf_counter()
     with sessions() as session:

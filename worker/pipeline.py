@@ -87,9 +87,11 @@ class GenerationPipeline:
         self.budget = self.configured_budget
         while pending:  # a round: every row ready now, then the next levels of long documents
             following: list[_Item] = []
-            groups: dict[float, list[_Item]] = {}  # one sampling setting per generate call
+            groups: dict[tuple[float, str], list[_Item]] = {}  # one sampling setting and LoRA per call
             for item in pending:
-                groups.setdefault(item.row.temperature, []).append(item)
+                adapter = item.row.adapter
+                lora = adapter.ref if adapter is not None and adapter.lora else ""
+                groups.setdefault((item.row.temperature, lora), []).append(item)
             for _, group in sorted(groups.items()):
                 group.sort(key=lambda item: len(item.row.ids))
                 for items in self._batches(group):
@@ -106,33 +108,41 @@ class GenerationPipeline:
 
     def _start(self, job: ClaimedJob, prompt: PromptPlan, params: GenerationParams) -> list[_Item]:
         """The first generation rows of a job."""
+        if params.adapter is not None and not self.backend.supports_adapters:
+            raise ValueError(
+                f"adapter {params.adapter.ref} needs a backend that runs adapters (SUMFLEET_ENGINE=transformers)"
+            )
         if job.request is not None:
             limit = min(int(job.request.get("max_new_tokens") or params.max_new_tokens), defaults.MAX_NEW_TOKENS_LIMIT)
             ids = self.prompter.chat(job.request["messages"])
-            room = self.prompter.room(limit)
+            room = self._room(limit, params)
             if len(ids) > room:
                 raise ValueError(f"the request is {len(ids)} tokens, over this model's usable context of {room} tokens")
             temperature = float(job.request.get("temperature") or 0.0)
-            return [_Item(_Doc(job, "chat", "", None), Row(ids, limit, temperature))]
+            return [_Item(_Doc(job, "chat", "", None), Row(ids, limit, temperature, params.adapter))]
         variant, template, language = prompt.for_document(job.text)
         doc = _Doc(job, None if self.backend.encoder_decoder else variant, language, template)
         if params.long_documents == "truncate":
-            room = self.prompter.room(params.max_new_tokens)
-            return [
-                _Item(doc, Row(self.prompter.fit(prompt, template, language, job.text, room), params.max_new_tokens))
-            ]
+            room = self._room(params.max_new_tokens, params)
+            ids = self.prompter.fit(prompt, template, language, job.text, room)
+            return [_Item(doc, Row(ids, params.max_new_tokens, adapter=params.adapter))]
         return self._level(doc, job.text, prompt, params)
+
+    def _room(self, max_new_tokens: int, params: GenerationParams) -> int:
+        """Prompt tokens a final row may fill: what the context leaves, less a soft prompt's positions."""
+        soft = params.adapter.virtual_tokens if params.adapter is not None and not params.adapter.lora else 0
+        return self.prompter.room(max_new_tokens + soft)
 
     def _level(self, doc: _Doc, text: str, prompt: PromptPlan, params: GenerationParams) -> list[_Item]:
         """Rows for `text` at the document's current level: the final prompt if it fits, else its pieces."""
         assert doc.template is not None
         prompter = self.prompter
-        room = prompter.room(params.max_new_tokens)
+        room = self._room(params.max_new_tokens, params)
         ids = prompter.wrap(prompter.content(prompt, doc.template, doc.language, text))
         if len(ids) <= room or doc.level >= defaults.MAX_LEVELS:
             if len(ids) > room:
                 ids = prompter.fit(prompt, doc.template, doc.language, text, room)
-            return [_Item(doc, Row(ids, params.max_new_tokens))]
+            return [_Item(doc, Row(ids, params.max_new_tokens, adapter=params.adapter))]
         piece_template = PIECE_TEMPLATES.get(doc.language, PIECE_TEMPLATES["en"])
         piece_new = max(params.max_new_tokens, defaults.MAP_NEW_TOKENS)
         piece_room = prompter.room(piece_new)
@@ -140,9 +150,8 @@ class GenerationPipeline:
         limit = max(32, piece_room - overhead - defaults.PIECE_MARGIN)
         pieces = split_document(text, limit, prompter.count)
         if len(pieces) < 2:  # nothing to split on: cut instead
-            return [
-                _Item(doc, Row(prompter.fit(prompt, doc.template, doc.language, text, room), params.max_new_tokens))
-            ]
+            ids = prompter.fit(prompt, doc.template, doc.language, text, room)
+            return [_Item(doc, Row(ids, params.max_new_tokens, adapter=params.adapter))]
         if doc.level == 1:
             doc.pieces = len(pieces)
         doc.parts = [None] * len(pieces)

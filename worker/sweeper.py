@@ -23,9 +23,10 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.broker import publish_batch
+from models.broker import publish_batch, send_tuning
 from models.settings import Settings
 from models.store import as_utc, count_expired, unfinished_batches, utcnow
+from models.tuning_runs import requeue_lost
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sumfleet:sweeper"
@@ -59,6 +60,11 @@ class Sweeper:
         lengths: dict[str, int] = {}
         with self.sessions() as session:
             batches = unfinished_batches(session)
+        with self.sessions.begin() as session:
+            lost = requeue_lost(session)  # tuning runs whose worker died: once each, to resume elsewhere
+        for run_id, queue in lost:
+            send_tuning(self.app, run_id, queue)
+            log.warning("sweeper: tuning run %s lost its worker; published again", run_id)
         for batch_id, queue, published_at in batches:
             if queue not in lengths:
                 lengths[queue] = int(self.redis.llen(queue))

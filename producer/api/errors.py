@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import (
+    AdapterError,
     BatchNotFoundError,
     BrokerError,
     ConfigError,
@@ -112,6 +113,8 @@ def sumfleet_error(error: SumfleetError, param: str | None = None) -> ApiError:
         return ApiError(404, message, code="not_found")
     if isinstance(error, ModelNotFoundError):
         return ApiError(400, message, param=param or "model", code="model_not_found")
+    if isinstance(error, AdapterError):
+        return ApiError(400, message, param=param or "adapter", code="adapter_not_found")
     if isinstance(error, PromptError):
         return ApiError(400, message, param=param or "prompt", code="invalid_prompt")
     if isinstance(error, (InputError, ConfigError)):

@@ -157,6 +157,7 @@ def create_upload(
     max_words: int | None = Form(None),
     long_documents: str | None = Form(None),
     callback_url: str | None = Form(None),
+    adapter: str | None = Form(None),
     skip_bad_rows: bool = Form(False),
     text_field: str | None = Form(None, description="JSON key or CSV column of the text"),
     id_field: str = Form("id", description="JSON key or CSV column of the id"),
@@ -171,6 +172,7 @@ def create_upload(
             max_words=max_words,
             long_documents=long_documents,
             callback_url=callback_url,
+            adapter=adapter,
             skip_bad_rows=skip_bad_rows,
         )
     except ValueError as error:  # pydantic's ValidationError: the same 422 as a JSON body's

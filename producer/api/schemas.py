@@ -148,6 +148,9 @@ class SummaryOptions(BaseModel):
     callback_url: str | None = Field(
         None, max_length=2048, description="POSTed the batch object, signed, when the batch ends"
     )
+    adapter: str | None = Field(
+        None, max_length=80, description="a tuned adapter of the model, NAME or NAME@VERSION (`sumfleet adapters`)"
+    )
     skip_bad_rows: bool = Field(
         False, description="submit the good documents and list the bad ones instead of refusing all"
     )
@@ -166,6 +169,7 @@ class SummaryBatch(BaseModel):
     state: Literal["queued", "running", "completed", "cancelled"]
     model: str
     prompt: str
+    adapter: str | None = Field(None, description="the tuned adapter it runs with, name@version")
     source: str | None
     total: int
     counts: dict[str, int] = Field(description="jobs per state: queued, running, succeeded, failed, cancelled")

@@ -15,6 +15,7 @@ from typing import Any, cast
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.adapters import split_model
 from models.api_store import (
     add_rejections,
     add_upload,
@@ -189,6 +190,7 @@ def create_native_batch(
         language=options.language,
         max_words=options.max_words,
         long_documents=options.long_documents,
+        adapter=options.adapter,
         before_commit=before_commit,
     )
 
@@ -238,7 +240,8 @@ def create_openai_batch(
         max_chars=settings.max_document_chars,
         default_max_tokens=settings.max_new_tokens,
     )
-    if found is not None and (problem := model_problem(found[1], settings, accepted)) is not None:
+    model = split_model(found[1])[0] if found else None
+    if found is not None and model and (problem := model_problem(model, settings, accepted)) is not None:
         reader.errors.append(LineError(found[0], "model_not_found", problem, "body.model"))
     if not _submitted(client, record, reader, f"{file.filename} ({file.id})"):
         _keep_unsubmitted(client.sessions, record, reader, now)
@@ -260,6 +263,7 @@ def _submitted(client: Client, record: ApiBatch, reader: BatchInput, source: str
         session.flush()
         add_rejections(session, record.id, (r.row() for r in reader.rejected))
 
+    model, adapter = split_model(record.model)  # "smollm2:my-adapter" runs smollm2 with that adapter
     try:
         client.submit_documents(
             reader.documents(),
@@ -267,7 +271,8 @@ def _submitted(client: Client, record: ApiBatch, reader: BatchInput, source: str
             source=source,
             skip_bad_rows=False,
             publish=True,
-            model=record.model,
+            model=model,
+            adapter=adapter,
             before_commit=before_commit,
         )
     except InputError:

@@ -151,3 +151,17 @@ def test_passwords_are_hidden_in_every_url_shown() -> None:
 def test_model_directory_without_weights(tmp_path) -> None:
     with pytest.raises(ModelNotFoundError, match=r"neither config\.json nor a \.gguf file"):
         resolve_model(str(tmp_path), Settings())
+
+
+def test_adapter_references() -> None:
+    from models.adapters import AdapterRef, split_model
+    from models.errors import AdapterError
+
+    assert AdapterRef.parse("bbc") == AdapterRef("bbc") and str(AdapterRef.parse("bbc@3")) == "bbc@3"
+    with pytest.raises(AdapterError, match="a version is a number"):
+        AdapterRef.parse("bbc@latest")
+    with pytest.raises(AdapterError, match="adapter name 'BBC'"):
+        AdapterRef.parse("BBC")
+    assert split_model("smollm2:bbc@2") == ("smollm2", "bbc@2")
+    assert split_model("smollm2") == ("smollm2", None)
+    assert split_model("python:pkg.mod:factory") == ("python:pkg.mod:factory", None)

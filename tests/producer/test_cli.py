@@ -33,6 +33,7 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
         "status",
         "error",
         "prompt_variant",
+        "adapter",
         "prompt_tokens",
         "output_tokens",
         "generation_seconds",

@@ -15,12 +15,27 @@ from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """A tuned adapter a row runs with: a soft prompt put before its prompt, or a LoRA."""
+
+    ref: str  # name@version, as the batch records it
+    method: str  # prompt-tuning or lora
+    path: str  # its folder (PEFT's adapter_config.json and adapter_model.safetensors)
+    virtual_tokens: int = 0  # positions a soft prompt takes before the prompt
+
+    @property
+    def lora(self) -> bool:
+        return self.method == "lora"
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     """One prompt of a generate call."""
 
     ids: list[int]  # the prompt's token ids, as `Tokenizer.encode` gave them
     max_new_tokens: int  # this row stops after this many new tokens (rows of one call may differ)
     temperature: float = 0.0  # 0: greedy; every row of one call has the same temperature
+    adapter: AdapterSpec | None = None  # soft prompts may differ per row; a call's rows share one LoRA (or none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +80,7 @@ class Backend(Protocol):
     max_batch_size: int  # rows per call when the settings do not say
     token_budget: int  # (longest prompt + max new tokens) x rows per call when the settings do not say
     packs_itself: bool  # it schedules rows itself (continuous batching): hand it all rows at once
+    supports_adapters: bool  # it runs rows with soft prompts and LoRAs (`Row.adapter`)
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
         """One `Generated` per row, in order. Raises when the whole call failed (the pipeline

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -31,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from models import defaults
 from models.model_names import ModelSource
 from models.settings import Settings
-from worker.backends.base import Generated, Row, Tokenizer
+from worker.backends.base import AdapterSpec, Generated, Row, Tokenizer
 from worker.backends.checkpoints import cached_checkpoint, default_cache_dir, write_checkpoint
 from worker.hardware import cpu_has_fast_bf16
 
@@ -108,6 +109,8 @@ class TransformersBackend:
         else:
             self.max_batch_size = defaults.MAX_BATCH_SIZE_CPU
         self.packs_itself = settings.batching == "continuous" and not self.encoder_decoder
+        self.supports_adapters = not self.encoder_decoder
+        self.adapters = AdapterCache(self)
         self.input_prefix, self.task_generation = (
             _summarization_task(model.config) if self.encoder_decoder else ("", {})
         )
@@ -178,9 +181,50 @@ class TransformersBackend:
         return True
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
-        if self.packs_itself:
-            return self._generate_continuous(rows)
-        return self._generate(rows)
+        lora = rows[0].adapter if rows[0].adapter is not None and rows[0].adapter.lora else None
+        if any((row.adapter if row.adapter is not None and row.adapter.lora else None) != lora for row in rows):
+            raise ValueError("the rows of one call must share their LoRA adapter")
+        with self.adapters.active(lora):
+            if any(row.adapter is not None and not row.adapter.lora for row in rows):
+                return self._generate_embedded(rows)
+            if self.packs_itself:
+                return self._generate_continuous(rows)
+            return self._generate(rows)
+
+    def _generate_embedded(self, rows: Sequence[Row]) -> list[Generated]:
+        """Rows with soft prompts: each row's input embeddings are its soft prompt (if any) then its
+        prompt's token embeddings, left-padded, so rows with different soft prompts share a call."""
+        embed = self.model.get_input_embeddings()
+        prefixes = [
+            self.adapters.soft_prompt(row.adapter) if row.adapter is not None and not row.adapter.lora else None
+            for row in rows
+        ]
+        lengths = [
+            len(row.ids) + (0 if prefix is None else prefix.shape[0])
+            for row, prefix in zip(rows, prefixes, strict=True)
+        ]
+        width = max(lengths)
+        with torch.inference_mode():
+            inputs = torch.zeros((len(rows), width, embed.embedding_dim), dtype=self.model.dtype, device=self.device)
+            attention = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+            for number, (row, prefix, length) in enumerate(zip(rows, prefixes, lengths, strict=True)):
+                tokens = embed(torch.tensor(row.ids, device=self.device))
+                joined = tokens if prefix is None else torch.cat([prefix, tokens])
+                inputs[number, width - length :] = joined
+                attention[number, width - length :] = 1
+            limits = [row.max_new_tokens for row in rows]
+            stop = [] if len(set(limits)) == 1 else [_RowLimits(limits, 0, self.device)]
+            started = time.perf_counter()
+            output = self.model.generate(  # from embeddings, generate returns the new tokens only
+                inputs_embeds=inputs,
+                attention_mask=attention,
+                generation_config=self.generation_config(max(limits), rows[0].temperature),
+                stopping_criteria=StoppingCriteriaList(stop),
+            )
+        elapsed = time.perf_counter() - started
+        return [
+            Generated(tokens[: row.max_new_tokens], elapsed) for row, tokens in zip(rows, output.tolist(), strict=True)
+        ]
 
     def _generate(self, rows: Sequence[Row]) -> list[Generated]:
         width = max(len(row.ids) for row in rows)
@@ -275,3 +319,58 @@ def _quiet_gguf_unpacking() -> Iterator[None]:
         yield
     finally:
         gguf_utils.tqdm = original
+
+
+class AdapterCache:
+    """The adapters a backend has loaded, at most CAPACITY of each kind (least recently used out)."""
+
+    CAPACITY = 8
+
+    def __init__(self, backend: TransformersBackend) -> None:
+        self.backend = backend
+        self.prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.loras: OrderedDict[str, None] = OrderedDict()
+
+    def soft_prompt(self, spec: AdapterSpec) -> torch.Tensor:
+        """The soft prompt's embeddings ([virtual tokens, hidden]) in the model's dtype and device."""
+        if spec.ref not in self.prompts:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(Path(spec.path) / "adapter_model.safetensors"))
+            if "prompt_embeddings" not in weights:
+                raise ValueError(f"adapter {spec.ref} holds no soft prompt (keys: {sorted(weights)[:4]})")
+            self.prompts[spec.ref] = weights["prompt_embeddings"].to(self.backend.device, self.backend.model.dtype)
+            while len(self.prompts) > self.CAPACITY:
+                self.prompts.popitem(last=False)
+        self.prompts.move_to_end(spec.ref)
+        return self.prompts[spec.ref]
+
+    @contextmanager
+    def active(self, spec: AdapterSpec | None) -> Iterator[None]:
+        """Run the block with LoRA `spec` on (None: with every LoRA off)."""
+        model = self.backend.model
+        if spec is None:
+            if hasattr(model, "disable_adapter") and self.loras:
+                with model.disable_adapter():
+                    yield
+            else:
+                yield
+            return
+        if spec.ref not in self.loras:
+            self._load_lora(spec)
+        self.loras.move_to_end(spec.ref)
+        self.backend.model.set_adapter(spec.ref)
+        yield
+
+    def _load_lora(self, spec: AdapterSpec) -> None:
+        from peft import PeftModel
+
+        if not self.loras:
+            self.backend.model = PeftModel.from_pretrained(self.backend.model, spec.path, adapter_name=spec.ref)
+        else:
+            self.backend.model.load_adapter(spec.path, adapter_name=spec.ref)
+        self.backend.model.eval()
+        self.loras[spec.ref] = None
+        while len(self.loras) > self.CAPACITY:
+            oldest, _ = self.loras.popitem(last=False)
+            self.backend.model.delete_adapter(oldest)

@@ -80,6 +80,7 @@ class LlamaCppBackend:
         self.encoder_decoder = False
         self.input_prefix = ""
         self.packs_itself = False
+        self.supports_adapters = False
         self.max_batch_size = settings.max_batch_size or MAX_BATCH_SIZE
         self.token_budget = settings.token_budget or TOKEN_BUDGET
         threads = settings.threads or len(os.sched_getaffinity(0))
