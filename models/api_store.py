@@ -6,6 +6,7 @@ API processes running the same background pass never both act on one batch or on
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,7 +61,8 @@ def create_key(session: Session, name: str | None = None) -> NewKey:
         name=name,
         secret_hash=hash_secret(secret),
         secret_prefix=secret[: len(KEY_PREFIX) + 4],
-        webhook_secret=WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32),
+        # Standard Webhooks form: whsec_ + standard base64 of 32 random bytes (the HMAC key)
+        webhook_secret=WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
         created_at=utcnow(),
     )
     session.add(key)

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
 
+from models.errors import SumfleetError
 from models.settings import Settings
+from models.tables import ApiKey
 from producer.api import errors, native, openai_routes, service
+from producer.api.auth import bearer, current_key
 from producer.api.background import Maintainer
 from producer.api.checks import accepted_models
-from producer.api.errors import ApiError, error_responses
+from producer.api.errors import ApiError, error_body, error_responses, sumfleet_error
 from producer.api.schemas import Health
 from producer.client import Client
 
@@ -26,10 +35,65 @@ Summarization batches over HTTP, on the same database and broker as `sumfleet su
 * **Native** endpoints under `/api/v1`: documents in, summaries out, with sumfleet's prompt
   templates and settings.
 
-Every endpoint but `/health` needs `Authorization: Bearer <key>` (`sumfleet keys create`);
-a key sees only the batches and files it created. Errors have OpenAI's shape:
+Every endpoint but `/health` needs `Authorization: Bearer <key>` (`sumfleet keys create`),
+checked before the request's body is read; a key sees only the batches and files it created. Errors have OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}`.
 """
+
+
+KEY_STATE = "sumfleet_api_key"  # where RequireKey leaves the caller's key in the request's state
+
+
+class RequireKey:
+    """ASGI middleware: every request but `open_paths` (GET/HEAD) is authenticated before anything
+    reads its body, so a client without a valid key cannot make the API receive and parse a big
+    upload. The answer is `current_key`'s 401 in the error shape; the key found is left in the
+    request's state (`KEY_STATE`) for the routes' `current_key` dependency.
+    """
+
+    def __init__(self, app: Any, open_paths: Iterable[str]) -> None:
+        self.app = app
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["method"] in ("GET", "HEAD") and _route_path(scope) in self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # headers only: nothing here calls `receive`
+        try:
+            credentials = await bearer(request)
+            key = await run_in_threadpool(current_key, request, credentials)
+        except ApiError as refused:
+            await _respond(scope, receive, send, refused)
+            return
+        except SumfleetError as failure:
+            await _respond(scope, receive, send, sumfleet_error(failure))
+            return
+        except DBAPIError as failure:
+            log.warning("cannot check an API key: %s", failure)
+            unreachable = ApiError(503, f"database unreachable: {type(failure).__name__}", code="service_unavailable")
+            await _respond(scope, receive, send, unreachable)
+            return
+        scope.setdefault("state", {})[KEY_STATE] = key
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Any) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path") or ""
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _respond(scope: Any, receive: Any, send: Any, error: ApiError) -> None:
+    body = error_body(error.status, error.message, type=error.type, param=error.param, code=error.code)
+    await JSONResponse(body, status_code=error.status, headers=error.headers)(scope, receive, send)
+
+
+def checked_key(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
+    """`current_key` for the routes: the key `RequireKey` already checked for this request (one
+    database lookup per request), or the check itself where no middleware ran."""
+    key = request.scope.get("state", {}).get(KEY_STATE)
+    return key if isinstance(key, ApiKey) else current_key(request, credentials)
 
 
 def create_app(settings: Settings, *, client: Client | None = None, background: bool = True) -> FastAPI:
@@ -57,9 +121,13 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
         lifespan=lifespan,
     )
     app.add_middleware(errors.BodyLimit, limit=settings.api_max_upload_bytes)
+    open_paths = {"/health", app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(RequireKey, open_paths={path for path in open_paths if path})  # outermost: before any body
+    app.dependency_overrides[current_key] = checked_key
     app.state.settings = settings
     app.state.client = client
     app.state.models = accepted_models(settings)
+    app.state.started = int(time.time())  # the `created` of the models listed at /v1/models
     errors.install(app)
 
     @app.get(

@@ -10,7 +10,6 @@ import logging
 import threading
 from datetime import timedelta
 
-import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.settings import Settings
@@ -29,7 +28,6 @@ class Maintainer:
         self.settings = settings
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sumfleet-api-maintainer", daemon=True)
-        self._http = httpx.Client(timeout=settings.api_webhook_timeout, follow_redirects=False)
 
     def start(self) -> None:
         self._thread.start()
@@ -37,13 +35,12 @@ class Maintainer:
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
         self._thread.join(timeout)
-        self._http.close()
 
     def pass_once(self) -> None:
         """End what can end, expire what ran out of time, try every due webhook once, and delete
         one batch past the retention period (SUMFLEET_RETENTION_DAYS), if any."""
         advance_all(self.sessions)
-        deliver_due(self.sessions, self.settings, self._http)
+        deliver_due(self.sessions, self.settings)
         if self.settings.retention_days is not None:
             before = utcnow() - timedelta(days=self.settings.retention_days)
             pruned, jobs = prune_finished(self.sessions, before, max_batches=1)

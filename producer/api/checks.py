@@ -65,33 +65,89 @@ def check_model(name: str | None, settings: Settings, accepted: list[str], param
     return canonical_model(model)
 
 
-def private_address(host: str) -> str | None:
-    """The first address `host` resolves to that is not public (loopback, private, link-local,
-    reserved, ...), or None; a host that does not resolve (now) gives None too."""
+# A resolver: the addresses (text, an IPv6 one maybe with a %scope) a host name has for TCP on a
+# port, or OSError when it has none. `resolve_host` asks the system; a test may pass its own.
+Resolver = Callable[[str, int | None], list[str]]
+
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # ::a.b.c.d, deprecated (RFC 4291)
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))  # RFC 6052, RFC 8215
+
+
+def resolve_host(host: str, port: int | None = None) -> list[str]:
+    """Every address `host` resolves to for TCP now (the system resolver), in its order; OSError if none."""
     try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not address.is_global:
-            return str(address)
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except UnicodeError as error:  # a name IDNA cannot encode
+        raise OSError(f"not a resolvable name ({error})") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise OSError("no address")
+    return addresses
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and that traffic to it may reach: IPv4-mapped
+    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::a.b.c.d), 6to4 (2002:AABB:CCDD::)
+    and Teredo (2001:0:SERVER::CLIENT, both). Empty for any other IPv6 address."""
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address in _IPV4_COMPATIBLE or any(address in network for network in _NAT64):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
+
+
+def is_public(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether webhooks may go to `address` by default: a global unicast address, and for an IPv6
+    address that embeds IPv4 addresses (see `embedded_ipv4`) every one of those too, whatever
+    `ipaddress`'s `is_global` says of the IPv6 form."""
+    if isinstance(address, str):
+        address = ipaddress.ip_address(address.split("%", 1)[0])
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        return all(is_public(inner) for inner in embedded_ipv4(address))
+    return True
+
+
+def first_private(addresses: list[str]) -> str | None:
+    """The first of `addresses` that is not public (loopback, private, link-local, reserved, an IPv6
+    form of such an IPv4 address, ...), or None when all are public."""
+    for address in addresses:
+        try:
+            public = is_public(address)
+        except ValueError:  # not an IP address at all: never a place to send to
+            return address
+        if not public:
+            return address.split("%", 1)[0]
     return None
 
 
-def check_callback_url(url: str | None, param: str = "callback_url", *, allow_private: bool = False) -> str | None:
-    """An absolute http(s) URL of a public address (unless `allow_private`), or 400.
+def check_callback_url(
+    url: str | None,
+    param: str = "callback_url",
+    *,
+    allow_private: bool = False,
+    resolve: Resolver = resolve_host,
+) -> str | None:
+    """An absolute http(s) URL whose host name resolves, to public addresses only (unless
+    `allow_private`), or 400.
 
     Webhooks are sent from inside the deployment, so by default they may not reach its own
-    private network (the address is checked again before every delivery).
+    private network. The name is resolved again before every delivery, and each delivery goes
+    to an address checked then (see `producer.api.webhooks`).
     """
     if url is None:
         return None
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - a port that is not a number raises here
+        port = parts.port
     except ValueError:
-        parts = urlsplit("")
+        parts, port = urlsplit(""), None
     if (
         parts.scheme not in ("http", "https")
         or not parts.hostname
@@ -104,7 +160,18 @@ def check_callback_url(url: str | None, param: str = "callback_url", *, allow_pr
             param=param,
             code="invalid_value",
         )
-    if not allow_private and (address := private_address(parts.hostname)) is not None:
+    try:
+        addresses = resolve(parts.hostname, port)
+    except OSError as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise ApiError(
+            400,
+            f"{param} {url!r}: the host name {parts.hostname!r} does not resolve ({reason}); "
+            "webhooks need a name that resolves when the batch is created",
+            param=param,
+            code="invalid_value",
+        ) from None
+    if not allow_private and (address := first_private(addresses)) is not None:
         raise ApiError(
             400,
             f"{param} {url!r} points at a private or local address ({address}); webhooks go to public "

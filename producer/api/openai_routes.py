@@ -1,4 +1,4 @@
-"""The OpenAI-compatible Batch API: `/v1/files` and `/v1/batches`.
+"""The OpenAI-compatible Batch API: `/v1/files` and `/v1/batches`, and `/v1/models`.
 
 An existing OpenAI client pointed at `http://host:port/v1` works: upload a JSONL file of
 `/v1/chat/completions` requests (purpose `batch`), create a batch from it, poll it, download
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
 from models import defaults
 from models.errors import SumfleetError
+from models.model_names import canonical_model
 from models.tables import ApiBatch, ApiFile, ApiKey
 from producer.api import service
 from producer.api.auth import current_key
@@ -244,3 +246,44 @@ def cancel(request: Request, batch_id: str, key: ApiKey = Depends(current_key)) 
             400, f"cannot cancel batch {record.id}: it is {record.status}", param="batch_id", code="invalid_state"
         )
     return _render(request, record.id)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+class ModelObject(BaseModel):
+    id: str = Field(description="a model name a request's `model` may be (SUMFLEET_API_MODELS)")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix seconds: when this API process started serving it")
+    owned_by: str = "sumfleet"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+def _model_object(request: Request, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "sumfleet"}
+
+
+@router.get("/models", response_model=ModelList, summary="List the models served here")
+def list_models(request: Request, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
+    """The models requests may name (SUMFLEET_API_MODELS), each needing workers of its own."""
+    return {"object": "list", "data": [_model_object(request, name) for name in request.app.state.models]}
+
+
+@router.get(
+    "/models/{model_id:path}", response_model=ModelObject, summary="Retrieve a model", responses=error_responses(404)
+)
+def retrieve_model(request: Request, model_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
+    served: list[str] = request.app.state.models
+    name = model_id if model_id in served else canonical_model(model_id)
+    if name not in served:
+        raise ApiError(
+            404,
+            f"model {model_id!r} is not served here; the models are: {', '.join(served)}",
+            param="model",
+            code="model_not_found",
+        )
+    return _model_object(request, name)

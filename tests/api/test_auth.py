@@ -75,6 +75,9 @@ def test_keys_cli_stores_only_a_hash_and_revokes(api: ApiServer, api_settings: S
         ("GET", "/api/v1/batches"),
         ("POST", "/api/v1/batches"),
         ("GET", "/api/v1/batches/bx/results"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/lead"),
+        ("POST", "/v1/no-such-endpoint"),  # refused before routing: no key, nothing to learn
     ],
 )
 def test_no_key_is_401(api: ApiServer, method: str, path: str) -> None:

@@ -20,6 +20,8 @@ ENDPOINTS = {
     "/v1/files/{file_id}": {"get", "delete"},
     "/v1/files/{file_id}/content": {"get"},
     "/v1/batches": {"get", "post"},
+    "/v1/models": {"get"},
+    "/v1/models/{model_id}": {"get"},
     "/v1/batches/{batch_id}": {"get"},
     "/v1/batches/{batch_id}/cancel": {"post"},
     "/api/v1/batches": {"get", "post"},

@@ -1,9 +1,12 @@
-"""Completion webhooks: signed (HMAC-SHA256 over "<timestamp>.<body>"), retried with backoff,
-delivered at least once, resumed by a restarted API process."""
+"""Completion webhooks: signed the Standard Webhooks way (verified by the OpenAI SDK) and with the
+Sumfleet-* headers (HMAC-SHA256 over "<timestamp>.<body>"), retried with backoff, delivered at
+least once, resumed by a restarted API process."""
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import time
 
 import httpx
@@ -13,7 +16,15 @@ import pytest
 from models.api_store import deliveries_for
 from models.db import open_database, session_factory
 from models.settings import Settings
-from producer.api.webhooks import InvalidSignature, sign, verify_signature
+from producer.api.webhooks import (
+    InvalidSignature,
+    headers_for,
+    sign,
+    sign_standard,
+    standard_key,
+    standard_secret,
+    verify_signature,
+)
 from tests.api.conftest import GATED, ApiServer, Key, free_port, jsonl, new_key, request_line
 from tests.conftest import wait_for
 
@@ -59,11 +70,49 @@ def test_verify_signature_refuses_missing_or_malformed_headers() -> None:
         verify_signature(SECRET, b"{}", str(now), sign(SECRET, now, b"{}").removeprefix("v1="))
 
 
+# --- Standard Webhooks ----------------------------------------------------------------------------
+
+
+def test_standard_signature_matches_the_specs_example() -> None:
+    """The example of the Standard Webhooks reference libraries (secret, id, timestamp, body)."""
+    secret, message_id, timestamp = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330
+    signature = sign_standard(secret, message_id, timestamp, b'{"test": 2432232314}')
+    assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "whsec_" + base64.b64encode(b"\xfb\xff" * 16).decode(),  # standard base64 with + / and =
+        "whsec_" + base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode().rstrip("="),  # how keys were made: - _
+        "whsec_" + secrets.token_urlsafe(32),
+    ],
+)
+def test_openai_sdk_verifies_the_standard_headers(secret: str) -> None:
+    body = b'{"id":"batch_1","object":"batch","status":"completed"}'
+    headers = headers_for(secret, body, "batch.completed", "whd_1")
+    assert (headers["webhook-id"], headers["webhook-timestamp"]) == ("whd_1", headers["Sumfleet-Timestamp"])
+    assert standard_secret(standard_secret(secret)) == standard_secret(secret)
+    assert base64.b64decode(standard_secret(secret)[6:]) == standard_key(secret)
+    sdk = openai.OpenAI(api_key="x")
+    sdk.webhooks.verify_signature(body, headers, secret=standard_secret(secret))
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.verify_signature(body.replace(b"completed", b"failed"), headers, secret=standard_secret(secret))
+
+
 # --- deliveries from a real API process -----------------------------------------------------------
 
 
 def _check_signed(delivery: dict, key: Key) -> dict:
     headers = {k.lower(): v for k, v in delivery["headers"].items()}
+    # Standard Webhooks: what OpenAI's SDK (and any Standard Webhooks library) verifies
+    assert headers["webhook-id"] == headers["sumfleet-delivery"]
+    assert headers["webhook-timestamp"] == headers["sumfleet-timestamp"]
+    sdk = openai.OpenAI(api_key="x")
+    event = sdk.webhooks.unwrap(delivery["body"], headers, secret=standard_secret(key.webhook_secret))
+    assert event.id == json.loads(delivery["body"])["id"]
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(delivery["body"], headers, secret=standard_secret("whsec_" + secrets.token_urlsafe(32)))
     verify_signature(
         key.webhook_secret,
         delivery["body"],
@@ -304,3 +353,33 @@ def test_webhooks_to_private_addresses_are_refused_by_default(
     )
     assert receiver.received == []
     engine.dispose()
+
+
+@pytest.mark.services
+def test_a_standard_secret_verifies_a_real_delivery_as_it_is(api: ApiServer, api_settings: Settings, receivers) -> None:
+    """A key whose webhook secret is `whsec_<standard base64>` (the spec's form): the receiver gives
+    that very text to the OpenAI SDK."""
+    from sqlalchemy import update
+
+    from models.tables import ApiKey
+
+    made = new_key(api_settings, "standard")
+    secret = "whsec_" + base64.b64encode(b"\xfb\xef" + secrets.token_bytes(30)).decode()  # has + or /, and =
+    engine = open_database(api_settings.database_url)
+    with session_factory(engine).begin() as session:
+        session.execute(update(ApiKey).where(ApiKey.id == made.id).values(webhook_secret=secret))
+    engine.dispose()
+    key = Key(made.id, made.secret, secret)
+    receiver = receivers()
+    with httpx.Client(base_url=api.url, headers=key.headers) as http:
+        batch = http.post(
+            "/api/v1/batches",
+            json={"documents": ["One. Two."], "model": "lead", "callback_url": f"{receiver.url}/standard"},
+        ).json()
+        assert http.post(f"/api/v1/batches/{batch['id']}/cancel").status_code == 200
+    wait_for(lambda: receiver.received, 30, "the webhook")
+    delivery = receiver.received[0]
+    event = openai.OpenAI(api_key="x").webhooks.unwrap(delivery["body"], delivery["headers"], secret=secret)
+    assert event.id == batch["id"]
+    assert delivery["headers"]["webhook-signature"].startswith("v1,")
+    assert _check_signed(delivery, key)["sumfleet-event"] == "batch.cancelled"
