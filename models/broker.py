@@ -100,7 +100,8 @@ def publish_batch(
     chunks = 0
     with sessions.begin() as session:
         batch = get_batch(session, batch_id)
-        queue, chunk_size = batch.queue, chunk_size_for(batch.total, chunk_size)
+        # the size the batch was submitted with wins over the publisher's own setting
+        queue, chunk_size = batch.queue, chunk_size_for(batch.total, batch.params.get("chunk_size") or chunk_size)
         if not only_expired:
             mark_published(session, batch_id)
             if batch.total >= defaults.ANALYZE_AFTER:

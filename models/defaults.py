@@ -16,6 +16,7 @@ CHUNK_SIZE_MAX = 256  # ... and when it is large: the message, claim and ack cos
 CHUNKS_PER_BATCH = 64  # a batch is cut into about this many chunks between those two sizes
 ANALYZE_AFTER = 10_000  # publishing a batch this large first refreshes PostgreSQL's statistics of jobs
 MAX_NEW_TOKENS = 64  # generated tokens per summary
+MAX_ID_CHARS = 512  # a document id longer than this is a bad row (jobs.doc_id is VARCHAR(512))
 MAX_NEW_TOKENS_LIMIT = 4096  # larger requests are refused at submit time
 MAX_BATCH_SIZE_CPU = 8  # documents per generation batch at most, on a CPU in float32 (measured best of 4-32)
 MAX_BATCH_SIZE_CPU_BF16 = 16  # the same on a CPU computing in bf16 (AVX-512 BF16: measured best of 4-32)

@@ -76,5 +76,19 @@ class BrokerError(SumfleetError):
     """Raised when the message broker (Redis) cannot be reached."""
 
 
+class NotPublished(SumfleetError):
+    """Raised by submit when the batch is committed but publishing its messages failed.
+
+    The batch is saved and will run: a worker's sweeper publishes it (or `sumfleet requeue`).
+    Never submit it again; `batch_id` is the batch, `accepted` its documents.
+    """
+
+    def __init__(self, message: str, batch_id: str, accepted: int, problems: list[RowProblem]) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.accepted = accepted
+        self.problems = problems
+
+
 class InvalidTransition(SumfleetError):
     """Raised when code asks for a job or batch state change the state machine forbids."""

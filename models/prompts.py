@@ -90,6 +90,8 @@ def resolve_prompt(spec: str) -> Prompt:
     """A template name from the library, or custom template text containing `{document}`."""
     if spec in TEMPLATES:
         return Prompt(spec, dict(TEMPLATES[spec]))
+    if not spec.strip():
+        raise PromptError("prompt is empty: give a template name or text containing {document}")
     if "{" not in spec:
         known = ", ".join(sorted(TEMPLATES))
         raise PromptError(
@@ -100,18 +102,41 @@ def resolve_prompt(spec: str) -> Prompt:
     return Prompt("custom", {ANY: spec})
 
 
-def check_template(template: str) -> None:
-    """Raise `PromptError` unless `template` parses, uses `{document}`, and no unknown placeholder."""
+def _pieces(template: str) -> list[tuple[str, str | None]]:
+    """(literal text, placeholder or None) pairs; `PromptError` for anything but bare known fields.
+
+    Only `{document}`, `{max_words}` and `{language}` are allowed, bare: no conversion (`!r`),
+    no format spec (`:>1000000000` would make every render allocate gigabytes), no attribute or
+    index access. The same rule holds at submit, in the API, for tuned adapters, and in workers.
+    """
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as error:
         raise PromptError(f"prompt template does not parse: {error} (write literal braces as {{{{ and }}}})") from None
-    unknown = sorted({f for f in fields if f not in PLACEHOLDERS})
-    if unknown:
-        shown = ", ".join("{" + f + "}" for f in unknown)
-        known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
-        raise PromptError(f"prompt template uses unknown placeholder(s) {shown}; the known ones are {known}")
-    if "document" not in fields:
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None:
+            written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            if name not in PLACEHOLDERS:
+                known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+                raise PromptError(f"prompt template uses unknown placeholder {written}; the known ones are {known}")
+            if conversion:
+                raise PromptError(
+                    f"prompt template placeholder {written} has a conversion (!{conversion}): write {{{name}}}"
+                )
+            if spec:
+                raise PromptError(
+                    f"prompt template placeholder {written} has a format spec (:{spec}): write {{{name}}}"
+                )
+        pieces.append((literal, name))
+    return pieces
+
+
+def check_template(template: str) -> None:
+    """Raise `PromptError` unless `template` parses, uses `{document}`, and only bare known placeholders."""
+    if not template.strip():
+        raise PromptError("prompt template is empty: give a template name or text containing {document}")
+    if not any(name == "document" for _, name in _pieces(template)):
         raise PromptError("prompt template has no {document} placeholder: where should the document go?")
 
 
@@ -123,5 +148,5 @@ def check_language(language: str) -> str:
 
 def render(template: str, document: str, values: Mapping[str, object] | None = None) -> str:
     """The template with the document (and other values) put in place; the document's braces stay."""
-    filled = {"max_words": DEFAULT_MAX_WORDS, "language": LANGUAGES["en"], **(values or {})}
-    return template.format(document=document, **filled)
+    filled = {"max_words": DEFAULT_MAX_WORDS, "language": LANGUAGES["en"], **(values or {}), "document": document}
+    return "".join(literal + ("" if name is None else str(filled[name])) for literal, name in _pieces(template))

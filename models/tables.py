@@ -52,6 +52,8 @@ class Batch(Base):
     # when its queued jobs were last put on the broker (the sweeper republishes lost ones)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     adapter: Mapped[str | None] = mapped_column(String(80), nullable=True)  # name@version of its adapter, if any
+    # a retried submission with the same key gets this batch (the API prefixes the key's owner)
+    idempotency_key: Mapped[str | None] = mapped_column(String(300), nullable=True, unique=True)
     # counters, changed in the same transaction as the job rows they count (never a scan of jobs)
     jobs_queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     jobs_running: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

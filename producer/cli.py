@@ -13,13 +13,14 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from models import defaults
-from models.errors import InputError, SumfleetError
+from models.errors import InputError, NotPublished, SumfleetError
 from models.settings import Settings, hide_password, load_settings, settings_help
 
 if TYPE_CHECKING:
     from producer.client import Client
 
 ENV_HELP = settings_help()  # every SUMFLEET_* setting, from the one settings object
+EXIT_SAVED_NOT_PUBLISHED = 4  # submit: the batch is saved and will run, but its messages are not yet published
 
 
 def _connection_flags(parser: argparse.ArgumentParser, broker: bool = False) -> None:
@@ -53,7 +54,9 @@ def _input_flags(parser: argparse.ArgumentParser) -> None:
         help="input format (default: from the extension)",
     )
     parser.add_argument("--text-field", help="JSON key or CSV column with the text (default: text, document)")
-    parser.add_argument("--id-field", default="id", help="JSON key or CSV column with the id (default: id)")
+    parser.add_argument(
+        "--id-field", help='JSON key or CSV column with the id, then required in every row (default: "id" if any)'
+    )
     parser.add_argument(
         "--skip-bad-rows", action="store_true", help="skip bad rows (and list them) instead of rejecting the input"
     )
@@ -92,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_flags(submit)
     _connection_flags(submit, broker=True)
     submit.add_argument("--queue", help="queue to publish to (default: the model's own)")
+    submit.add_argument(
+        "--idempotency-key",
+        help="a retry with the same key prints the first batch instead of submitting the corpus again",
+    )
 
     worker = command("worker", "run a Celery worker that loads the model once and processes chunks")
     _connection_flags(worker, broker=True)
@@ -231,14 +238,22 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _prompt(args: argparse.Namespace) -> str | None:
-    if args.prompt_file:
-        if args.prompt:
+    if args.prompt_file is not None:
+        if args.prompt is not None:
             raise InputError("give --prompt or --prompt-file, not both")
         try:
             with open(args.prompt_file, encoding="utf-8") as handle:
-                return handle.read()
+                text = handle.read()
         except OSError as error:
             raise InputError(f"cannot read --prompt-file {args.prompt_file}: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise InputError(
+                f"--prompt-file {args.prompt_file} is not UTF-8 "
+                f"(byte 0x{error.object[error.start]:02x} at offset {error.start}); save it as UTF-8"
+            ) from None
+        if not text.strip():
+            raise InputError(f"--prompt-file {args.prompt_file} is empty")
+        return text
     return args.prompt
 
 
@@ -270,7 +285,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from producer.client import Client
 
     client = Client(_settings(args))
-    submission = client.submit_file(args.input, **_submit_options(args))
+    try:
+        submission = client.submit_file(args.input, idempotency_key=args.idempotency_key, **_submit_options(args))
+    except NotPublished as saved:  # committed: it runs; a caller that retried would process it twice
+        _report_skipped(saved.problems)
+        print(f"sumfleet submit: warning: {saved}", file=sys.stderr)
+        print(saved.batch_id)
+        return EXIT_SAVED_NOT_PUBLISHED
+    if submission.reused:
+        print(f"batch {submission.batch_id}: already submitted with this idempotency key", file=sys.stderr)
+        print(submission.batch_id)
+        return 0
     _report_skipped(submission.problems)
     print(
         f"batch {submission.batch_id}: {submission.accepted} documents in {submission.chunks} chunks "
@@ -410,8 +435,9 @@ def cmd_batches(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from producer.export import write_results
+    from producer.export import check_output, write_results
 
+    check_output(args.output, args.output_format)
     client = _reader(args)
     client.status(args.batch)  # unknown batch: fail before creating the output file
     written = write_results(client.results(args.batch), args.output, args.output_format)

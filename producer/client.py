@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
@@ -25,7 +26,7 @@ from models.broker import check_broker, create_app, publish_batch, queue_for, se
 from models.counters import counts_of, differences, recount
 from models.counters import repair as repair_counters
 from models.db import ensure_schema, hide_password, open_database, session_factory
-from models.errors import DatabaseError, InputError, RowProblem
+from models.errors import DatabaseError, InputError, NotPublished, RowProblem, SumfleetError
 from models.job_writer import JobWriter
 from models.model_names import canonical_model, resolve_model
 from models.prompts import check_language, resolve_prompt
@@ -42,7 +43,7 @@ from models.store import (
 )
 from models.tables import Batch, Job
 from models.tuning_runs import create_run, get_run
-from producer.inputs import Document, duplicate_reason, python_documents, read_documents
+from producer.inputs import Document, duplicate_reason, python_documents, read_documents, unstorable
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Submission:
     accepted: int
     chunks: int
     problems: list[RowProblem] = field(default_factory=list)
+    reused: bool = False  # an earlier submission with the same idempotency key: this is its batch
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ class Client:
         skip_bad_rows: bool = False,
         fmt: str | None = None,
         text_field: str | None = None,
-        id_field: str = "id",
+        id_field: str | None = None,
         publish: bool = True,
         **options: Any,
     ) -> Submission:
@@ -262,6 +264,7 @@ class Client:
         max_words: int | None = None,
         long_documents: str | None = None,
         adapter: str | None = None,
+        idempotency_key: str | None = None,
         before_commit: Callable[[Session, Batch], None] | None = None,
     ) -> Submission:
         """Submit already-read documents as one batch; the other submit methods end here.
@@ -270,7 +273,17 @@ class Client:
         they refuse the whole submission unless `skip_bad_rows`. Everything is one
         transaction; `before_commit(session, batch)` may add rows of its own to it (the HTTP
         API records the batch's owner). Messages are published only after the commit.
+
+        `idempotency_key`: a submission with a key already used returns that first batch
+        (`reused` True) and reads nothing, so a caller may retry after any error. Once the batch
+        is committed, a failure to publish raises `NotPublished` carrying the batch id: the batch
+        is saved and runs (a worker's sweeper publishes it); do not submit it again.
         """
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 255 or unstorable(idempotency_key):
+                raise InputError("idempotency key must be 1-255 characters with no NUL or lone surrogate")
+            if (earlier := self._idempotent(idempotency_key)) is not None:
+                return earlier
         model = canonical_model(model or self.settings.model)
         resolve_model(model, self.settings, need_files=False)
         if adapter is not None:  # the exact version it runs with, tuned on this very model; its template by default
@@ -279,8 +292,11 @@ class Client:
                 found = find_adapter(session, adapter)
                 usable_for(found, model)
             adapter = f"{found.name}@{found.version}"
-            prompt = prompt or found.params.get("prompt")
-        resolved = resolve_prompt(prompt or self.settings.prompt)
+            prompt = found.params.get("prompt") if prompt is None else prompt
+        for option, value in (("max_new_tokens", max_new_tokens), ("max_words", max_words)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InputError(f"{option} must be a whole number, got {value!r} ({type(value).__name__})")
+        resolved = resolve_prompt(self.settings.prompt if prompt is None else prompt)
         language = check_language(language or "auto")
         if max_words is not None and not 1 <= max_words <= 10_000:
             raise InputError(f"--max-words must be between 1 and 10000, got {max_words}")
@@ -310,10 +326,12 @@ class Client:
                         "language": language,
                         "max_words": max_words,
                         "long_documents": long_documents,
+                        "chunk_size": self.settings.chunk_size,  # the sweeper republishes in these chunks too
                     },
                     source=source,
                 )
                 batch.adapter = adapter
+                batch.idempotency_key = idempotency_key
                 accepted = _write_jobs(JobWriter(session, batch), documents, problems)
                 if problems and not skip_bad_rows:
                     raise InputError(_problem_summary(source, problems), problems)
@@ -325,10 +343,32 @@ class Client:
                 if before_commit is not None:  # the HTTP API records the batch's owner in the same transaction
                     before_commit(session, batch)
                 batch_id = batch.id
+        except IntegrityError:
+            if idempotency_key is not None and (earlier := self._idempotent(idempotency_key)) is not None:
+                return earlier  # a concurrent submission with the same key committed first
+            raise
         except OperationalError as error:
             raise DatabaseError(f"database {hide_password(self.settings.database_url)} failed: {error.orig}") from None
-        chunks = self.publish(batch_id) if publish else 0
+        try:
+            chunks = self.publish(batch_id) if publish else 0
+        except (SumfleetError, SQLAlchemyError, OSError) as error:
+            first = str(getattr(error, "orig", None) or error).strip().splitlines()[:1]
+            raise NotPublished(
+                f"batch {batch_id} is saved ({accepted} documents) but publishing it failed "
+                f"({type(error).__name__}: {' '.join(first)}); it will run: a worker's sweeper publishes it "
+                f"(or `sumfleet requeue {batch_id}`). Do not submit it again.",
+                batch_id,
+                accepted,
+                list(problems),
+            ) from error
         return Submission(batch_id, accepted, chunks, list(problems))
+
+    def _idempotent(self, key: str) -> Submission | None:
+        """The submission an earlier call with this idempotency key made, or None."""
+        self.ensure_schema()
+        with self.sessions() as session:
+            batch = session.scalars(select(Batch).where(Batch.idempotency_key == key)).first()
+            return None if batch is None else Submission(batch.id, batch.total, 0, [], reused=True)
 
     def submit_tuning(
         self,
@@ -345,7 +385,7 @@ class Client:
         model = canonical_model(model or self.settings.model)
         resolve_model(model, self.settings, need_files=False)
         check_name(name)
-        resolved = resolve_prompt(prompt or self.settings.prompt)
+        resolved = resolve_prompt(self.settings.prompt if prompt is None else prompt)
         check_broker(self.app)
         self.ensure_schema()
         with self.sessions.begin() as session:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.claims import JobOutcome
 from models.settings import Settings
 from producer.client import Client
-from producer.export import write_results
+from producer.export import check_output, write_results
 
 # (settings, sessions, batch id, model, on_batch) -> seconds spent after loading the model
 RunBatch = Callable[[Settings, sessionmaker[Session], str, str, Callable[[list[JobOutcome]], None] | None], float]
@@ -25,6 +25,7 @@ def run_embedded(
     settings: Settings, source: str, output: str, run_batch: RunBatch, *, progress: bool = True, **options: Any
 ) -> int:
     """Submit `source` without publishing, run every chunk with `run_batch`, export to `output`."""
+    check_output(output)  # an unwritable output fails now, not after the whole corpus is summarized
     client = Client(settings)
     submission = client.submit_file(source, publish=False, model=settings.model, **options)
     for problem in submission.problems:

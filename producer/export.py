@@ -19,6 +19,7 @@ from models.errors import InputError
 from producer.client import RESULT_FIELDS
 
 FORMATS = ("jsonl", "csv", "parquet")
+SUFFIXES = {"": "jsonl", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 PARQUET_ROWS = 10_000  # rows per Parquet row group (what is held in memory at once)
 _INTEGERS = ("prompt_tokens", "output_tokens", "pieces", "levels", "attempts")
 _MOMENTS = ("queued_at", "started_at", "finished_at")
@@ -31,7 +32,35 @@ def format_for(path: str, fmt: str | None) -> str:
             raise InputError(f"unknown output format {fmt!r}: use {', '.join(FORMATS)}")
         return fmt
     suffix = Path(path).suffix.lower()
-    return {".csv": "csv", ".parquet": "parquet"}.get(suffix, "jsonl")
+    if path != "-" and suffix not in SUFFIXES:
+        known = ", ".join(s for s in SUFFIXES if s)
+        raise InputError(f"cannot tell the output format of {path} from {suffix!r}: name it {known}, or give --format")
+    return SUFFIXES[suffix] if path != "-" else "jsonl"
+
+
+def check_output(path: str, fmt: str | None = None) -> str:
+    """The output format, once `path` is known to be writable; else `InputError` saying why.
+
+    Checked before any work, so a run over a whole corpus never ends in an unwritable path.
+    A file this check creates is removed again.
+    """
+    kind = format_for(path, fmt)
+    if path == "-":
+        return kind
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory; give a file name")
+    if not target.parent.exists():
+        raise InputError(f"cannot write {path}: directory {target.parent} does not exist")
+    existed = target.exists()
+    try:
+        with target.open("a"):
+            pass
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+    return kind
 
 
 @contextmanager
@@ -39,10 +68,12 @@ def _open(path: str) -> Iterator[IO[str]]:
     if path == "-":
         yield sys.stdout
         return
-    target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise InputError(f"cannot write {path}: directory {target.parent} does not exist")
-    with target.open("w", encoding="utf-8", newline="") as handle:
+    check_output(path)
+    try:
+        handle = Path(path).open("w", encoding="utf-8", newline="")  # noqa: SIM115
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+    with handle:
         yield handle
 
 
@@ -74,9 +105,8 @@ def _write_parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
         raise InputError('Parquet output needs pyarrow: pip install "sumfleet[parquet]"') from None
     if path == "-":
         raise InputError("Parquet cannot go to stdout: give a file name (-o results.parquet)")
+    check_output(path, "parquet")
     target = Path(path)
-    if not target.parent.exists():
-        raise InputError(f"cannot write {path}: directory {target.parent} does not exist")
     types = {name: pa.string() for name in RESULT_FIELDS}
     types |= {name: pa.int64() for name in _INTEGERS} | {"generation_seconds": pa.float64()}
     types |= {name: pa.timestamp("us", tz="UTC") for name in _MOMENTS}

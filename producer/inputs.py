@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
+from models.defaults import MAX_ID_CHARS
 from models.errors import InputError, RowProblem
 
 FORMATS = ("jsonl", "csv", "tsv", "dir")
@@ -30,7 +31,7 @@ LINE_SLACK = 64 * 1024  # bytes a line may hold beyond 8 bytes per allowed chara
 
 _BOM = b"\xef\xbb\xbf"
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # what `surrogateescape` makes of undecodable bytes
-_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate, from a `\udXXX` escape in JSON
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates (`\udXXX` in JSON): no database stores them
 _KINDS = {dict: "object", list: "list", str: "string", int: "number", float: "number"}
 _KINDS |= {bool: "boolean", type(None): "null"}  # JSON's names for the types `json` returns
 
@@ -54,7 +55,8 @@ class _Ctx:
     source: str
     problems: list[RowProblem]
     text_field: str | None
-    id_field: str
+    id_field: str  # "id" unless the caller named one
+    id_required: bool  # the caller named the id field: a row without it is bad, not numbered
     max_chars: int
     seen: dict[str, int] | None = None  # id -> line it was first seen at (None: the caller checks ids)
 
@@ -62,22 +64,70 @@ class _Ctx:
         """Record a bad row (it is then skipped)."""
         self.problems.append(RowProblem(self.source, line, reason))
 
-    def finish(self, line: int, doc_id: str, text: str, label: str, meta: dict[str, Any]) -> Document | None:
+    def finish(
+        self, line: int, doc_id: str, text: str, label: str, meta: dict[str, Any], id_label: str
+    ) -> Document | None:
         """Check that a row's id is new and its text usable: the Document, or None once reported."""
-        first = line if self.seen is None else self.seen.setdefault(doc_id, line)
         text = text.strip()
-        if first != line:
+        why = row_problem(doc_id, text, self.max_chars, label, id_label, meta)
+        if why is None:
+            first = line if self.seen is None else self.seen.setdefault(doc_id, line)
+            if first == line:
+                return Document(doc_id, text, self.source, line, meta)
             why = duplicate_reason(doc_id, self.source, first)
-        elif not text:
-            why = f"{label} is empty"
-        elif len(text) > self.max_chars:
-            why = f"document is {len(text):,} characters; the limit is {self.max_chars:,}"
-        elif m := _SURROGATE.search(text):
-            why = f"{label} holds an unpaired surrogate (\\u{ord(m.group()):04x})"
-        else:
-            return Document(doc_id, text, self.source, line, meta)
         self.bad(line, why)
         return None
+
+
+def unstorable(value: str) -> str | None:
+    """Why no database can store `value` (a NUL character, an unpaired surrogate), or None."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return None
+    what = "a NUL character" if found.group() == chr(0) else "an unpaired surrogate"
+    return f"holds {what} (\\u{ord(found.group()):04x}) at position {found.start()}"
+
+
+def _unstorable_meta(meta: Mapping[str, Any]) -> str | None:
+    """The first meta field (or nested value) that cannot be stored, described; or None."""
+    stack: list[tuple[str, Any]] = list(meta.items())
+    while stack:
+        name, value = stack.pop()
+        if why := unstorable(name):
+            return f"a field name {why}"
+        if isinstance(value, str) and (why := unstorable(value)):
+            return f'field "{name}" {why}'
+        if isinstance(value, Mapping):
+            stack.extend((f"{name}.{key}", inner) for key, inner in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{name}[{i}]", inner) for i, inner in enumerate(value))
+    return None
+
+
+def row_problem(
+    doc_id: str,
+    text: str,
+    max_chars: int,
+    label: str = "the text",
+    id_label: str = "the id",
+    meta: Mapping[str, Any] | None = None,
+) -> str | None:
+    """What makes a row unacceptable (the same rule for files, Python documents, the API,
+    `run` on SQLite and `submit` on PostgreSQL), or None: an empty, over-long or unstorable id,
+    an empty, over-long or unstorable text, an unstorable meta field."""
+    if not doc_id.strip():
+        return f"{id_label} is empty"
+    if len(doc_id) > MAX_ID_CHARS:
+        return f"{id_label} is {len(doc_id):,} characters; the limit is {MAX_ID_CHARS}"
+    if why := unstorable(doc_id):
+        return f"{id_label} {why}"
+    if not text.strip():
+        return f"{label} is empty"
+    if len(text) > max_chars:
+        return f"document is {len(text):,} characters; the limit is {max_chars:,}"
+    if why := unstorable(text):
+        return f"{label} {why}"
+    return _unstorable_meta(meta) if meta else None
 
 
 def read_documents(
@@ -86,7 +136,7 @@ def read_documents(
     *,
     fmt: str | None = None,
     text_field: str | None = None,
-    id_field: str = "id",
+    id_field: str | None = None,
     max_chars: int = 1_000_000,
     stdin: BinaryIO | None = None,
     check_duplicates: bool = True,
@@ -98,17 +148,21 @@ def read_documents(
     column, an empty input) raise it while iterating. `fmt` None detects the format from the
     path: a directory, else `.csv`/`.tsv`, else JSON Lines; a `.gz` suffix is read through gzip.
     `check_duplicates=False` leaves duplicate ids to the caller (which can check them in flat
-    memory against the database: `models.job_writer`); the reader then keeps no id.
+    memory against the database: `models.job_writer`); the reader then keeps no id. With
+    `id_field` None a row's `id` is used when it has one, else its line number; a named
+    `id_field` must be in every row (a CSV header without it is an error).
     """
+    named = id_field is not None
+    id_field = id_field or "id"
     seen: dict[str, int] | None = {} if check_duplicates else None
     if fmt is not None and fmt not in FORMATS:
         raise InputError(f'{path}: unknown format "{fmt}" (expected one of: {", ".join(FORMATS)})')
     if path == "-":
         if fmt == "dir":
             raise InputError("<stdin>: a directory cannot be read from stdin")
-        ctx = _Ctx("<stdin>", problems, text_field, id_field, max_chars, seen)
+        ctx = _Ctx("<stdin>", problems, text_field, id_field, named, max_chars, seen)
         return _read_stream(stdin if stdin is not None else sys.stdin.buffer, fmt or "jsonl", ctx)
-    ctx = _Ctx(path, problems, text_field, id_field, max_chars, seen)
+    ctx = _Ctx(path, problems, text_field, id_field, named, max_chars, seen)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory")
     if os.path.isdir(path):
@@ -198,6 +252,9 @@ def _jsonl(stream: BinaryIO, ctx: _Ctx) -> Iterator[Document]:
         except json.JSONDecodeError as e:
             ctx.bad(n, f"malformed JSON ({e.msg} at column {e.colno})")
             continue
+        except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+            ctx.bad(n, f"malformed JSON (a number of over {sys.get_int_max_str_digits():,} digits)")
+            continue
         except RecursionError:
             ctx.bad(n, "malformed JSON (nested too deeply)")
             continue
@@ -214,16 +271,16 @@ def _jsonl(stream: BinaryIO, ctx: _Ctx) -> Iterator[Document]:
         if not isinstance(text := obj[key], str):
             ctx.bad(n, f'field "{key}" must be a string, got {_KINDS[type(text)]}')
             continue
+        if ctx.id_required and ctx.id_field not in obj:
+            ctx.bad(n, f'no "{ctx.id_field}" field (the id field given)')
+            continue
         raw_id = obj.get(ctx.id_field, n)
         if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
             kind = _KINDS[type(raw_id)]
             ctx.bad(n, f'field "{ctx.id_field}" must be a string or integer, got {kind}')
             continue
-        if not str(raw_id).strip():
-            ctx.bad(n, f'field "{ctx.id_field}" is empty')
-            continue
         meta = {k: v for k, v in obj.items() if k != key and k != ctx.id_field}
-        if doc := ctx.finish(n, str(raw_id), text, f'field "{key}"', meta):
+        if doc := ctx.finish(n, str(raw_id), text, f'field "{key}"', meta, f'field "{ctx.id_field}"'):
             yield doc
 
 
@@ -251,7 +308,10 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
 
     field_limit = max(csv.field_size_limit(), 2 * ctx.max_chars + LINE_SLACK)
     csv.field_size_limit(field_limit)  # process-wide, so only ever raised
-    reader = csv.reader(text_lines(), delimiter=delimiter)
+    if delimiter == "\t":  # TSV has no quoting: a quote is a character of its field
+        reader = csv.reader(text_lines(), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+    else:  # strict: a quote never closed is an error, not the rest of the file read as one field
+        reader = csv.reader(text_lines(), delimiter=delimiter, strict=True)
     try:
         header = next((row for row in reader if row), None)
     except csv.Error as e:
@@ -275,6 +335,8 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
                 "(or is the header row missing?)"
             )
     ii = _column(header, ctx.id_field)
+    if ii is None and ctx.id_required:
+        raise InputError(f'{ctx.source}: no id column "{ctx.id_field}" (the columns are: {columns})')
     label = f'column "{header[ti]}"'
     before, found = len(ctx.problems), False
     end = reader.line_num
@@ -285,9 +347,14 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
         except StopIteration:
             break
         except csv.Error as e:
-            big = f"a field is over {field_limit:,} characters; the limit is {ctx.max_chars:,}"
-            ctx.bad(start, big if "field larger than field limit" in str(e) else f"malformed CSV ({e})")
             end = reader.line_num
+            if "field larger than field limit" in str(e):
+                why = f"a field is over {field_limit:,} characters; the limit is {ctx.max_chars:,}"
+            elif "unexpected end of data" in str(e):
+                why = f"a quoted field is never closed (lines {start}-{end}, the end of the file, would be one field)"
+            else:
+                why = f"malformed CSV ({e})"
+            ctx.bad(start, why)
             continue
         end = reader.line_num
         if not any(f.strip() for f in row) or (overlong and overlong[-1] >= start):
@@ -301,11 +368,8 @@ def _csv(stream: BinaryIO, ctx: _Ctx, delimiter: str) -> Iterator[Document]:
             ctx.bad(start, f'not valid UTF-8 (byte 0x{byte:02x} in column "{header[j]}")')
             continue
         doc_id = row[ii] if ii is not None else str(start)
-        if not doc_id.strip():
-            ctx.bad(start, f'column "{ctx.id_field}" is empty')
-            continue
         meta = {h: v for j, (h, v) in enumerate(zip(header, row, strict=True)) if j != ti and j != ii}
-        if doc := ctx.finish(start, doc_id, row[ti], label, meta):
+        if doc := ctx.finish(start, doc_id, row[ti], label, meta, f'column "{ctx.id_field}"'):
             found = True
             yield doc
     if not found and len(ctx.problems) == before:
@@ -404,10 +468,8 @@ def python_documents(
         else:
             bad(f"expected a string or a mapping, got {type(item).__name__}")
             continue
-        if not text.strip():
-            bad("the text is empty")
-        elif len(text) > max_chars:
-            bad(f"document is {len(text):,} characters; the limit is {max_chars:,}")
+        if why := row_problem(doc_id, text, max_chars, id_label='field "id"', meta=meta):
+            bad(why)
         elif seen is not None and doc_id in seen:
             bad(duplicate_reason(doc_id, "<python>", seen[doc_id]))
         else:

@@ -355,7 +355,7 @@ def run(
 
     check_name(name)
     model = canonical_model(settings.model)
-    resolved = resolve_prompt(prompt or settings.prompt)
+    resolved = resolve_prompt(settings.prompt if prompt is None else prompt)
     plan = PromptPlan(resolved.variants)
     root = adapter_dir(settings.adapter_dir)
     with sessions() as session:

@@ -14,10 +14,10 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
-from models.errors import InputError, InvalidTransition, RowProblem, SumfleetError
+from models.errors import InputError, InvalidTransition, NotPublished, RowProblem, SumfleetError
 from models.tables import ApiBatch, ApiKey
 from producer.api import service
 from producer.api.auth import current_key
@@ -30,6 +30,7 @@ router = APIRouter(prefix="/api/v1", tags=["summaries"], responses=error_respons
 
 JSONL = "application/x-ndjson"
 SHOWN_PROBLEMS = 20  # bad documents listed in an error message
+IDEMPOTENCY_HELP = "a retry with the same key (per API key) returns the first batch instead of creating another"
 
 
 def _limited(documents: Iterable[Document], limit: int) -> Iterator[Document]:
@@ -42,17 +43,6 @@ def _limited(documents: Iterable[Document], limit: int) -> Iterator[Document]:
                 code="too_many_documents",
             )
         yield document
-
-
-def _storable(documents: Iterable[Document], problems: list[RowProblem], source: str) -> Iterator[Document]:
-    """Documents whose id and text the database can store; the others become bad rows."""
-    for document in documents:
-        problem = unstorable(document.id) and f"the id {unstorable(document.id)}"
-        problem = problem or (unstorable(document.text) and f"the text {unstorable(document.text)}")
-        if problem:
-            problems.append(RowProblem(source, document.line, problem))
-        else:
-            yield document
 
 
 def _where(problem: RowProblem, inline: bool) -> str:
@@ -79,6 +69,7 @@ def _create(
     source: str,
     options: SummaryOptions,
     inline: bool,
+    idempotency_key: str | None,
 ) -> dict[str, Any]:
     state = request.app.state
     client, settings = state.client, state.settings
@@ -90,13 +81,18 @@ def _create(
         submission = service.create_native_batch(
             client,
             key.id,
-            _limited(_storable(documents, problems, source), settings.api_max_documents),
+            _limited(documents, settings.api_max_documents),
             problems,
             source=source,
             options=options,
             model=model,
             callback_url=callback_url,
+            idempotency_key=None if idempotency_key is None else f"{key.id}/{idempotency_key}",
         )
+    except NotPublished as saved:  # committed, so it runs: answer with the batch, never a 5xx a caller would retry
+        created = service.batch_object(client.sessions, saved.batch_id)
+        skipped = [f"{_where(p, inline)}: {p.reason}" for p in saved.problems]
+        return {**created, "accepted": saved.accepted, "skipped": skipped}
     except InputError as error:
         param = "documents" if inline else "file"
         if problems and not options.skip_bad_rows:
@@ -123,7 +119,12 @@ def _create(
     summary="Create a batch (documents inline)",
     responses=error_responses(400, 413, 422, 503),
 )
-def create_inline(request: Request, body: SummaryCreate, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
+def create_inline(
+    request: Request,
+    body: SummaryCreate,
+    key: ApiKey = Depends(current_key),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_HELP),
+) -> dict[str, Any]:
     problems: list[RowProblem] = []
     settings = request.app.state.settings
     if len(body.documents) > settings.api_max_documents:
@@ -135,7 +136,9 @@ def create_inline(request: Request, body: SummaryCreate, key: ApiKey = Depends(c
             code="too_many_documents",
         )
     documents = python_documents(body.documents, problems, settings.max_document_chars)
-    return _create(request, key, documents, problems, source="<api>", options=body, inline=True)
+    return _create(
+        request, key, documents, problems, source="<api>", options=body, inline=True, idempotency_key=idempotency_key
+    )
 
 
 @router.post(
@@ -160,8 +163,9 @@ def create_upload(
     adapter: str | None = Form(None),
     skip_bad_rows: bool = Form(False),
     text_field: str | None = Form(None, description="JSON key or CSV column of the text"),
-    id_field: str = Form("id", description="JSON key or CSV column of the id"),
+    id_field: str | None = Form(None, description="JSON key or CSV column of the id (then required in every row)"),
     key: ApiKey = Depends(current_key),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_HELP),
 ) -> dict[str, Any]:
     try:
         options = SummaryOptions(
@@ -196,7 +200,9 @@ def create_upload(
         )
     except InputError as error:
         raise ApiError(400, str(error).replace("<stdin>", name), param="file", code="invalid_documents") from None
-    return _create(request, key, documents, problems, source=name, options=options, inline=False)
+    return _create(
+        request, key, documents, problems, source=name, options=options, inline=False, idempotency_key=idempotency_key
+    )
 
 
 @router.get(

@@ -30,7 +30,7 @@ from models.api_store import (
     new_id,
     set_status,
 )
-from models.errors import BrokerError, InputError, RowProblem
+from models.errors import BrokerError, InputError, NotPublished, RowProblem
 from models.settings import Settings
 from models.store import utcnow
 from models.tables import ApiBatch, ApiFile, ApiKey, Batch
@@ -161,6 +161,7 @@ def create_native_batch(
     options: SummaryOptions,
     model: str,
     callback_url: str | None,
+    idempotency_key: str | None = None,
 ) -> Submission:
     """Submit documents as a batch of `owner` and its API record in one transaction (raises as `submit_documents`)."""
 
@@ -191,6 +192,7 @@ def create_native_batch(
         max_words=options.max_words,
         long_documents=options.long_documents,
         adapter=options.adapter,
+        idempotency_key=idempotency_key,
         before_commit=before_commit,
     )
 
@@ -277,6 +279,8 @@ def _submitted(client: Client, record: ApiBatch, reader: BatchInput, source: str
         )
     except InputError:
         return False  # reported from the reader's own lists
+    except NotPublished:
+        return True  # saved, if not published: the sweeper (or `sumfleet requeue`) publishes it later
     except BrokerError:
         if record.batch_id is None:  # nothing was saved: the caller answers it like any other SumfleetError
             raise

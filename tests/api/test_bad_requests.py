@@ -234,7 +234,7 @@ def test_native_bad_requests(http: httpx.Client) -> None:
         "/api/v1/batches", json={"documents": ["Fine."], "model": "lead", "prompt": "no placeholder {x}"}
     )
     assert prompt.status_code == 400 and prompt.json()["error"]["param"] == "prompt"
-    assert "unknown placeholder(s) {x}" in prompt.json()["error"]["message"]
+    assert "unknown placeholder {x}" in prompt.json()["error"]["message"]
     tokens = http.post("/api/v1/batches", json={"documents": ["Fine."], "max_new_tokens": 0})
     assert tokens.status_code == 422 and tokens.json()["error"]["param"] == "max_new_tokens"
     nul = http.post("/api/v1/batches", json={"documents": ["Fine.", "bad\u0000text"], "model": "lead"})

@@ -43,6 +43,15 @@ def _files(root: Path) -> dict[str, Path]:
     put("no-text-column.csv", b"id,title\n1,Hello\n")
     put("huge.jsonl", b'{"id": "big", "text": "' + b"word " * (10 * 1024 * 1024) + b'"}\n')  # 50 MB
     put("prompt.txt", b"Summarize for a child: {document}")
+    put("latin1-prompt.txt", "R\u00e9sume: {document}".encode("latin-1"))
+    put("empty-prompt.txt", b"  \n")
+    put("nul-text.jsonl", b'{"id": "a", "text": "Fine."}\n{"id": "b", "text": "bad \\u0000 byte"}\n')
+    put("nul-id.jsonl", b'{"id": "a\\u0000", "text": "Fine."}\n')
+    put("nul-field.csv", b'id,text,note\n1,Fine.,"a\x00b"\n')
+    put("surrogate-id.jsonl", b'{"id": "\\ud800", "text": "Fine."}\n')
+    put("huge-int-id.jsonl", b'{"id": ' + b"9" * 5000 + b', "text": "Fine."}\n')
+    put("long-id.jsonl", b'{"id": "' + b"x" * 600 + b'", "text": "Fine."}\n')
+    put("unclosed-quote.csv", b'id,text\n1,"Never closed\n2,second\n3,third\n4,fourth\n')
     binary_dir = root / "with-binary"
     binary_dir.mkdir()
     (binary_dir / "good.txt").write_text("A fine document.")
@@ -121,7 +130,84 @@ CASES = [
     (
         "template with an unknown placeholder",
         ["submit", "{sample}", "--prompt", "For {audience}: {document}"],
-        "prompt template uses unknown placeholder(s) {audience}",
+        "prompt template uses unknown placeholder {audience}",
+    ),
+    (
+        "template with a huge width",
+        ["submit", "{sample}", "--prompt", "{document:>1000000000}"],
+        "prompt template placeholder {document:>1000000000} has a format spec (:>1000000000): write {document}",
+    ),
+    (
+        "huge width on another placeholder",
+        ["submit", "{sample}", "--prompt", "{max_words:>2000000000}{document}"],
+        "placeholder {max_words:>2000000000} has a format spec",
+    ),
+    ("template with a percent spec", ["submit", "{sample}", "--prompt", "{document:%}"], "has a format spec (:%)"),
+    (
+        "template with a conversion",
+        ["submit", "{sample}", "--prompt", "{document!r}"],
+        "placeholder {document!r} has a conversion (!r): write {document}",
+    ),
+    ("empty prompt", ["submit", "{sample}", "--prompt", ""], "prompt is empty"),
+    ("empty prompt file", ["submit", "{sample}", "--prompt-file", "{empty-prompt.txt}"], "is empty"),
+    (
+        "Latin-1 prompt file",
+        ["submit", "{sample}", "--prompt-file", "{latin1-prompt.txt}"],
+        "--prompt-file {latin1-prompt.txt} is not UTF-8 (byte 0xe9 at offset 1); save it as UTF-8",
+    ),
+    (
+        "NUL in the text",
+        ["submit", "{nul-text.jsonl}"],
+        '{nul-text.jsonl}:2: field "text" holds a NUL character (\\u0000) at position 4',
+    ),
+    (
+        "NUL in the text, even with --skip-bad-rows",
+        ["submit", "{nul-id.jsonl}", "--skip-bad-rows"],
+        "{nul-id.jsonl}: no usable documents (1 bad rows)",
+    ),
+    ("NUL in a CSV field", ["submit", "{nul-field.csv}"], '{nul-field.csv}:2: field "note" holds a NUL character'),
+    (
+        "lone surrogate id",
+        ["submit", "{surrogate-id.jsonl}"],
+        '{surrogate-id.jsonl}:1: field "id" holds an unpaired surrogate (\\ud800)',
+    ),
+    (
+        "5,000-digit integer id",
+        ["submit", "{huge-int-id.jsonl}"],
+        "{huge-int-id.jsonl}:1: malformed JSON (a number of over 4,300 digits)",
+    ),
+    (
+        "600-character id",
+        ["submit", "{long-id.jsonl}"],
+        '{long-id.jsonl}:1: field "id" is 600 characters; the limit is 512',
+    ),
+    (
+        "CSV quote never closed",
+        ["submit", "{unclosed-quote.csv}"],
+        "{unclosed-quote.csv}:2: a quoted field is never closed (lines 2-5, the end of the file, would be one field)",
+    ),
+    (
+        "id field that rows lack",
+        ["submit", "{sample}", "--id-field", "nope"],
+        '{sample}:1: no "nope" field (the id field given)',
+    ),
+    (
+        "id column that is not there",
+        ["submit", "{nul-field.csv}", "--id-field", "nope"],
+        '{nul-field.csv}: no id column "nope" (the columns are: id, text, note)',
+    ),
+    ("results into a directory", ["results", "b-nope", "-o", "{empty-dir}"], "it is a directory; give a file name"),
+    ("results into /proc", ["results", "b-nope", "-o", "/proc/x.jsonl"], "cannot write /proc/x.jsonl:"),
+    (
+        "results of an unknown format",
+        ["results", "b-nope", "-o", "out.xlsx"],
+        "cannot tell the output format of out.xlsx",
+    ),
+    ("run into /proc", ["run", "{sample}", "-o", "/proc/x.csv"], "cannot write /proc/x.csv:"),
+    (
+        "run into a missing folder",
+        ["run", "{sample}", "-o", "missing/dir/x.jsonl"],
+        "directory missing/dir does not exist",
     ),
     (
         "both prompt flags",

@@ -81,17 +81,33 @@ def test_rendering_keeps_the_documents_own_braces() -> None:
         ("one-sentance", "unknown prompt template 'one-sentance'; known templates: bullets"),
         (
             "Summarize this: {doc}",
-            r"unknown placeholder\(s\) \{doc\}; the known ones are \{document\}, \{language\}, \{max_words\}",
+            r"unknown placeholder \{doc\}; the known ones are \{document\}, \{language\}, \{max_words\}",
         ),
-        ("Summarize {document} for {audience}", r"unknown placeholder\(s\) \{audience\}"),
-        ("Summarize {}", r"unknown placeholder\(s\) \{\}"),
+        ("Summarize {document} for {audience}", r"unknown placeholder \{audience\}"),
+        ("Summarize {}", r"unknown placeholder \{\}"),
         ("Summarize { document", "does not parse"),
         ("Summarize it {0!r}", "unknown placeholder"),
+        ("{document:>1000000000}", r"placeholder \{document:>1000000000\} has a format spec \(:>1000000000\)"),
+        ("{max_words:>2000000000}{document}", r"\{max_words:>2000000000\} has a format spec"),
+        ("{document:%}", r"has a format spec \(:%\)"),
+        ("{document:{max_words}}", "has a format spec"),
+        ("{document!r}", r"placeholder \{document!r\} has a conversion \(!r\): write \{document\}"),
+        ("{document.upper}", r"unknown placeholder \{document.upper\}"),
+        ("{document[0]}", r"unknown placeholder \{document\[0\]\}"),
+        ("", "prompt is empty"),
+        ("   ", "prompt is empty"),
     ],
 )
 def test_bad_prompts_are_refused(spec: str, message: str) -> None:
     with pytest.raises(PromptError, match=message):
         resolve_prompt(spec)
+
+
+def test_render_never_applies_a_format_spec() -> None:
+    """A template stored before specs were refused still cannot make a worker allocate a padded copy."""
+    with pytest.raises(PromptError, match="format spec"):
+        render("{document:>1000000000}", "short")
+    assert render("{language} {max_words}: {document}", "{x:>99}", {"max_words": 7}) == "English 7: {x:>99}"
 
 
 def test_template_without_document_placeholder() -> None:

@@ -120,7 +120,7 @@ def test_directory_input(tmp_path: Path) -> None:
         (["run", "{sample}", "--model", "gpt-17"], "unknown model 'gpt-17'"),
         (["run", "{sample}", "--model", "lead", "--prompt", "shorter"], "unknown prompt template 'shorter'"),
         (["run", "{sample}", "--model", "lead", "--prompt", "Summarize it."], "unknown prompt template"),
-        (["run", "{sample}", "--model", "lead", "--prompt", "Sum {doc}"], "unknown placeholder(s) {doc}"),
+        (["run", "{sample}", "--model", "lead", "--prompt", "Sum {doc}"], "unknown placeholder {doc}"),
         (
             ["run", "{sample}", "--model", "lead", "--max-new-tokens", "-3"],
             "--max-new-tokens must be between 1 and 4096, got -3",
