@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from producer.client import Client
 
 ENV_HELP = settings_help()  # every SUMFLEET_* setting, from the one settings object
+EXIT_WATCH_TIMEOUT = 5  # status --watch --timeout: the batch had not ended in time
 EXIT_SAVED_NOT_PUBLISHED = 4  # submit: the batch is saved and will run, but its messages are not yet published
 
 
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("batch", help="batch id")
     status.add_argument("--watch", action="store_true", help="show a live progress bar until the batch ends")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between polls with --watch")
+    status.add_argument(
+        "--timeout", type=float, help=f"with --watch: give up after this many seconds (exit {EXIT_WATCH_TIMEOUT})"
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument(
         "--verify", action="store_true", help="also recount the batch's jobs and compare with its counters"
@@ -168,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn log level (default info)",
+        help="log level of the API and uvicorn (default info)",
     )
+    api.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
     _connection_flags(api, broker=True)
 
     keys = command("keys", "API keys of the HTTP API: create (the secret is shown once), list, revoke")
@@ -388,13 +393,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(run) if args.json else _tuning_text(run))
         return 0 if run["state"] != "failed" else 3
     status = client.status(args.batch)
+    timed_out = False
     if args.watch:
         from tqdm import tqdm
 
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
         with tqdm(total=status.total, initial=status.finished, unit="doc", file=sys.stderr) as bar:
+            bar.set_postfix(failed=status.counts.get("failed", 0), refresh=False)
             while not status.done:
-                time.sleep(args.interval)
+                if deadline is not None and time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+                time.sleep(
+                    args.interval if deadline is None else max(0.0, min(args.interval, deadline - time.monotonic()))
+                )
                 status = client.status(args.batch)
+                bar.set_postfix(failed=status.counts.get("failed", 0), refresh=False)
                 bar.update(status.finished - bar.n)
     print(json.dumps(status.as_dict()) if args.json else _status_text(status))
     if args.verify or args.repair:
@@ -407,6 +421,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"batch {args.batch}: counters {'repaired' if wrong else 'agree with a recount of the jobs'}",
             file=sys.stderr,
         )
+    if timed_out:
+        print(f"sumfleet status: batch {args.batch} still {status.state} after {args.timeout:g}s", file=sys.stderr)
+        return EXIT_WATCH_TIMEOUT
+    if args.watch:  # like `run`: 0 all succeeded, 3 some failed or cancelled
+        return 0 if status.counts.get("succeeded", 0) == status.total else 3
     return 0
 
 
@@ -640,11 +659,13 @@ def cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    from models.logs import configure
     from producer.api.app import prepared, serve
 
+    configure("DEBUG" if args.verbose else args.log_level, args.log_format)
     app = prepared(_settings(args))
     print(f"sumfleet api: http://{args.host}:{args.port} (OpenAPI at /openapi.json, docs at /docs)", file=sys.stderr)
-    serve(app, args.host, args.port, args.log_level)
+    serve(app, args.host, args.port, args.log_level, args.log_format)
     return 0
 
 

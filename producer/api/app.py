@@ -22,7 +22,7 @@ from producer.api.auth import bearer, current_key
 from producer.api.background import Maintainer
 from producer.api.checks import accepted_models
 from producer.api.errors import ApiError, error_body, error_responses, sumfleet_error
-from producer.api.schemas import Health
+from producer.api.schemas import Health, Readiness
 from producer.client import Client
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
         lifespan=lifespan,
     )
     app.add_middleware(errors.BodyLimit, limit=settings.api_max_upload_bytes)
-    open_paths = {"/health", app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    open_paths = {"/health", "/ready", app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
     app.add_middleware(RequireKey, open_paths={path for path in open_paths if path})  # outermost: before any body
     app.dependency_overrides[current_key] = checked_key
     app.state.settings = settings
@@ -130,19 +130,22 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
     app.state.started = int(time.time())  # the `created` of the models listed at /v1/models
     errors.install(app)
 
+    @app.get("/health", response_model=Health, tags=["service"], summary="Liveness: the process answers")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
     @app.get(
-        "/health",
-        response_model=Health,
+        "/ready",
+        response_model=Readiness,
         tags=["service"],
-        summary="Liveness: the database answers",
+        summary="Readiness: the database and the broker answer (503 naming what does not)",
         responses=error_responses(503),
     )
-    def health(request: Request) -> dict[str, str]:
-        try:
-            service.ping(request.app.state.client)
-        except Exception as error:  # any driver error: the database is not usable
-            raise ApiError(503, f"database unreachable: {type(error).__name__}", code="service_unavailable") from None
-        return {"status": "ok"}
+    def ready(request: Request) -> dict[str, str]:
+        problems = service.unreachable(request.app.state.client)
+        if problems:
+            raise ApiError(503, "not ready: " + "; ".join(problems), code="service_unavailable")
+        return {"status": "ready", "database": "ok", "broker": "ok"}
 
     app.include_router(openai_routes.router)
     app.include_router(native.router)
@@ -156,8 +159,14 @@ def prepared(settings: Settings) -> FastAPI:
     return create_app(settings, client=client)
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info", log_format: str = "text") -> None:
     """Run the app with uvicorn until SIGINT/SIGTERM (the background loop stops with it)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    from models.logs import uvicorn_config
+
+    config = uvicorn_config(log_format)
+    if config is None:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    else:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=config)

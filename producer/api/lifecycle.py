@@ -295,7 +295,7 @@ def _finish(sessions: sessionmaker[Session], record_id: str, expected: str, fina
             notify(session, record, final)
     except _Lost:
         return False
-    log.info("batch %s %s", record_id, final)
+    log.info("batch %s %s", record_id, final, extra={"batch_id": record_id})
     return True
 
 
@@ -333,7 +333,7 @@ def advance(sessions: sessionmaker[Session], record_id: str) -> str | None:
             with sessions.begin() as session:
                 if set_status(session, record_id, [status], "finalizing", finalizing_at=now, end_reason="expired"):
                     cancel_jobs(session, batch_id)
-                    log.info("batch %s expired: queued requests cancelled", record_id)
+                    log.info("batch %s expired: queued requests cancelled", record_id, extra={"batch_id": record_id})
             return advance(sessions, record_id)
         if batch_state is None or batch_state == BatchState.COMPLETED:
             with sessions.begin() as session:
@@ -371,7 +371,7 @@ def advance_all(sessions: sessionmaker[Session]) -> int:
             if advance(sessions, record_id) in ENDED:
                 ended += 1
         except Exception:  # one broken record must not stop the others
-            log.exception("batch %s: could not move it on", record_id)
+            log.exception("batch %s: could not move it on", record_id, extra={"batch_id": record_id})
     return ended
 
 

@@ -199,3 +199,9 @@ class SummaryBatchList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    database: Literal["ok"]
+    broker: Literal["ok"]

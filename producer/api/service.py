@@ -30,7 +30,9 @@ from models.api_store import (
     new_id,
     set_status,
 )
-from models.errors import BrokerError, InputError, NotPublished, RowProblem
+from models.broker import check_broker
+from models.db import hide_password
+from models.errors import BrokerError, InputError, NotPublished, RowProblem, SumfleetError
 from models.settings import Settings
 from models.store import utcnow
 from models.tables import ApiBatch, ApiFile, ApiKey, Batch
@@ -63,6 +65,23 @@ def ping(client: Client) -> None:
     """Run `SELECT 1` on the database; any driver error is raised as it is."""
     with client.database.connect() as connection:
         connection.execute(text("SELECT 1"))
+
+
+def unreachable(client: Client) -> list[str]:
+    """What the API needs and cannot reach now, in words naming it (the database, the broker);
+    empty when both answer."""
+    problems = []
+    try:
+        ping(client)
+    except Exception as error:  # any driver error: the database is not usable
+        first = str(getattr(error, "orig", None) or error).strip().splitlines()[:1]
+        where = hide_password(client.settings.database_url)
+        problems.append(f"database unreachable ({where}): {type(error).__name__}: {' '.join(first)}")
+    try:
+        check_broker(client.app)
+    except SumfleetError as error:
+        problems.append(f"broker unreachable: {error}")
+    return problems
 
 
 def find_key(sessions: sessionmaker[Session], secret: str) -> ApiKey | None:

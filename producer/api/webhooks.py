@@ -328,17 +328,34 @@ def deliver_due(
             timeout=settings.api_webhook_timeout,
             resolve=resolve,
         )
+        context = {"delivery_id": delivery_id}
         delivered = error is None
         last_try = final or attempts >= settings.api_webhook_attempts
         retry_in = None if delivered or last_try else backoff(settings, attempts)
         with sessions.begin() as session:
             record_attempt(session, delivery_id, delivered=delivered, status=status, error=error, retry_in=retry_in)
         if delivered:
-            log.info("webhook %s %s delivered to %s (attempt %d)", delivery_id, event, url, attempts)
+            log.info("webhook %s %s delivered to %s (attempt %d)", delivery_id, event, url, attempts, extra=context)
         elif retry_in is None:
-            log.warning("webhook %s %s to %s given up after %d attempts: %s", delivery_id, event, url, attempts, error)
+            log.warning(
+                "webhook %s %s to %s given up after %d attempts: %s",
+                delivery_id,
+                event,
+                url,
+                attempts,
+                error,
+                extra=context,
+            )
         else:
-            log.info("webhook %s %s to %s failed (%s); retry in %.1fs", delivery_id, event, url, error, retry_in)
+            log.info(
+                "webhook %s %s to %s failed (%s); retry in %.1fs",
+                delivery_id,
+                event,
+                url,
+                error,
+                retry_in,
+                extra=context,
+            )
     return attempted
 
 

@@ -38,10 +38,10 @@ def free_port() -> int:
 class ApiServer(CliProcess):
     """A real `sumfleet api` subprocess with its log in a file."""
 
-    def __init__(self, settings: Settings, log: Path, port: int | None = None) -> None:
+    def __init__(self, settings: Settings, log: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["api", "--port", str(self.port), "--log-level", "info"], settings, log, mode="ab")
+        super().__init__(["api", "--port", str(self.port), "--log-level", "info", *extra], settings, log, mode="ab")
 
     def wait_ready(self, timeout: float = 60) -> ApiServer:
         deadline = time.monotonic() + timeout
@@ -86,8 +86,8 @@ def start_api(tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
     """Start more API processes in a test; all are stopped at its end."""
     started: list[ApiServer] = []
 
-    def start(settings: Settings, port: int | None = None) -> ApiServer:
-        server = ApiServer(settings, tmp_path / f"api-{len(started)}.log", port)
+    def start(settings: Settings, port: int | None = None, *extra: str) -> ApiServer:
+        server = ApiServer(settings, tmp_path / f"api-{len(started)}.log", port, extra)
         started.append(server)
         return server
 
