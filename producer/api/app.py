@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
@@ -121,7 +121,8 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
         lifespan=lifespan,
     )
     app.add_middleware(errors.BodyLimit, limit=settings.api_max_upload_bytes)
-    open_paths = {"/health", "/ready", app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    open_paths = {"/health", "/ready", "/metrics", app.openapi_url, app.docs_url, app.redoc_url}
+    open_paths.add(app.swagger_ui_oauth2_redirect_url)
     app.add_middleware(RequireKey, open_paths={path for path in open_paths if path})  # outermost: before any body
     app.dependency_overrides[current_key] = checked_key
     app.state.settings = settings
@@ -146,6 +147,23 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
         if problems:
             raise ApiError(503, "not ready: " + "; ".join(problems), code="service_unavailable")
         return {"status": "ready", "database": "ok", "broker": "ok"}
+
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+
+    from models.metrics import FleetCollector, QueueLength
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(client.sessions, QueueLength(settings.broker_url)))
+    ProcessCollector(registry=registry)
+
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        summary="Prometheus metrics: backlog in documents, jobs by state, queue messages, webhook deliveries",
+        response_class=PlainTextResponse,
+    )
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(openai_routes.router)
     app.include_router(native.router)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.services
 ENDPOINTS = {
     "/health": {"get"},
     "/ready": {"get"},
+    "/metrics": {"get"},
     "/v1/files": {"get", "post"},
     "/v1/files/{file_id}": {"get", "delete"},
     "/v1/files/{file_id}/content": {"get"},
@@ -31,6 +32,7 @@ ENDPOINTS = {
     "/api/v1/batches/{batch_id}/results": {"get"},
     "/api/v1/batches/{batch_id}/cancel": {"post"},
 }
+OPEN = ("/health", "/ready", "/metrics")  # no key needed
 
 
 def test_openapi_document_lists_every_endpoint_and_the_error_shape(api: ApiServer) -> None:
@@ -43,7 +45,7 @@ def test_openapi_document_lists_every_endpoint_and_the_error_shape(api: ApiServe
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
-            expected = {"/health": set(), "/ready": {"503"}}.get(path, {"401"})
+            expected = {"/health": set(), "/metrics": set(), "/ready": {"503"}}.get(path, {"401"})
             if operation.get("parameters") or operation.get("requestBody"):
                 expected.add("422")
             assert expected <= set(operation["responses"]), (method, path, sorted(operation["responses"]))
@@ -51,7 +53,7 @@ def test_openapi_document_lists_every_endpoint_and_the_error_shape(api: ApiServe
                 if status.startswith(("4", "5")):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
-            if path not in ("/health", "/ready"):
+            if path not in OPEN:
                 assert operation["security"] == [{"HTTPBearer": []}], (method, path)
 
 
@@ -65,7 +67,7 @@ OPERATIONS = [
     for path, methods in sorted(ENDPOINTS.items())
     for method in sorted(methods)
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-    if path not in ("/health", "/ready") or mode.is_positive  # they take nothing that could be made invalid
+    if path not in OPEN or mode.is_positive  # they take nothing that could be made invalid
 ]
 
 
