@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -96,6 +97,51 @@ def checked_key(request: Request, credentials: HTTPAuthorizationCredentials | No
     return key if isinstance(key, ApiKey) else current_key(request, credentials)
 
 
+DOCS_PAGES = ("/docs", "/docs/oauth2-redirect", "/redoc")
+DOCS_ASSETS = "/docs-assets"
+
+
+def _serve_docs(app: FastAPI) -> list[str]:
+    """/docs (Swagger UI) and /redoc with their JavaScript and CSS served by this process from the
+    `fastapi-offline` package's copies, not a CDN; returns the asset paths (open, like the pages)."""
+    from importlib.resources import files
+
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    folder = Path(str(files("fastapi_offline") / "static"))
+    app.mount(DOCS_ASSETS, StaticFiles(directory=folder), name="docs-assets")
+    openapi = app.openapi_url or "/openapi.json"
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi,
+            title="sumfleet API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=openapi,
+            title="sumfleet API",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    return [f"{DOCS_ASSETS}/{p.name}" for p in folder.iterdir() if p.is_file()]
+
+
 def create_app(settings: Settings, *, client: Client | None = None, background: bool = True) -> FastAPI:
     """The app; `background` runs the finalize/expiry/webhook loop in this process (one thread)."""
     client = client or Client(settings)
@@ -119,10 +165,12 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served below from local assets: the pages work without internet
+        redoc_url=None,
     )
     app.add_middleware(errors.BodyLimit, limit=settings.api_max_upload_bytes)
-    open_paths = {"/health", "/ready", "/metrics", app.openapi_url, app.docs_url, app.redoc_url}
-    open_paths.add(app.swagger_ui_oauth2_redirect_url)
+    assets = _serve_docs(app)
+    open_paths = {"/health", "/ready", "/metrics", app.openapi_url, *DOCS_PAGES, *assets}
     app.add_middleware(RequireKey, open_paths={path for path in open_paths if path})  # outermost: before any body
     app.dependency_overrides[current_key] = checked_key
     app.state.settings = settings
