@@ -1,17 +1,24 @@
 """ROUGE of summaries against references, with bootstrap intervals and the Lead-3 baseline.
 
 Shared by `sumfleet eval` (the producer) and tuning's held-out check (the worker). Scores are
-ROUGE-1, ROUGE-2 and ROUGE-L F1 from Google's `rouge_score`, averaged over documents, each with
-a 95% bootstrap interval (documents resampled with replacement). English is scored on
-Porter-stemmed words (`rouge_score`'s own tokenizer); Chinese (and Japanese) on characters,
-because `rouge_score`'s tokenizer keeps only ASCII letters and digits and so would score any
-CJK text 0. A summary that is empty (its job failed) scores 0 and still counts as a document.
+ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1, averaged over documents, each with a 95% bootstrap
+interval (documents resampled with replacement). ROUGE-1/2/L come from Google's `rouge_score`;
+ROUGE-L is one longest common subsequence (LCS) over the whole text. ROUGE-Lsum is this
+module's own (`rouge_lsum`): both texts are split into sentences with `models.text.sentences_of`
+(line breaks and sentence ends), and each reference sentence is matched against every summary
+sentence (the union of their LCSs), the summary-level ROUGE-L of Lin (2004) that CNN/DailyMail
+papers report (the `rougeLsum` of `rouge_score`, which expects one sentence per line). English
+is scored on Porter-stemmed words (`rouge_score`'s own tokenizer); Chinese (and Japanese) on
+characters, because `rouge_score`'s tokenizer keeps only ASCII letters and digits and so would
+score any CJK text 0. A summary that is empty (its job failed) scores 0 and still counts as a
+document.
 """
 
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +27,16 @@ from rouge_score import rouge_scorer, tokenizers
 
 from models import defaults
 from models.errors import ConfigError, InputError
-from models.text import is_cjk_text, lead
+from models.text import is_cjk_text, lead, sentences_of
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+PACKAGE_TYPES = ("rouge1", "rouge2", "rougeL")  # what `rouge_score` computes; rougeLsum is `rouge_lsum`
 LANGUAGES = ("auto", "en", "zh")
-_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+LSUM_NOTE = (
+    "ROUGE-L: one longest common subsequence over the whole text; "
+    "ROUGE-Lsum: sentences split first, union LCS per reference sentence (as CNN/DM papers report)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +68,7 @@ class EvalReport:
 
     n: int  # documents scored for the system (failed ones included)
     language: str  # "zh" when scored on characters, else "en"
-    system: dict[str, Score]  # "rouge1", "rouge2", "rougeL"
+    system: dict[str, Score]  # "rouge1", "rouge2", "rougeL", "rougeLsum"
     lead3: dict[str, Score] | None  # None when no pair has its document
     groups: dict[str, dict[str, Any]]  # value -> {"n", "failed", "system", "lead3", "lead3_n"}
     failed: int = 0  # of `n`, how many summaries were empty (failed jobs, scored 0)
@@ -107,7 +119,7 @@ class EvalReport:
         w_name = max(len(head), *(len(r[0]) for r in rows))
         w_n = max(1, *(len(str(r[2])) for r in rows))
         w_cell = max(len(_LABELS["rouge1"]), *(len(c) for row in cells for c in row))
-        line = f"{{:<{w_name}}}  {{:<6}}  {{:>{w_n}}}  " + "  ".join([f"{{:<{w_cell}}}"] * 3)
+        line = f"{{:<{w_name}}}  {{:<6}}  {{:>{w_n}}}  " + "  ".join([f"{{:<{w_cell}}}"] * len(ROUGE_TYPES))
         out = [
             f"ROUGE F1 in %: mean [95% bootstrap interval, {self.bootstrap} resamples]; "
             f"scored on {_token_note(self.language)}",
@@ -123,6 +135,7 @@ class EvalReport:
             out.append(note)
         if self.lead3 is not None and self.lead3_n < self.n:
             out.append(f"Lead-3 is scored on the {self.lead3_n} documents whose text is known")
+        out.append(LSUM_NOTE)
         return "\n".join(out) + "\n"
 
 
@@ -146,7 +159,7 @@ def evaluate(
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> EvalReport:
-    """Score `pairs` with ROUGE-1/2/L F1, overall and per `Pair.group`, with Lead-3 alongside.
+    """Score `pairs` with ROUGE-1/2/L/Lsum F1, overall and per `Pair.group`, with Lead-3 alongside.
 
     `language` "en" scores stemmed words, "zh" characters, "auto" picks "zh" when most
     references are CJK text. `bootstrap` resamples give each mean a 95% interval (0: none,
@@ -168,18 +181,18 @@ def evaluate(
     if language == "auto":
         cjk = sum(is_cjk_text(p.reference) for p in pairs)
         language = "zh" if cjk * 2 > len(pairs) else "en"
-    scorer = make_scorer(language)
+    scorer, tokenizer = make_scorer(language), make_tokenizer(language)
 
     failed = np.array([not (p.summary or "").strip() for p in pairs])
     system = np.zeros((len(pairs), len(ROUGE_TYPES)))
     for i, p in enumerate(pairs):
         if not failed[i]:
-            system[i] = _f1(scorer, p.reference, p.summary)
+            system[i] = _f1(scorer, tokenizer, p.reference, p.summary)
     has_doc = np.array([with_lead and bool((p.document or "").strip()) for p in pairs])
     lead_scores = np.zeros((len(pairs), len(ROUGE_TYPES)))
     for i, p in enumerate(pairs):
         if has_doc[i]:
-            lead_scores[i] = _f1(scorer, p.reference, lead(p.document or "", defaults.LEAD_SENTENCES))
+            lead_scores[i] = _f1(scorer, tokenizer, p.reference, lead(p.document or "", defaults.LEAD_SENTENCES))
 
     def summarize(rows: np.ndarray) -> dict[str, Any]:
         docs = rows & has_doc
@@ -208,17 +221,99 @@ def evaluate(
     )
 
 
+def make_tokenizer(language: str) -> tokenizers.Tokenizer:
+    """The tokens ROUGE counts: characters for "zh", Porter-stemmed words (`rouge_score`'s) otherwise."""
+    return CharTokenizer() if language == "zh" else tokenizers.DefaultTokenizer(use_stemmer=True)
+
+
 def make_scorer(language: str) -> rouge_scorer.RougeScorer:
-    """The scorer for "en" (stemmed words) or "zh" (characters)."""
-    if language == "zh":
-        return rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=CharTokenizer())
-    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    """`rouge_score`'s scorer of ROUGE-1/2/L for "en" (stemmed words) or "zh" (characters);
+    ROUGE-Lsum is `lsum_f1`."""
+    return rouge_scorer.RougeScorer(list(PACKAGE_TYPES), tokenizer=make_tokenizer(language))
 
 
-def _f1(scorer: rouge_scorer.RougeScorer, reference: str, summary: str) -> tuple[float, ...]:
+def _f1(
+    scorer: rouge_scorer.RougeScorer, tokenizer: tokenizers.Tokenizer, reference: str, summary: str
+) -> tuple[float, ...]:
     # rouge_score takes (target, prediction): the reference comes first.
     scores = scorer.score(reference, summary)
-    return tuple(float(scores[t].fmeasure) for t in ROUGE_TYPES)
+    return (*(float(scores[t].fmeasure) for t in PACKAGE_TYPES), lsum_f1(tokenizer, reference, summary))
+
+
+# -- ROUGE-Lsum --------------------------------------------------------------------------------
+
+
+def lsum_f1(tokenizer: tokenizers.Tokenizer, reference: str, summary: str) -> float:
+    """ROUGE-Lsum F1 of `summary` against `reference`: each split into sentences
+    (`models.text.sentences_of`: line breaks, `.!?` before a space, `。！？`), each sentence
+    tokenized by `tokenizer`, then `rouge_lsum`."""
+    return rouge_lsum(_sentence_tokens(tokenizer, reference), _sentence_tokens(tokenizer, summary))
+
+
+def _sentence_tokens(tokenizer: tokenizers.Tokenizer, text: str) -> list[list[str]]:
+    return [tokenizer.tokenize(sentence) for sentence in sentences_of(text)]
+
+
+def rouge_lsum(reference: Sequence[Sequence[str]], summary: Sequence[Sequence[str]]) -> float:
+    """Summary-level ROUGE-L F1 (Lin 2004, section 3.2) of tokenized sentences.
+
+    For each reference sentence, the tokens of it that lie on a longest common subsequence with
+    any summary sentence (the union of those LCSs) are hits; a token counts at most as often as
+    it occurs in the summary and in the reference (as ROUGE-1.5.5 does). Recall is hits over the
+    reference's tokens, precision hits over the summary's; 0 when either has no token.
+    """
+    ref_total = sum(len(sentence) for sentence in reference)
+    sum_total = sum(len(sentence) for sentence in summary)
+    if not ref_total or not sum_total:
+        return 0.0
+    left_in_reference = Counter(token for sentence in reference for token in sentence)
+    left_in_summary = Counter(token for sentence in summary for token in sentence)
+    hits = 0
+    for sentence in reference:
+        union: set[int] = set()
+        for candidate in summary:
+            union.update(lcs_positions(sentence, candidate))
+        for position in sorted(union):
+            token = sentence[position]
+            if left_in_reference[token] > 0 and left_in_summary[token] > 0:
+                hits += 1
+                left_in_reference[token] -= 1
+                left_in_summary[token] -= 1
+    if not hits:
+        return 0.0
+    recall, precision = hits / ref_total, hits / sum_total
+    return 2 * precision * recall / (precision + recall)
+
+
+def lcs_positions(reference: Sequence[str], candidate: Sequence[str]) -> list[int]:
+    """Positions in `reference` of one longest common subsequence with `candidate`.
+
+    Of several LCSs, the one read back from the ends of both sequences, matching as late in the
+    reference as the lengths allow (where stepping back in either sequence keeps the length, step
+    back in the reference): the choice ROUGE-1.5.5 and `rouge_score` make, so unions agree.
+    """
+    rows, cols = len(reference), len(candidate)
+    if not rows or not cols:
+        return []
+    # length[i][j]: LCS length of reference[:i] and candidate[:j]
+    length = [[0] * (cols + 1) for _ in range(rows + 1)]
+    for i in range(1, rows + 1):
+        above, here = length[i - 1], length[i]
+        token = reference[i - 1]
+        for j in range(1, cols + 1):
+            here[j] = above[j - 1] + 1 if token == candidate[j - 1] else max(above[j], here[j - 1])
+    positions: list[int] = []
+    i, j = rows, cols
+    while i and j:
+        if reference[i - 1] == candidate[j - 1]:
+            positions.append(i - 1)
+            i, j = i - 1, j - 1
+        elif length[i][j - 1] > length[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    positions.reverse()
+    return positions
 
 
 def _interval(values: np.ndarray, bootstrap: int, seed: int) -> dict[str, Score]:

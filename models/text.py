@@ -84,6 +84,49 @@ def sentences_of(paragraph: str) -> list[str]:
     return out
 
 
+# Where a sentence may end inside a text: . ! ? (and ...) with closing quotes or brackets, before
+# whitespace or the end of the text; or CJK full stops anywhere. The end mark stays with its sentence.
+_SENTENCE_CLOSE = re.compile(r"(?:[.!?…]+[\"'”’)\]]*(?=\s|$))|(?:[。！？]+[”’」』）)]*)")
+# A final "." after one of these ends no sentence: an abbreviation ("Mr.", "U.S."), an initial or a
+# lone letter, or a list number ("2.": one or two digits starting a line or following a sentence)
+_NOT_AN_END = re.compile(
+    r"(?:(?:^|[\s(\"'“‘])(?:mr|mrs|ms|dr|prof|st|jr|sr|inc|ltd|co|corp|vs|etc|no|fig|e\.g|i\.e|[a-z]\.[a-z]|[a-z])"
+    r"|(?:^|\n|[.!?:]\s)\s*(?:[-*•]\s*)?\d{1,2})\.$",
+    re.IGNORECASE,
+)
+
+
+def _sentence_ends(text: str) -> list[int]:
+    """Offsets just past each complete sentence of `text` (after its end mark and closing quotes)."""
+    ends = []
+    for match in _SENTENCE_CLOSE.finditer(text):
+        mark = match.group()
+        if mark.startswith(".") and mark.rstrip("\"'”’)]") == "." and _NOT_AN_END.search(text[: match.start() + 1]):
+            continue
+        ends.append(match.end())
+    return ends
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether `text` (trailing whitespace aside) ends with a complete sentence."""
+    text = text.rstrip()
+    ends = _sentence_ends(text)
+    return bool(ends) and ends[-1] == len(text)
+
+
+def trim_to_sentence(text: str) -> str | None:
+    """`text` cut back to the end of its last complete sentence (see `ends_sentence`); `text` itself
+    (trailing whitespace aside) when it ends one already; None when no sentence in it is complete.
+
+    For a summary that stopped at its token limit mid-sentence: "The council voted. It will run
+    every" becomes "The council voted."; abbreviations ("Mr.", "U.S."), initials and list numbers
+    ("1.") are not taken for sentence ends.
+    """
+    text = text.rstrip()
+    ends = _sentence_ends(text)
+    return text[: ends[-1]] if ends else None
+
+
 def lead(text: str, n: int) -> str:
     """The first `n` sentences of `text`, joined (the Lead-N baseline)."""
     joined = ""

@@ -1,10 +1,12 @@
 """ROUGE evaluation of a batch's summaries against reference summaries, with a Lead-3 baseline.
 
-Scores are ROUGE-1, ROUGE-2 and ROUGE-L F1 from Google's `rouge_score` package, averaged over
-documents, each with a 95% bootstrap interval (documents resampled with replacement). English
-is scored on Porter-stemmed words (`rouge_score`'s own tokenizer); Chinese (and Japanese) on
-characters, because `rouge_score`'s tokenizer keeps only ASCII letters and digits and so would
-score any CJK text 0.
+Scores are ROUGE-1, ROUGE-2 and ROUGE-L F1 from Google's `rouge_score` package and ROUGE-Lsum F1
+(`models.scoring.rouge_lsum`: sentences split first, union LCS per reference sentence, the variant
+CNN/DailyMail papers report; ROUGE-L is one LCS over the whole text), averaged over documents,
+each with a 95% bootstrap interval (documents resampled with replacement). English is scored on
+Porter-stemmed words (`rouge_score`'s own tokenizer); Chinese (and Japanese) on characters,
+because `rouge_score`'s tokenizer keeps only ASCII letters and digits and so would score any CJK
+text 0.
 
 A summary that is empty (its job failed) scores 0 and still counts as a document, so a run
 that fails on hard documents cannot look better than one that does not.

@@ -1,7 +1,9 @@
 """Writing result rows to JSONL, CSV or Parquet, streamed (a million rows never sit in memory).
 
 Parquet needs pyarrow (`pip install "sumfleet[parquet]"`); it is written in row groups of
-`PARQUET_ROWS`, with typed columns (integers, floats, UTC timestamps).
+`PARQUET_ROWS`, with typed columns (integers, floats, UTC timestamps, `warnings` a list of
+strings). JSONL keeps `warnings` a list; CSV, which has no lists, joins it with `;` (an empty
+cell: no warnings, or none recorded).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ SUFFIXES = {"": "jsonl", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"
 PARQUET_ROWS = 10_000  # rows per Parquet row group (what is held in memory at once)
 _INTEGERS = ("prompt_tokens", "output_tokens", "pieces", "levels", "attempts")
 _MOMENTS = ("queued_at", "started_at", "finished_at")
+_LISTS = ("warnings",)  # lists of strings: `;`-joined in CSV
 
 
 def format_for(path: str, fmt: str | None) -> str:
@@ -88,7 +91,7 @@ def write_results(rows: Iterable[dict[str, Any]], path: str, fmt: str | None = N
             writer = csv.DictWriter(handle, fieldnames=RESULT_FIELDS, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
-                writer.writerow(row)
+                writer.writerow({**row, **{name: _joined(row.get(name)) for name in _LISTS}})
                 count += 1
         else:
             for row in rows:
@@ -110,6 +113,7 @@ def _write_parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
     types = {name: pa.string() for name in RESULT_FIELDS}
     types |= {name: pa.int64() for name in _INTEGERS} | {"generation_seconds": pa.float64()}
     types |= {name: pa.timestamp("us", tz="UTC") for name in _MOMENTS}
+    types |= {name: pa.list_(pa.string()) for name in _LISTS}
     schema = pa.schema([(name, types[name]) for name in RESULT_FIELDS])
     count = 0
     with pq.ParquetWriter(target, schema) as writer:
@@ -124,3 +128,8 @@ def _write_parquet(rows: Iterable[dict[str, Any]], path: str) -> int:
             writer.write_table(pa.Table.from_pylist(group, schema=schema))
             count += len(group)
     return count
+
+
+def _joined(values: list[str] | None) -> str | None:
+    """A list of short codes as one CSV cell: `echo;truncated` (None stays an empty cell)."""
+    return None if values is None else ";".join(values)

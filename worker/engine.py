@@ -23,6 +23,7 @@ class GenerationParams:
     max_new_tokens: int
     long_documents: str = "map-reduce"  # or "truncate": documents over the model's context
     adapter: AdapterSpec | None = None  # the batch's tuned adapter (on its final prompts, not map pieces)
+    trim: str = "sentence"  # or "none": a summary that hit max_new_tokens is cut back to its last sentence
 
     @classmethod
     def from_batch(cls, params: dict[str, object], adapter: AdapterSpec | None = None) -> GenerationParams:
@@ -30,6 +31,7 @@ class GenerationParams:
             max_new_tokens=int(str(params["max_new_tokens"])),
             long_documents=str(params.get("long_documents") or "map-reduce"),
             adapter=adapter,
+            trim=str(params.get("trim") or "sentence"),  # batches from before the option: the default
         )
 
 

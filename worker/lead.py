@@ -1,7 +1,9 @@
 """The extractive `lead` engine: the first N sentences of the document (the Lead-3 baseline).
 
 It reads sentences and generates nothing, so it is an engine of its own rather than a
-backend under the generation pipeline; it ignores the prompt.
+backend under the generation pipeline; it ignores the prompt. Its outputs end where the model
+"chose" to (finish reason `stop`: no token limit applies) and are checked for emptiness and
+repetition only: copying the document's opening is what it is for, so it is never an `echo`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PromptPlan
+from models.quality import warnings_for
 from models.text import lead
 from worker.engine import GenerationParams
 
@@ -31,10 +34,18 @@ class LeadEngine:
             summary = lead(job.text, self.sentences)
             if summary:
                 outcomes.append(
-                    JobOutcome(job.id, summary=summary, output_tokens=len(summary.split()), pieces=1, levels=1)
+                    JobOutcome(
+                        job.id,
+                        summary=summary,
+                        output_tokens=len(summary.split()),
+                        pieces=1,
+                        levels=1,
+                        finish_reason="stop",
+                        warnings=warnings_for(summary, finish_reason="stop"),
+                    )
                 )
             else:
-                outcomes.append(JobOutcome(job.id, error="no sentence found in the document"))
+                outcomes.append(JobOutcome(job.id, error="no sentence found in the document", warnings=["empty"]))
         elapsed = time.perf_counter() - started
         for outcome in outcomes:
             outcome.generation_seconds = elapsed

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from models import defaults
 from models.claims import ClaimedJob, JobOutcome
 from models.prompts import PIECE_TEMPLATES, PromptPlan
+from models.quality import warnings_for
 from models.settings import Settings
-from worker.backends.base import Backend, Generated, Row
+from models.text import trim_to_sentence
+from worker.backends.base import Backend, Generated, Row, finish_reason
 from worker.batching import batch_cost, take_batch
 from worker.engine import GenerationParams
 from worker.prompting import Prompter
@@ -43,6 +45,7 @@ class _Doc:
     output_tokens: int = 0
     seconds: float = 0.0
     closed: bool = False  # its outcome was handed back
+    finish_reason: str | None = None  # of its final row: "stop" (the model ended it) or "length" (the limit)
 
 
 @dataclass(slots=True)
@@ -188,7 +191,10 @@ class GenerationPipeline:
         doc.output_tokens += used
         if item.final:
             doc.closed = True
-            return self._outcome(doc, text), []
+            doc.finish_reason = done.finish_reason or finish_reason(
+                done.tokens, item.row.max_new_tokens, self.prompter.tokenizer.eos_ids
+            )
+            return self._outcome(doc, text, prompt, params), []
         doc.parts[item.slot] = text
         doc.waiting -= 1
         if doc.waiting:
@@ -197,7 +203,9 @@ class GenerationPipeline:
         if not joined:
             doc.closed = True
             return JobOutcome(
-                doc.job.id, error=f"the model produced empty summaries for all {len(doc.parts)} pieces"
+                doc.job.id,
+                error=f"the model produced empty summaries for all {len(doc.parts)} pieces",
+                warnings=["empty"],
             ), []
         doc.level += 1
         try:
@@ -208,7 +216,15 @@ class GenerationPipeline:
                 doc.job.id, error=f"could not build the prompt (level {doc.level}): {describe(error)}"
             ), []
 
-    def _outcome(self, doc: _Doc, summary: str) -> JobOutcome:
+    def _outcome(self, doc: _Doc, summary: str, prompt: PromptPlan, params: GenerationParams) -> JobOutcome:
+        """A finished document: its summary (trimmed back to its last sentence when the batch asks and
+        the limit cut it), why generation stopped, and the quality warnings on the text."""
+        chat = doc.job.request is not None  # a chat request's answer is returned as generated
+        if params.trim == "sentence" and doc.finish_reason == "length" and not chat:
+            summary = trim_to_sentence(summary) or summary
+        instructions = ""
+        if doc.template is not None and doc.variant is not None:  # the prompt without its document
+            instructions = prompt.render(doc.template, "", doc.language)
         return JobOutcome(
             doc.job.id,
             summary=summary or None,
@@ -219,6 +235,10 @@ class GenerationPipeline:
             generation_seconds=doc.seconds,
             pieces=doc.pieces,
             levels=doc.level,
+            finish_reason=doc.finish_reason,
+            warnings=warnings_for(
+                summary, instructions=instructions, document=doc.job.text, finish_reason=doc.finish_reason
+            ),
         )
 
     # -- calls -------------------------------------------------------------------------------

@@ -303,14 +303,15 @@ def summarize(
     adapter: AdapterSpec | None = None,
 ) -> list[str]:
     """Summaries of `documents` by the loaded model (with `adapter`, or zero-shot), through the
-    same pipeline a worker runs; a failed document gives an empty summary."""
+    same pipeline a worker runs (trimmed as `SUMFLEET_TRIM` says); a failed document gives an
+    empty summary."""
     from models.claims import ClaimedJob
     from worker.engine import GenerationParams
     from worker.pipeline import GenerationPipeline
 
     pipeline = GenerationPipeline(name, backend, settings)
     jobs = [ClaimedJob(number, str(number), text, 1) for number, text in enumerate(documents)]
-    params = GenerationParams(max_new_tokens, settings.long_documents, adapter)
+    params = GenerationParams(max_new_tokens, settings.long_documents, adapter, settings.trim)
     found = {o.job_id: o.summary or "" for batch in pipeline.run(jobs, plan, params) for o in batch}
     return [found.get(number, "") for number in range(len(documents))]
 

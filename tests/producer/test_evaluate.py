@@ -10,7 +10,9 @@ import pytest
 from rouge_score import rouge_scorer
 
 from models.errors import ConfigError, InputError
-from models.text import lead
+from models.scoring import lcs_positions, lsum_f1, make_tokenizer, score_summaries
+from models.scoring import rouge_lsum as rouge_lsum_of
+from models.text import lead, sentences_of
 from producer.evaluate import (
     CharTokenizer,
     EvalReport,
@@ -20,6 +22,7 @@ from producer.evaluate import (
     pairs_from_files,
     pairs_from_rows,
 )
+from tests.conftest import SAMPLE
 
 B = 200
 TYPES = ("rouge1", "rouge2", "rougeL")
@@ -192,7 +195,8 @@ def test_as_dict_is_json() -> None:
     data = json.loads(json.dumps(report.as_dict()))
     assert data["n"] == 1 and data["language"] == "en" and data["group_field"] == "category"
     assert data["system"]["rouge2"] == {"low": 1.0, "mid": 1.0, "high": 1.0}
-    assert set(data["lead3"]) == set(TYPES)
+    assert set(data["lead3"]) == {*TYPES, "rougeLsum"}
+    assert data["system"]["rougeLsum"] == {"low": 1.0, "mid": 1.0, "high": 1.0}
     assert data["groups"]["news"]["system"]["rougeL"]["mid"] == 1.0
 
 
@@ -214,6 +218,104 @@ def test_table() -> None:
     for label in ("ROUGE-1", "ROUGE-2", "ROUGE-L"):  # fixed width: every cell under its head
         pos = lines[1].index(label)
         assert all(line[pos - 2 : pos] == "  " and line[pos].isdigit() for line in lines[2:8])
+
+
+# -- ROUGE-Lsum --------------------------------------------------------------------------------
+
+
+def lsum(summary: str, reference: str) -> tuple[float, float]:
+    """(ROUGE-L, ROUGE-Lsum) F1 of one pair."""
+    report = evaluate([Pair("a", summary, reference, None, None)], bootstrap=0)
+    return report.system["rougeL"].mid, report.system["rougeLsum"].mid
+
+
+def test_rouge_lsum_credits_sentences_in_another_order() -> None:
+    # Reference the cat sat | the dog ran; summary the dog ran | the cat sat (6 tokens each).
+    # ROUGE-L: one LCS over the whole texts, "the dog ran" (or "the cat sat"): 3 -> P = R = F1 = 1/2.
+    # ROUGE-Lsum: reference sentence 1 shares all 3 tokens with summary sentence 2, sentence 2 all
+    # 3 with summary sentence 1: 6 hits -> P = R = F1 = 1.
+    assert lsum("The dog ran. The cat sat.", "The cat sat. The dog ran.") == (0.5, 1.0)
+    # The same in Chinese, on characters: 今天下雨 | 我们在家 swapped; ROUGE-L 4 of 8, ROUGE-Lsum 8 of 8.
+    assert lsum("我们在家。今天下雨。", "今天下雨。我们在家。") == (0.5, 1.0)
+
+
+def test_rouge_lsum_hand_computed_with_unequal_lengths() -> None:
+    # Reference (10 tokens): the cat sat on the mat | a dog ran off. Summary (6): a dog ran | the cat sat.
+    # ROUGE-L: LCS 3 ("the cat sat") -> P = 3/6, R = 3/10, F1 = 2PR/(P+R) = 0.375.
+    # ROUGE-Lsum: "the cat sat" from the first reference sentence, "a dog ran" from the second:
+    # 6 hits -> P = 6/6, R = 6/10, F1 = 0.75. (No word is over 3 letters: nothing is stemmed.)
+    rouge_l, rouge_lsum = lsum("a dog ran. the cat sat.", "the cat sat on the mat. a dog ran off.")
+    assert rouge_l == pytest.approx(0.375) and rouge_lsum == pytest.approx(0.75)
+
+
+def test_rouge_lsum_is_a_union_of_lcs_per_reference_sentence() -> None:
+    # One reference sentence, the cat and the dog ran off (7 tokens); summary the cat ran | the dog sat (6).
+    # ROUGE-L: LCS "the cat the dog" = 4 -> P = 4/6, R = 4/7, F1 = 8/13.
+    # ROUGE-Lsum: LCS with "the cat ran" is the(0) cat(1) ran(5); with "the dog sat" it is the(3) dog(4)
+    # (read back from the ends, the later "the"); union the cat the dog ran = 5 hits -> P = 5/6, R = 5/7,
+    # F1 = 10/13.
+    rouge_l, rouge_lsum = lsum("the cat ran. the dog sat.", "the cat and the dog ran off")
+    assert rouge_l == pytest.approx(8 / 13) and rouge_lsum == pytest.approx(10 / 13)
+    ref, cand = ["the", "cat", "and", "the", "dog", "ran", "off"], ["the", "dog", "sat"]
+    assert lcs_positions(ref, cand) == [3, 4]
+    assert rouge_lsum_of([ref], [["the", "cat", "ran"], cand]) == pytest.approx(10 / 13)
+    assert rouge_lsum_of([ref], []) == 0.0 and rouge_lsum_of([[]], [cand]) == 0.0
+
+
+def test_rouge_lsum_agrees_with_the_rouge_score_package() -> None:
+    """Cross-check against `rouge_score`'s rougeLsum, given the same sentences one per line."""
+    documents = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+    package = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    tokenizer = make_tokenizer("en")
+    checked = 0
+    for number, document in enumerate(documents):
+        sentences = sentences_of(document)
+        reference = " ".join(sentences[:3])
+        candidates = [
+            " ".join(reversed(sentences[1:5])),
+            " ".join(sentences[2:4]) + " " + documents[(number + 1) % len(documents)][:200],
+            " ".join(s[: len(s) // 2] + "." for s in sentences[:4]),
+        ]
+        for candidate in candidates:
+            one_per_line = ["\n".join(sentences_of(text)) for text in (reference, candidate)]
+            expected = package.score(*one_per_line)["rougeLsum"].fmeasure
+            assert lsum_f1(tokenizer, reference, candidate) == pytest.approx(expected, abs=1e-12)
+            checked += 1
+    assert checked == 3 * len(documents)
+
+
+def test_rouge_lsum_in_table_json_bootstrap_and_lead3() -> None:
+    pairs = [
+        Pair("1", "The dog ran. The cat sat.", "The cat sat. The dog ran.", DOC_EN, "news"),
+        Pair("2", "a dog ran. the cat sat.", "the cat sat on the mat. a dog ran off.", DOC_EN, "news"),
+    ]
+    report = evaluate(pairs, group_field="category", bootstrap=B)
+    assert report.system["rougeLsum"].mid == pytest.approx((1.0 + 0.75) / 2)
+    assert report.system["rougeL"].mid == pytest.approx((0.5 + 0.375) / 2)
+    s = report.system["rougeLsum"]
+    assert s.low <= s.mid <= s.high and s.low < s.high  # its own bootstrap interval
+    assert report.lead3 is not None and "rougeLsum" in report.lead3
+    assert "rougeLsum" in report.groups["news"]["system"]
+    lines = report.table().splitlines()
+    assert lines[1].split()[-4:] == ["ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"]
+    overall = next(line for line in lines if line.startswith("overall"))
+    assert overall.endswith("87.50 [75.00, 100.00]")
+    assert any("ROUGE-Lsum: sentences split first, union LCS per reference sentence" in line for line in lines)
+    pos = lines[1].index("ROUGE-Lsum")  # fixed width: the cells sit under their head
+    assert all(line[pos].isdigit() for line in lines[2:6])
+    data = json.loads(json.dumps(report.as_dict()))
+    assert set(data["system"]) == {*TYPES, "rougeLsum"} and data["system"]["rougeLsum"]["mid"] == 0.875
+
+
+def test_held_out_scores_carry_rouge_lsum() -> None:
+    from producer.tuning_data import describe_scores
+
+    scores = score_summaries(["The dog ran. The cat sat."], [(DOC_EN, "The cat sat. The dog ran.")])
+    assert scores["system"]["rougeLsum"]["mid"] == 1.0 and scores["system"]["rougeL"]["mid"] == 0.5
+    assert "rougeLsum" in scores["lead3"]
+    system, lead3 = scores["system"], scores["lead3"]
+    text = describe_scores({"n": 1, "zero_shot": system, "adapter": system, "lead3": lead3})
+    assert "rougeLsum 100.00 [100.00, 100.00]" in text
 
 
 def test_evaluate_rejects_bad_input() -> None:

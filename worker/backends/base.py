@@ -9,7 +9,7 @@ that implements `Backend` (and a `Tokenizer` for its model).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +45,17 @@ class Generated:
     tokens: list[int] | None  # new tokens only, at most the row's max_new_tokens; None when it failed
     seconds: float  # wall time of the call that produced it
     error: str | None = None  # why this row alone failed (a backend that reports failures per row)
+    # "stop" (the model ended it) or "length" (it reached max_new_tokens); None: the pipeline works it
+    # out from the tokens (`finish_reason`), for backends that do not say
+    finish_reason: str | None = None
+
+
+def finish_reason(tokens: Sequence[int], max_new_tokens: int, eos_ids: Collection[int]) -> str:
+    """Why a row's generation stopped: `stop` when an end-of-sequence token came within its limit (or it
+    stopped short of the limit), `length` when it ran to `max_new_tokens` without one."""
+    if any(token in eos_ids for token in tokens[:max_new_tokens]):
+        return "stop"
+    return "length" if len(tokens) >= max_new_tokens else "stop"
 
 
 class Tokenizer(Protocol):

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from models import defaults
 from models.model_names import ModelSource
 from models.settings import Settings
-from worker.backends.base import AdapterSpec, Generated, Row, Tokenizer
+from worker.backends.base import AdapterSpec, Generated, Row, Tokenizer, finish_reason
 from worker.backends.checkpoints import cached_checkpoint, default_cache_dir, write_checkpoint
 from worker.hardware import cpu_has_fast_bf16
 
@@ -95,6 +95,7 @@ class TransformersBackend:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.tokenizer: Tokenizer = HfTokenizer(tokenizer, sorted(eos_ids))
+        self.eos_set = frozenset(eos_ids)
         self.context_length = next(
             (v for v in (getattr(model.config, f, None) for f in _CONTEXT_FIELDS) if isinstance(v, int) and v > 0),
             None,
@@ -222,9 +223,7 @@ class TransformersBackend:
                 stopping_criteria=StoppingCriteriaList(stop),
             )
         elapsed = time.perf_counter() - started
-        return [
-            Generated(tokens[: row.max_new_tokens], elapsed) for row, tokens in zip(rows, output.tolist(), strict=True)
-        ]
+        return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, output.tolist(), strict=True)]
 
     def _generate(self, rows: Sequence[Row]) -> list[Generated]:
         width = max(len(row.ids) for row in rows)
@@ -250,7 +249,13 @@ class TransformersBackend:
         elapsed = time.perf_counter() - started
         # a decoder-only model returns prompt + new tokens; an encoder-decoder the decoder start + new tokens
         new_tokens = output[:, offset:].tolist()
-        return [Generated(tokens[: row.max_new_tokens], elapsed) for row, tokens in zip(rows, new_tokens, strict=True)]
+        return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, new_tokens, strict=True)]
+
+    def _generated(self, row: Row, tokens: list[int], elapsed: float) -> Generated:
+        """A row's new tokens (cut to its own limit: rows of a call may differ) and why they stopped;
+        a row that ended early is padded after its end-of-sequence token."""
+        limited = tokens[: row.max_new_tokens]
+        return Generated(limited, elapsed, finish_reason=finish_reason(limited, row.max_new_tokens, self.eos_set))
 
     def _generate_continuous(self, rows: Sequence[Row]) -> list[Generated]:
         """transformers' continuous batching (paged attention; finished sequences leave, waiting ones join)."""
@@ -269,7 +274,7 @@ class TransformersBackend:
         return [
             Generated(None, elapsed, str(output.error))
             if output.error
-            else Generated(list(output.generated_tokens)[: row.max_new_tokens], elapsed)
+            else self._generated(row, list(output.generated_tokens), elapsed)
             for row, output in zip(rows, outputs, strict=True)
         ]
 

@@ -23,7 +23,7 @@ from models import defaults
 from models.errors import ConfigError
 from models.model_names import ModelSource
 from models.settings import Settings
-from worker.backends.base import Generated, Row, Tokenizer
+from worker.backends.base import Generated, Row, Tokenizer, finish_reason
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class LlamaCppBackend:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         end = [i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, i)]
         self.tokenizer: Tokenizer = LlamaCppTokenizer(llm, end)
+        self.end = frozenset(end)
         self.context_length: int | None = int(llama_cpp.llama_model_n_ctx_train(model)) or None
         self.input_cap: int | None = defaults.MAX_INPUT_TOKENS_CPU
         self.encoder_decoder = False
@@ -154,7 +155,11 @@ class LlamaCppBackend:
         finally:
             llama_cpp.llama_batch_free(batch)
         seconds = time.perf_counter() - started
-        return [Generated(tokens, seconds) for tokens in outputs]
+        # a row stops at an end-of-generation token (kept as its last token) or at its limit
+        return [
+            Generated(tokens, seconds, finish_reason=finish_reason(tokens, row.max_new_tokens, self.end))
+            for row, tokens in zip(rows, outputs, strict=True)
+        ]
 
     def _prefill(self, batch: Any, rows: Sequence[Row]) -> dict[int, int]:
         """Read every row's prompt (in decode calls of at most PREFILL_TOKENS) and sample each row's
