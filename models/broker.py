@@ -4,11 +4,19 @@ message, and publishing it. Messages carry job ids only, never document text (cl
 Reliability settings: late acks, reject on worker lost, prefetch 1, JSON only, and a Redis
 visibility timeout longer than the task time limit (settings refuse otherwise), so a chunk is
 never redelivered while it still runs and never lost when its worker dies.
+
+Work taken back from a dead worker, or published again after the broker lost it, goes to the
+queue's recovery queue (`recovery_queue_for`). Workers consume it before their queue (the
+transport's `priority` queue order: each fetch tries the queues in the order given), so
+recovered work runs before new work instead of waiting behind it.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import time
+from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
@@ -16,10 +24,14 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
-from models.errors import BrokerError
+from models.errors import BrokerError, InvalidTransition
 from models.settings import Settings, hide_password
-from models.states import JobState
+from models.states import BatchState, JobState
 from models.store import get_batch, iter_claimable_chunks, iter_job_id_chunks, mark_published, refresh_statistics
+
+RECOVERY_SUFFIX = ":recovery"  # a queue name of `queue_for` never holds ":", so no model's queue is a recovery queue
+# message header: when the publish that sent the message began (Unix seconds; the batch's published_at)
+PUBLISHED_HEADER = "sumfleet_published"
 
 
 def create_app(settings: Settings) -> Celery:
@@ -34,7 +46,12 @@ def create_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # "priority": a worker's every fetch tries its queues in the order given (recovery queue first);
+        # kombu's default round robin would let new work alternate with recovered work
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "queue_order_strategy": "priority",
+        },
         broker_connection_retry_on_startup=True,
         worker_proc_alive_timeout=900,  # the model loads in the child before it reports up
         worker_hijack_root_logger=False,
@@ -50,6 +67,12 @@ def queue_for(model: str) -> str:
     return f"{defaults.QUEUE_PREFIX}.{slug}"
 
 
+def recovery_queue_for(queue: str) -> str:
+    """Where work of `queue` goes when it is published again (a dead worker's, lost messages): the
+    workers of `queue` consume it first."""
+    return f"{queue}{RECOVERY_SUFFIX}"
+
+
 def tune_queue_for(model: str) -> str:
     """The queue a model's tuning runs go to (workers started with `--tune` consume it)."""
     return queue_for(model).replace(f"{defaults.QUEUE_PREFIX}.", f"{defaults.QUEUE_PREFIX}.tune.", 1)
@@ -60,9 +83,22 @@ def send_tuning(app: Celery, run_id: str, queue: str) -> None:
     app.send_task(defaults.TUNE_TASK_NAME, args=[run_id], queue=queue)
 
 
-def send_chunk(app: Celery, batch_id: str, queue: str, job_ids: list[int], producer: Any = None) -> None:
-    """Put one chunk message on `queue`: the task `TASK_NAME` with (batch id, job ids)."""
-    app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue, producer=producer)
+def send_chunk(
+    app: Celery, batch_id: str, queue: str, job_ids: list[int], producer: Any = None, published: float | None = None
+) -> None:
+    """Put one chunk message on `queue`: the task `TASK_NAME` with (batch id, job ids), stamped with
+    `published` (the publish's start, the batch's `published_at`; default now) in `PUBLISHED_HEADER`."""
+    headers = {PUBLISHED_HEADER: time.time() if published is None else published}
+    app.send_task(defaults.TASK_NAME, args=[batch_id, job_ids], queue=queue, producer=producer, headers=headers)
+
+
+def published_stamp(raw: bytes | str) -> float | None:
+    """The `PUBLISHED_HEADER` of a message as the Redis transport stores it (None: not stamped)."""
+    try:
+        stamp = json.loads(raw)["headers"][PUBLISHED_HEADER]
+        return float(stamp)
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def check_broker(app: Celery) -> None:
@@ -91,19 +127,25 @@ def publish_batch(
     batch_id: str,
     chunk_size: int | None = None,
     only_expired: bool = False,
+    recovery: bool = False,
 ) -> int:
     """Publish the batch's claimable jobs (queued, or running on an expired lease) as chunk messages,
     all over one producer connection. `chunk_size` None sizes chunks by the batch
-    (`chunk_size_for`); `only_expired` publishes just the running jobs whose worker died.
-    Returns the chunk count.
+    (`chunk_size_for`); `only_expired` publishes just the running jobs whose worker died;
+    `recovery` publishes to the batch's recovery queue, ahead of new work. A batch that has ended
+    (completed, cancelled) is refused with `InvalidTransition` naming its state. Returns the chunk count.
     """
-    chunks = 0
+    stamp = time.time()
     with sessions.begin() as session:
         batch = get_batch(session, batch_id)
+        if BatchState(batch.state).finished:
+            raise InvalidTransition(
+                f"batch {batch_id} has already ended ({batch.state}); its jobs are not published again"
+            )
         # the size the batch was submitted with wins over the publisher's own setting
         queue, chunk_size = batch.queue, chunk_size_for(batch.total, batch.params.get("chunk_size") or chunk_size)
         if not only_expired:
-            mark_published(session, batch_id)
+            stamp = mark_published(session, batch_id).timestamp()
             if batch.total >= defaults.ANALYZE_AFTER:
                 refresh_statistics(session)  # just bulk-inserted: keep the planner on the keyset index
     ids = (
@@ -111,11 +153,39 @@ def publish_batch(
         if only_expired
         else iter_claimable_chunks(sessions, batch_id, chunk_size)
     )
+    return _send_chunks(app, batch_id, recovery_queue_for(queue) if recovery else queue, ids, stamp)
+
+
+def republish_jobs(
+    app: Celery, sessions: sessionmaker[Session], batch_id: str, job_ids: list[int], chunk_size: int | None = None
+) -> int:
+    """Publish these jobs of a batch again, first in line (its recovery queue), in chunks of the
+    batch's size, over a connection of their own; the batch counts as published now. Returns the chunk count."""
+    with sessions.begin() as session:
+        batch = get_batch(session, batch_id)
+        queue, size = batch.queue, chunk_size_for(batch.total, batch.params.get("chunk_size") or chunk_size)
+        stamp = mark_published(session, batch_id).timestamp()
+    chunks = [job_ids[start : start + size] for start in range(0, len(job_ids), size)]
+    return _send_chunks(app, batch_id, recovery_queue_for(queue), chunks, stamp, own_connection=True)
+
+
+def _send_chunks(
+    app: Celery, batch_id: str, queue: str, ids: Iterable[list[int]], stamp: float, own_connection: bool = False
+) -> int:
+    """Send chunk messages of `batch_id` to `queue`, over one producer (`own_connection`: a new
+    connection, not the app's pool; for a worker's parent process, which must not fork pooled sockets)."""
+    chunks = 0
     try:
-        with app.producer_or_acquire() as producer:
-            for job_ids in ids:
-                send_chunk(app, batch_id, queue, job_ids, producer)
-                chunks += 1
+        if own_connection:
+            with app.connection_for_write() as connection, connection.Producer() as producer:
+                for job_ids in ids:
+                    send_chunk(app, batch_id, queue, job_ids, producer, stamp)
+                    chunks += 1
+        else:
+            with app.producer_or_acquire() as producer:
+                for job_ids in ids:
+                    send_chunk(app, batch_id, queue, job_ids, producer, stamp)
+                    chunks += 1
     except KombuOperationalError as error:
         raise BrokerError(
             f"lost the broker after publishing {chunks} chunk(s) of batch {batch_id}: {error}; "

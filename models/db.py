@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -93,6 +95,36 @@ def ensure_schema(database: Engine, *, migrate: bool) -> None:
         f"database {hide_password(str(database.url))} is at schema revision {current or 'none (empty)'}, "
         f"this code needs {head_revision()}: run `sumfleet db upgrade`"
     )
+
+
+# what a server that is up answers when waiting cannot help: refuse at once instead of retrying
+PERMANENT_CONNECT_ERRORS = (
+    "password authentication failed",
+    "authentication failed",
+    "no password supplied",
+    "does not exist",
+    "pg_hba.conf",
+)
+
+
+def wait_for_database(database: Engine, on_wait: Callable[[str, float], None], max_delay: float = 30.0) -> None:
+    """Return once the database accepts a connection. While it cannot be reached or is still
+    starting (connection refused, a timeout, "the database system is starting up", a host name not
+    resolving yet), call `on_wait(reason, delay)` and retry after `delay` seconds: 1, 2, 4 ... at most
+    `max_delay`. A refusal that waiting cannot fix (wrong credentials, no such database or role)
+    raises `DatabaseError` at once."""
+    delay = 1.0
+    while True:
+        try:
+            with database.connect():
+                return
+        except OperationalError as error:
+            reason = (str(error.orig or error).strip().splitlines() or [type(error).__name__])[0]
+            if any(phrase in str(error.orig or error) for phrase in PERMANENT_CONNECT_ERRORS):
+                raise DatabaseError(f"cannot reach database {hide_password(str(database.url))}: {reason}") from None
+            on_wait(reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 def _connect(database: Engine) -> Connection:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session, defer, sessionmaker
@@ -124,8 +124,12 @@ def refresh_statistics(session: Session) -> None:
         session.execute(text("ANALYZE jobs"))
 
 
-def mark_published(session: Session, batch_id: str) -> None:
-    session.execute(update(Batch).where(Batch.id == batch_id).values(published_at=utcnow()))
+def mark_published(session: Session, batch_id: str) -> datetime:
+    """Record that the batch's queued jobs are being put on the broker now; returns that moment
+    (its messages carry it, so the sweeper can tell whether the queue has moved past them)."""
+    now = utcnow()
+    session.execute(update(Batch).where(Batch.id == batch_id).values(published_at=now))
+    return now
 
 
 def unfinished_batches(session: Session) -> list[tuple[str, str, datetime | None]]:
@@ -136,6 +140,85 @@ def unfinished_batches(session: Session) -> list[tuple[str, str, datetime | None
         )
     ).all()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+class OpenBatch(NamedTuple):
+    """What the sweeper needs of a batch that still has work to watch over (from its counters)."""
+
+    id: str
+    state: str
+    queue: str
+    published_at: datetime | None
+    queued: int
+    running: int
+    finished: int  # succeeded + failed + cancelled: grows while the batch makes progress
+
+
+def open_batches(session: Session) -> list[OpenBatch]:
+    """Batches still queued or running, and cancelled ones that still count queued or running jobs."""
+    cancelled = BatchState.CANCELLED.value
+    rows = session.execute(
+        select(
+            Batch.id,
+            Batch.state,
+            Batch.queue,
+            Batch.published_at,
+            Batch.jobs_queued,
+            Batch.jobs_running,
+            Batch.jobs_succeeded + Batch.jobs_failed + Batch.jobs_cancelled,
+        ).where(
+            Batch.state.in_([BatchState.QUEUED.value, BatchState.RUNNING.value])
+            | ((Batch.state == cancelled) & ((Batch.jobs_queued > 0) | (Batch.jobs_running > 0)))
+        )
+    ).all()
+    return [OpenBatch(*row) for row in rows]
+
+
+def batches_with_running_jobs(session: Session) -> list[str]:
+    """Ids of the batches whose counters show running jobs (the only ones a lost worker can have held)."""
+    states = [BatchState.QUEUED.value, BatchState.RUNNING.value, BatchState.CANCELLED.value]
+    return list(session.scalars(select(Batch.id).where(Batch.state.in_(states), Batch.jobs_running > 0)))
+
+
+def batch_state(session: Session, batch_id: str) -> BatchState | None:
+    """The batch's state as stored now (None: no such batch), read fresh, never from a cache."""
+    state = session.scalar(select(Batch.state).where(Batch.id == batch_id))
+    return None if state is None else BatchState(state)
+
+
+def cancel_unfinished(session: Session, batch_id: str) -> int:
+    """Cancel the jobs of a batch that nobody runs: queued ones, and running ones whose lease ran out
+    (their worker is gone). Jobs a live worker holds are left to it: it gives them up (cancelled) after
+    its current generation batch. Returns the jobs cancelled; counters move with them."""
+    now = utcnow()
+    options = {"synchronize_session": False}
+    # running rows, then queued rows, then the batch row: the order a claim locks them in (no deadlock)
+    orphans = rowcount(
+        session.execute(
+            update(Job)
+            .where(
+                Job.batch_id == batch_id,
+                Job.state.in_(moves(JobState.CANCELLED, JobState.RUNNING)),
+                Job.lease_expires_at < now,
+            )
+            .values(state=JobState.CANCELLED.value, finished_at=now, lease_expires_at=None),
+            execution_options=options,
+        )
+    )
+    queued = rowcount(
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id, Job.state.in_(moves(JobState.CANCELLED, JobState.QUEUED)))
+            .values(state=JobState.CANCELLED.value, finished_at=now),
+            execution_options=options,
+        )
+    )
+    count_moves(
+        session,
+        batch_id,
+        {JobState.RUNNING: -orphans, JobState.QUEUED: -queued, JobState.CANCELLED: orphans + queued},
+    )
+    return orphans + queued
 
 
 def count_expired(session: Session, batch_id: str) -> int:
@@ -200,27 +283,22 @@ def iter_results(session: Session, batch_id: str, page: int = 1000, with_text: b
 
 
 def cancel_batch(session: Session, batch_id: str) -> tuple[int, int]:
-    """Cancel a batch's queued jobs and mark it cancelled; returns (cancelled, still running).
+    """Cancel a batch: its queued jobs and those a dead worker held (lease run out) end cancelled at
+    once, and it is marked cancelled; returns (cancelled, still running).
 
-    Running jobs finish and keep their results; a chunk delivered later skips cancelled jobs.
+    A live worker finishes the generation batch it is in, then sees the batch cancelled and gives up
+    the rest of its claimed jobs as cancelled; a worker that dies meanwhile leaves its jobs to the
+    sweeper (or its parent process), which cancels them. Finished results are kept; a chunk
+    delivered later claims nothing of a cancelled batch.
     """
     batch = get_batch(session, batch_id)
     if BatchState(batch.state) not in batch_sources_for(BatchState.CANCELLED):
         raise InvalidTransition(f"batch {batch_id} has already ended ({batch.state}); nothing to cancel")
-    now = utcnow()
-    cancelled = rowcount(
-        session.execute(
-            update(Job)
-            .where(Job.batch_id == batch_id, Job.state.in_(moves(JobState.CANCELLED, JobState.QUEUED)))
-            .values(state=JobState.CANCELLED.value, finished_at=now),
-            execution_options={"synchronize_session": False},
-        )
-    )
-    count_moves(session, batch_id, {JobState.QUEUED: -cancelled, JobState.CANCELLED: cancelled})
+    cancelled = cancel_unfinished(session, batch_id)  # jobs first, then the batch row: the order claims lock in
     session.execute(
         update(Batch)
         .where(Batch.id == batch_id, Batch.state.in_([s.value for s in batch_sources_for(BatchState.CANCELLED)]))
-        .values(state=BatchState.CANCELLED.value, finished_at=now),
+        .values(state=BatchState.CANCELLED.value, finished_at=utcnow()),
         execution_options={"synchronize_session": False},
     )
     session.refresh(batch)

@@ -140,7 +140,9 @@ def test_cancel_before_the_workers_reach_the_batch(fleet_settings: Settings, sta
     batch_id = submitted.stdout.decode().strip()
     cancelled = sumfleet("cancel", batch_id, settings=fleet_settings)
     assert cancelled.returncode == 0, cancelled.stderr.decode()
-    assert "cancelled 8 queued job(s); 0 running will finish" in cancelled.stderr.decode()
+    assert "cancelled 8 job(s) not running; 0 running stop after their current generation batch" in (
+        cancelled.stderr.decode()
+    )
     start_worker(fleet_settings, "lead")
     wait_for(lambda: _queue_length(fleet_settings) == 0, 120, "the worker to drain the queue")
     client = Client(fleet_settings, migrate=False)
