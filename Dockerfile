@@ -21,7 +21,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/models/hf \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    XDG_CACHE_HOME=/models/cache \
+    SUMFLEET_CACHE_DIR=/models/checkpoints \
+    SUMFLEET_ADAPTER_DIR=/models/adapters
 
 # 1. torch on its own: the biggest layer, rebuilt only when the build args change.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
@@ -45,11 +48,15 @@ COPY . .
 RUN pip install ".[worker]" \
     && python -c "import sys, torch; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '$TORCH_VERSION' else 'torch was replaced: ' + v)"
 
-# A non-root user. /models is the model-cache volume (HF_HOME lives in it): a named volume
-# mounted there starts with this ownership, so the worker can write the cache.
+# A non-root user. /models is the model volume, and every cache lives in it: HF_HOME (the
+# Hugging Face cache), SUMFLEET_CACHE_DIR (GGUF models converted once to plain checkpoints),
+# XDG_CACHE_HOME (other caches) and SUMFLEET_ADAPTER_DIR (tuned adapters). A named volume
+# mounted there starts with this ownership, so the worker can write them; on Kubernetes the pod's
+# fsGroup 10001 does the same (deploy/kubernetes). Without a volume at /models every new
+# container converts the model again.
 # /data is where docker-compose.yml mounts the corpora (read-only).
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin sumfleet \
-    && mkdir -p /models/hf /data \
+    && mkdir -p /models/hf /models/cache /models/checkpoints /models/adapters /data \
     && chown -R sumfleet:sumfleet /models
 USER 10001:10001
 WORKDIR /home/sumfleet

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Integer, String, Text, cast, column, or_, update, values
+from sqlalchemy import JSON, BigInteger, Float, Integer, String, Text, cast, column, exists, or_, update, values
 from sqlalchemy.orm import Session
 
 from models.counters import count_moved, count_moves
-from models.states import JobState, moves
+from models.states import BatchState, JobState, moves
 from models.store import utcnow
-from models.tables import Job
+from models.tables import Batch, Job
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,8 @@ class JobOutcome:
     generation_seconds: float | None = None
     pieces: int | None = None  # a long document: pieces it was split into
     levels: int | None = None  # and summarizing levels it took (1: the pieces, 2: their summaries, ...)
+    finish_reason: str | None = None  # of the final summary: "stop" (the model ended it), "length" (the limit)
+    warnings: list[str] | None = None  # quality warnings on the output (models.quality); None: not checked
 
     @property
     def state(self) -> JobState:
@@ -97,6 +99,13 @@ def claim_jobs(session: Session, job_ids: Sequence[int], worker: str, lease_seco
     return sorted(claimed, key=lambda job: job.id)
 
 
+def gave_up_reason(max_attempts: int) -> str:
+    """The error of a job whose worker died on it `max_attempts` times (a poison document)."""
+    return (
+        f"gave up after {max_attempts} attempts: the worker process died or ran out of time on this document each time"
+    )
+
+
 def give_up_exhausted(session: Session, job_ids: Sequence[int], max_attempts: int) -> int:
     """Fail the jobs among `job_ids` that lost their worker `max_attempts` times already."""
     now = utcnow()
@@ -110,8 +119,7 @@ def give_up_exhausted(session: Session, job_ids: Sequence[int], max_attempts: in
         )
         .values(
             state=JobState.FAILED.value,
-            error=f"gave up after {max_attempts} attempts: the worker process died or ran out of time "
-            "on this document each time",
+            error=gave_up_reason(max_attempts),
             finished_at=now,
             lease_expires_at=None,
         )
@@ -146,6 +154,88 @@ def release_jobs(session: Session, job_ids: Sequence[int], worker: str) -> list[
     return sorted(row.id for row in rows)
 
 
+@dataclass(slots=True)
+class Reclaimed:
+    """Running jobs taken back from a worker that is gone, by where they went."""
+
+    queued: dict[str, list[int]] = field(default_factory=dict)  # batch id -> job ids queued again, in id order
+    failed: int = 0  # used up their attempts: failed with `gave_up_reason`
+    cancelled: int = 0  # of a cancelled batch
+
+
+def reclaim_jobs(
+    session: Session, batch_ids: Sequence[str], max_attempts: int, *, worker: str | None = None
+) -> Reclaimed:
+    """Take back the running jobs of `batch_ids` whose worker is gone: those `worker` holds (a process
+    known to be dead), else those whose lease ran out. Three statements, each an index range over the
+    batches' running jobs.
+
+    A job of a cancelled batch ends cancelled; one whose worker died on it `max_attempts` times ends
+    failed; the others are queued again with their attempts kept (a death counts, so a poison document
+    still runs out of attempts) and nobody's lease, so the next delivery of any chunk naming them claims
+    them at once. Once queued they are no longer expired: a sweep puts them back on the broker once per
+    expiry, not once per sweep.
+    """
+    now = utcnow()
+    ids = list(batch_ids)
+    gone = Job.worker == worker if worker is not None else Job.lease_expires_at < now
+    of_cancelled_batch = exists().where(Batch.id == Job.batch_id, Batch.state == BatchState.CANCELLED.value)
+    options = {"synchronize_session": False}
+    reclaimed = Reclaimed()
+    if not ids:
+        return reclaimed
+
+    def running(target: JobState) -> tuple[Any, ...]:
+        return (Job.batch_id.in_(ids), Job.state.in_(moves(target, JobState.RUNNING)), gone)
+
+    cancelled = session.execute(
+        update(Job)
+        .where(*running(JobState.CANCELLED), of_cancelled_batch)
+        .values(state=JobState.CANCELLED.value, finished_at=now, lease_expires_at=None)
+        .returning(Job.batch_id),
+        execution_options=options,
+    ).scalars()
+    cancelled_batches = list(cancelled)
+    count_moved(session, cancelled_batches, JobState.RUNNING, JobState.CANCELLED)
+    failed = session.execute(
+        update(Job)
+        .where(*running(JobState.FAILED), ~of_cancelled_batch, Job.attempts >= max_attempts)
+        .values(state=JobState.FAILED.value, error=gave_up_reason(max_attempts), finished_at=now, lease_expires_at=None)
+        .returning(Job.batch_id),
+        execution_options=options,
+    ).scalars()
+    failed_batches = list(failed)
+    count_moved(session, failed_batches, JobState.RUNNING, JobState.FAILED)
+    queued = session.execute(
+        update(Job)
+        .where(*running(JobState.QUEUED), ~of_cancelled_batch, Job.attempts < max_attempts)
+        .values(state=JobState.QUEUED.value, lease_expires_at=None)
+        .returning(Job.id, Job.batch_id),
+        execution_options=options,
+    ).all()
+    count_moved(session, (row.batch_id for row in queued), JobState.RUNNING, JobState.QUEUED)
+    for row in sorted(queued, key=lambda row: row.id):
+        reclaimed.queued.setdefault(row.batch_id, []).append(row.id)
+    reclaimed.failed, reclaimed.cancelled = len(failed_batches), len(cancelled_batches)
+    return reclaimed
+
+
+def cancel_held(session: Session, job_ids: Sequence[int], worker: str) -> int:
+    """Cancel jobs `worker` claimed but has not finished, because their batch was cancelled; returns how many."""
+    rows = session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(list(job_ids)), Job.worker == worker, Job.state.in_(moves(JobState.CANCELLED, JobState.RUNNING))
+        )
+        .values(state=JobState.CANCELLED.value, finished_at=utcnow(), lease_expires_at=None)
+        .returning(Job.batch_id),
+        execution_options={"synchronize_session": False},
+    ).scalars()
+    batch_ids = list(rows)
+    count_moved(session, batch_ids, JobState.RUNNING, JobState.CANCELLED)
+    return len(batch_ids)
+
+
 # an outcome moves a running job to succeeded or failed
 (_FINISHED_FROM,) = set(moves(JobState.SUCCEEDED, JobState.RUNNING)) & set(moves(JobState.FAILED, JobState.RUNNING))
 _OUTCOME_COLUMNS = (
@@ -159,6 +249,8 @@ _OUTCOME_COLUMNS = (
     column("generation_seconds", Float),
     column("pieces", Integer),
     column("levels", Integer),
+    column("finish_reason", String),
+    column("warnings", JSON(none_as_null=True)),
 )
 
 
@@ -183,6 +275,8 @@ def finish_jobs(session: Session, outcomes: Sequence[JobOutcome], worker: str) -
             o.generation_seconds,
             o.pieces,
             o.levels,
+            o.finish_reason,
+            o.warnings,
         )
         for o in outcomes
     ]

@@ -28,6 +28,7 @@ MAX_INPUT_TOKENS_CPU = 2048  # usable context on a CPU, below the model's own (p
 MAX_INPUT_TOKENS_FALLBACK = 2048  # when the model's config gives no context length
 MIN_PROMPT_TOKENS = 16  # a row whose output leaves fewer positions than this for its prompt fails
 LONG_DOCUMENT_STRATEGIES = ("map-reduce", "truncate")  # map-reduce: summarize pieces, then their summaries
+TRIM_MODES = ("sentence", "none")  # sentence: a summary the token limit cut is cut back to its last full sentence
 PIECE_OVERLAP = 0.1  # share of a piece repeated from the end of the previous one (whole sentences)
 MAP_NEW_TOKENS = 128  # tokens generated per piece of a long document (its summary feeds the next level)
 PIECE_MARGIN = 16  # tokens kept free in a piece's prompt (per-sentence counts differ slightly from the joined text's)
@@ -39,6 +40,8 @@ LEAD_SENTENCES = 3  # sentences the extractive `lead` engine keeps (Lead-3)
 MAX_ATTEMPTS = 3  # a job whose worker died this many times ends failed (a poison document)
 LEASE_GRACE = 60  # seconds a job's lease outlives the task time limit
 SWEEP_INTERVAL = 30.0  # seconds between sweeps (each worker process runs a sweeper; one acts at a time)
+HEARTBEAT_INTERVAL = 5.0  # seconds between a worker process's heartbeats in the worker registry
+WORKER_STALE_AFTER = 30.0  # a worker whose last heartbeat is older is not counted as live
 REPUBLISH_AFTER = 120.0  # queued jobs of an empty queue that were published longer ago are republished
 # --- the HTTP API (sumfleet api) ---
 API_HOST = "127.0.0.1"  # where `sumfleet api` listens unless --host says otherwise

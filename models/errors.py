@@ -92,3 +92,15 @@ class NotPublished(SumfleetError):
 
 class InvalidTransition(SumfleetError):
     """Raised when code asks for a job or batch state change the state machine forbids."""
+
+
+class WaitTimeout(SumfleetError, TimeoutError):
+    """Raised by `Client.wait` when a batch has not ended within the timeout (it keeps running).
+
+    `batch_id` is the batch and `status` its last status (state and counts), as the message says.
+    """
+
+    def __init__(self, message: str, batch_id: str, status: object) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.status = status

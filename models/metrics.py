@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -57,20 +57,12 @@ MODEL_LOAD_SECONDS = Gauge(
 )
 OOM_SPLITS = Counter("sumfleet_oom_splits", "Generation batches split in half after running out of memory", ["model"])
 LEASES_TAKEN_OVER = Counter(
-    "sumfleet_leases_taken_over", "Documents claimed from a worker whose lease had run out", ["model"]
+    "sumfleet_leases_taken_over", "Documents taken back from a dead worker (lease ran out, or death seen)", ["queue"]
 )
 ATTEMPTS_EXHAUSTED = Counter(
-    "sumfleet_attempts_exhausted", "Documents failed for good after SUMFLEET_MAX_ATTEMPTS attempts", ["model"]
+    "sumfleet_attempts_exhausted", "Documents failed for good: their worker died SUMFLEET_MAX_ATTEMPTS times", ["queue"]
 )
 REPUBLISHED = Counter("sumfleet_sweeper_republished_chunks", "Chunk messages the sweeper published again", ["queue"])
-
-
-def prepare_multiprocess(folder: Path) -> None:
-    """Point this process and its future children at `folder` for their samples (emptied first:
-    samples of processes from an earlier run must not be added in)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    os.environ[MULTIPROC_ENV] = str(folder)
 
 
 def worker_registry() -> CollectorRegistry:
@@ -156,4 +148,34 @@ class QueueLength:
         self.redis = redis.Redis.from_url(broker_url, socket_timeout=2, socket_connect_timeout=2)
 
     def __call__(self, queue: str) -> int:
-        return int(self.redis.llen(queue))
+        """Messages waiting for `queue`'s workers: its own list and its recovery list (work taken
+        back from dead workers, consumed first)."""
+        from models.broker import recovery_queue_for
+
+        return int(self.redis.llen(queue)) + int(self.redis.llen(recovery_queue_for(queue)))
+
+
+def meter_generation(engine: Any, model: str) -> None:
+    """Time every `generate()` call of `engine`'s backend (seconds and rows, histograms) and count
+    the calls that ran out of memory (the pipeline splits those in half). The backend keeps its
+    type; only this instance's `generate` is wrapped. Engines without a backend (lead, plugins
+    that generate themselves) are left as they are."""
+    backend = getattr(engine, "backend", None)
+    generate = getattr(backend, "generate", None)
+    if backend is None or generate is None:
+        return
+    seconds, rows_per_call, oom = GENERATE_SECONDS.labels(model), GENERATE_BATCH.labels(model), OOM_SPLITS.labels(model)
+
+    def metered(rows: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return generate(rows)
+        except Exception as error:
+            if backend.is_out_of_memory(error):
+                oom.inc()
+            raise
+        finally:
+            seconds.observe(time.perf_counter() - started)
+            rows_per_call.observe(len(rows))
+
+    backend.generate = metered

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         pattern="^(map-reduce|truncate)$",
         description="documents over the context: map-reduce (summarize pieces, then their summaries) or truncate",
     )
+    trim: str = Field(
+        "sentence",
+        pattern="^(sentence|none)$",
+        description="a summary that hit max_new_tokens: sentence (cut back to its last complete sentence, if it "
+        "has one) or none (kept as generated); --trim per batch",
+    )
     max_document_chars: int = Field(defaults.MAX_DOCUMENT_CHARS, ge=1, description="longer documents are bad rows")
     dtype: str = Field(
         "auto",

@@ -92,6 +92,10 @@ class Job(Base):
     # long documents: how many pieces the document was split into, and how many summarizing levels ran
     pieces: Mapped[int | None] = mapped_column(Integer, nullable=True)
     levels: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # why generation of the (final) summary stopped: "stop" (the model ended it) or "length" (max_new_tokens)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # quality warnings on the output: ["empty", "echo", "repetition", "truncated"] (models.quality); [] none
+    warnings: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     # a job that carries its own request instead of a document for the batch's template:
     # {"messages": [{"role", "content"}...], "max_new_tokens": int, "temperature": float}
     request: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -283,3 +287,23 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WorkerRecord(Base):
+    """A worker process, as it reports itself: what it serves and a heartbeat every few seconds."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid, as in jobs.worker
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(512))
+    queue: Mapped[str] = mapped_column(String(255), index=True)
+    device: Mapped[str | None] = mapped_column(String(64), nullable=True)  # cpu, cuda:0, ...
+    dtype: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    version: Mapped[str] = mapped_column(String(32))  # sumfleet's version
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    documents: Mapped[int] = mapped_column(BigInteger, default=0)  # finished by this process
+    current_batch: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

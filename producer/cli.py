@@ -43,6 +43,12 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
         help="documents over the model's context: summarize pieces then their summaries (map-reduce, "
         "the default) or cut them (truncate)",
     )
+    parser.add_argument(
+        "--trim",
+        choices=list(defaults.TRIM_MODES),
+        help="a summary that hit --max-new-tokens: cut it back to its last complete sentence (sentence, the "
+        "default; kept as is when it has none) or keep it as generated (none); env SUMFLEET_TRIM",
+    )
     parser.add_argument("--adapter", help="a tuned adapter, NAME or NAME@VERSION (see `sumfleet adapters`)")
 
 
@@ -107,7 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queue", help="queue to consume (default: the model's own)")
     worker.add_argument("-c", "--concurrency", type=int, default=1, help="worker processes (one model each)")
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo"], help="Celery pool")
-    worker.add_argument("--loglevel", default="INFO", help="Celery log level")
+    worker.add_argument("-l", "--loglevel", default="INFO", help="Celery log level")
+    worker.add_argument(
+        "-n", "--hostname", help="Celery node name (default sumfleet.<model>@<host>: `celery inspect ping -d` finds it)"
+    )
+    worker.add_argument("-E", "--task-events", action="store_true", help="send Celery task events (for Flower)")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics on this port (all of this worker's processes)"
+    )
     worker.add_argument("--tune", action="store_true", help="also train the tuning runs given to this model's fleet")
 
     status = command("status", "counts per state, docs/s and ETA of a batch")
@@ -129,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--json", action="store_true", help="print JSON lines")
     batches.add_argument("--before", metavar="BATCH", help="the page after this batch (the last one listed)")
     _connection_flags(batches)
+
+    workers = command("workers", "list the worker processes of the registry: live, stale, stopped")
+    workers.add_argument("--json", action="store_true", help="print JSON lines")
+    workers.add_argument("--live", action="store_true", help="only the live ones")
+    _connection_flags(workers)
 
     results = command("results", "export a batch's results (streamed)")
     results.add_argument("batch", help="batch id")
@@ -273,6 +291,7 @@ def _submit_options(args: argparse.Namespace) -> dict[str, Any]:
         "language": args.language,
         "max_words": args.max_words,
         "long_documents": args.long_documents,
+        "trim": args.trim,
         "adapter": args.adapter,
     }
 
@@ -307,6 +326,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"queued for model {client.settings.model}",
         file=sys.stderr,
     )
+    if warning := client.status(submission.batch_id).warning:
+        print(f"sumfleet submit: warning: {warning}", file=sys.stderr)
     print(submission.batch_id)
     return 0
 
@@ -321,16 +342,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from models.broker import queue_for, tune_queue_for
+    from models.broker import queue_for, recovery_queue_for, tune_queue_for
     from models.model_names import canonical_model, resolve_model
 
     settings = _settings(args)
     model = canonical_model(settings.model)
     resolve_model(model, settings)  # refuse an unknown model here, not in a crash-looping child
-    from models.db import ensure_schema, open_database
+    if args.metrics_port is not None:  # set before prometheus_client is imported: every process writes there
+        import shutil
+        import tempfile
+
+        samples = os.path.join(tempfile.gettempdir(), f"sumfleet-metrics-{os.getpid()}")
+        shutil.rmtree(samples, ignore_errors=True)
+        os.makedirs(samples)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = samples
+    from models.db import ensure_schema, open_database, wait_for_database
 
     database = open_database(settings.database_url)
-    ensure_schema(database, migrate=False)  # likewise an unreachable or unmigrated database
+    url = hide_password(settings.database_url)
+
+    def waiting(reason: str, delay: float) -> None:  # PostgreSQL still starting (compose, a restart): wait for it
+        print(
+            f"sumfleet worker: waiting for the database at {url} ({reason}); retrying in {delay:.0f}s", file=sys.stderr
+        )
+
+    wait_for_database(database, waiting)
+    ensure_schema(database, migrate=False)  # an unmigrated database is refused here, not in a crash-looping child
     database.dispose()
     from worker.app import create_worker_app
 
@@ -339,19 +376,45 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(
         f"sumfleet worker: model {model}, queue {queue}, broker {hide_password(settings.broker_url)}", file=sys.stderr
     )
+    if args.metrics_port is not None:
+        _serve_worker_metrics(settings, args.metrics_port)
     app.worker_main(
         [
             "worker",
-            f"--queues={queue}" + (f",{tune_queue_for(model)}" if args.tune else ""),
+            # recovered work first (the transport tries the queues in this order), then new work
+            f"--queues={recovery_queue_for(queue)},{queue}" + (f",{tune_queue_for(model)}" if args.tune else ""),
             f"--pool={args.pool}",
             f"--concurrency={args.concurrency}",
             f"--loglevel={args.loglevel}",
-            f"--hostname=sumfleet-{os.getpid()}@%h",
+            f"--hostname={args.hostname or node_name(model)}",
+            *(["--task-events"] if args.task_events else []),
             "--without-gossip",
             "--without-mingle",
         ]
     )
     return 0
+
+
+def node_name(model: str) -> str:
+    """The Celery node name of a worker of `model`: sumfleet.<model>@<host> (%h is Celery's host)."""
+    from models.broker import queue_for
+
+    return f"{queue_for(model)}@%h"
+
+
+def _serve_worker_metrics(settings: Any, port: int) -> None:
+    """Prometheus /metrics of this worker (its processes' samples summed) and of the fleet's state."""
+    from prometheus_client import start_http_server
+
+    from models.db import open_database, session_factory
+    from models.metrics import FleetCollector, QueueLength, worker_registry
+
+    registry = worker_registry()
+    registry.register(
+        FleetCollector(session_factory(open_database(settings.database_url)), QueueLength(settings.broker_url))
+    )
+    start_http_server(port, registry=registry)
+    print(f"sumfleet worker: metrics at http://0.0.0.0:{port}/metrics", file=sys.stderr)
 
 
 def _format_seconds(seconds: float | None) -> str:
@@ -371,7 +434,7 @@ def _status_text(status: Any) -> str:
         f"batch {status.id}  {status.state}  model {status.model}  prompt {status.prompt}\n"
         f"  {status.finished}/{status.total} done: {counts}\n"
         f"  {f'{rate:.2f}' if rate else '-'} docs/s  elapsed {_format_seconds(status.elapsed)}"
-        f"  ETA {_format_seconds(status.eta_seconds)}"
+        f"  ETA {_format_seconds(status.eta_seconds)}" + (f"\n  warning: {status.warning}" if status.warning else "")
     )
 
 
@@ -400,7 +463,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         with tqdm(total=status.total, initial=status.finished, unit="doc", file=sys.stderr) as bar:
             bar.set_postfix(failed=status.counts.get("failed", 0), refresh=False)
-            while not status.done:
+            while not status.done or status.counts.get("running"):  # a cancelled batch: until its running jobs stop
                 if deadline is not None and time.monotonic() >= deadline:
                     timed_out = True
                     break
@@ -437,6 +500,25 @@ def _tuning_text(run: dict[str, Any]) -> str:
     return f"tuning run {run['id']}  {run['state']}  {what}  {steps}{made}{failed}"
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    client = _reader(args)
+    listed = [w for w in client.workers() if w["state"] == "live" or not args.live]
+    if args.json:
+        for worker in listed:
+            print(json.dumps(worker))
+        return 0
+    print(f"{'worker':<28} {'state':<8} {'model':<20} {'device':<8} {'dtype':<9} {'docs':>8} {'beat':>6}  batch")
+    for w in listed:
+        beat = f"{w['heartbeat_age']:.0f}s"
+        print(
+            f"{w['id']:<28} {w['state']:<8} {w['model']:<20} {w['device'] or '-':<8} {w['dtype'] or '-':<9} "
+            f"{w['documents']:>8} {beat:>6}  {w['current_batch'] or '-'}"
+        )
+    live = sum(w["state"] == "live" for w in listed)
+    print(f"{live} live worker process(es)", file=sys.stderr)
+    return 0
+
+
 def cmd_batches(args: argparse.Namespace) -> int:
     client = _reader(args)
     listed = client.batches(args.limit, args.before)
@@ -466,22 +548,33 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     cancelled, running = _reader(args).cancel(args.batch)
-    print(f"batch {args.batch}: cancelled {cancelled} queued job(s); {running} running will finish", file=sys.stderr)
+    print(
+        f"batch {args.batch}: cancelled {cancelled} job(s) not running; {running} running stop after their "
+        "current generation batch (finished results are kept)",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from models.errors import InvalidTransition
     from models.store import unfinished_batches
 
     client = _reader(args)
     if args.batch:
-        client.status(args.batch)  # an unknown id is an error
+        client.status(args.batch)  # an unknown id is an error; so is an ended one (publish refuses it)
         batches = [args.batch]
     else:
         with client.sessions() as session:
             batches = [batch_id for batch_id, _, _ in unfinished_batches(session)]
     for batch_id in batches:
-        chunks = client.publish(batch_id)
+        try:
+            chunks = client.publish(batch_id)
+        except InvalidTransition as ended:
+            if args.batch:
+                raise
+            print(f"batch {batch_id}: skipped: {ended}", file=sys.stderr)  # it ended since it was listed
+            continue
         print(f"batch {batch_id}: published {chunks} chunk(s)", file=sys.stderr)
     return 0
 
@@ -723,6 +816,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "status": cmd_status,
     "batches": cmd_batches,
+    "workers": cmd_workers,
     "results": cmd_results,
     "cancel": cmd_cancel,
     "requeue": cmd_requeue,

@@ -30,6 +30,8 @@ from models.errors import DatabaseError, InputError, NotPublished, RowProblem, S
 from models.job_writer import JobWriter
 from models.model_names import canonical_model, resolve_model
 from models.prompts import check_language, resolve_prompt
+from models.registry import is_live, live_on, nobody_serves
+from models.registry import workers as registered_workers
 from models.settings import Settings, load_settings
 from models.states import BatchState
 from models.store import (
@@ -72,9 +74,10 @@ class BatchStatus:
     started_at: datetime | None
     finished_at: datetime | None
     adapter: str | None = None  # name@version of the tuned adapter it runs with
+    warning: str | None = None  # e.g. no live worker serves its model (from the worker registry)
 
     @classmethod
-    def of(cls, batch: Batch, counts: dict[str, int]) -> BatchStatus:
+    def of(cls, batch: Batch, counts: dict[str, int], warning: str | None = None) -> BatchStatus:
         """The status of `batch` with its job counts per state."""
         return cls(
             id=batch.id,
@@ -88,6 +91,7 @@ class BatchStatus:
             started_at=batch.started_at,
             finished_at=batch.finished_at,
             adapter=batch.adapter,
+            warning=warning,
         )
 
     @property
@@ -131,6 +135,7 @@ class BatchStatus:
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
+            "warning": self.warning,
         }
 
 
@@ -148,6 +153,8 @@ def result_row(job: Job, adapter: str | None = None) -> dict[str, Any]:
         "generation_seconds": job.generation_seconds,
         "pieces": job.pieces,
         "levels": job.levels,
+        "finish_reason": job.finish_reason,
+        "warnings": job.warnings,
         "attempts": job.attempts,
         "worker": job.worker,
         "queued_at": _iso(job.created_at),
@@ -168,6 +175,8 @@ RESULT_FIELDS = (  # the columns of result_row, in order (CSV header)
     "generation_seconds",
     "pieces",
     "levels",
+    "finish_reason",
+    "warnings",
     "attempts",
     "worker",
     "queued_at",
@@ -263,6 +272,7 @@ class Client:
         language: str | None = None,
         max_words: int | None = None,
         long_documents: str | None = None,
+        trim: str | None = None,
         adapter: str | None = None,
         idempotency_key: str | None = None,
         before_commit: Callable[[Session, Batch], None] | None = None,
@@ -273,6 +283,9 @@ class Client:
         they refuse the whole submission unless `skip_bad_rows`. Everything is one
         transaction; `before_commit(session, batch)` may add rows of its own to it (the HTTP
         API records the batch's owner). Messages are published only after the commit.
+
+        `trim`: `sentence` (the default, `SUMFLEET_TRIM`) cuts a summary that stopped at
+        `max_new_tokens` back to its last complete sentence, if it has one; `none` keeps it as generated.
 
         `idempotency_key`: a submission with a key already used returns that first batch
         (`reused` True) and reads nothing, so a caller may retry after any error. Once the batch
@@ -306,6 +319,9 @@ class Client:
                 f"--long-documents must be one of {', '.join(defaults.LONG_DOCUMENT_STRATEGIES)}, "
                 f"got {long_documents!r}"
             )
+        trim = trim or self.settings.trim
+        if trim not in defaults.TRIM_MODES:
+            raise InputError(f"--trim must be one of {', '.join(defaults.TRIM_MODES)}, got {trim!r}")
         max_new = max_new_tokens if max_new_tokens is not None else self.settings.max_new_tokens
         if not 1 <= max_new <= defaults.MAX_NEW_TOKENS_LIMIT:
             raise InputError(f"--max-new-tokens must be between 1 and {defaults.MAX_NEW_TOKENS_LIMIT}, got {max_new}")
@@ -326,6 +342,7 @@ class Client:
                         "language": language,
                         "max_words": max_words,
                         "long_documents": long_documents,
+                        "trim": trim,
                         "chunk_size": self.settings.chunk_size,  # the sweeper republishes in these chunks too
                     },
                     source=source,
@@ -433,10 +450,36 @@ class Client:
     # -- reading ---------------------------------------------------------------------------
 
     def status(self, batch_id: str) -> BatchStatus:
+        """The batch's counts, and a warning when it is unfinished and no live worker consumes its queue."""
         self.ensure_schema()
         with self.sessions() as session:
             batch = get_batch(session, batch_id)
-            return BatchStatus.of(batch, counts_of(batch).by_state)
+            unserved = not BatchState(batch.state).finished and live_on(session, batch.queue) == 0
+            warning = nobody_serves(batch.model, batch.queue) if unserved else None
+            return BatchStatus.of(batch, counts_of(batch).by_state, warning)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The worker registry: every recorded worker process, `state` live, stale or stopped."""
+        self.ensure_schema()
+        now = datetime.now(UTC)
+        with self.sessions() as session:
+            found = registered_workers(session)
+            return [
+                {
+                    "id": w.id,
+                    "state": "stopped" if w.stopped_at else "live" if is_live(w, now) else "stale",
+                    "model": w.model,
+                    "queue": w.queue,
+                    "device": w.device,
+                    "dtype": w.dtype,
+                    "version": w.version,
+                    "started_at": _iso(w.started_at),
+                    "heartbeat_age": (now - as_utc(w.heartbeat_at)).total_seconds(),
+                    "documents": w.documents,
+                    "current_batch": w.current_batch,
+                }
+                for w in found
+            ]
 
     def batches(self, limit: int = 50, before: str | None = None) -> list[BatchStatus]:
         """The newest batches first; `before` a batch id: the page after it."""
@@ -494,13 +537,27 @@ class Client:
             return cancel_batch(session, batch_id)
 
     def wait(self, batch_id: str, timeout: float | None = None, poll: float = 1.0) -> BatchStatus:
-        """Block until the batch has ended (or `timeout` seconds passed); returns its last status."""
+        """Block until the batch has ended and none of its jobs still runs (a cancelled batch's running
+        jobs stop after their generation batch); returns its final status. After `timeout` seconds
+        raises `models.errors.WaitTimeout` (a `SumfleetError` and a `TimeoutError`) naming the batch,
+        its state and counts; the batch keeps running, so waiting again is fine."""
+        from models.errors import WaitTimeout
+
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status(batch_id)
-            if status.done or (deadline is not None and time.monotonic() >= deadline):
+            if status.done and not status.counts.get("running"):
                 return status
-            time.sleep(poll)
+            if deadline is not None and time.monotonic() >= deadline:
+                counts = ", ".join(f"{state} {n}" for state, n in status.counts.items() if n) or "no jobs"
+                raise WaitTimeout(
+                    f"batch {batch_id} has not ended after {timeout:g}s: {status.state}, "
+                    f"{status.finished}/{status.total} done ({counts}); it keeps running, wait again or check "
+                    f"`sumfleet status {batch_id}`",
+                    batch_id,
+                    status,
+                )
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
     def close(self) -> None:
         self.database.dispose()

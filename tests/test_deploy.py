@@ -1,11 +1,12 @@
-"""Static checks of the container deployment files: docker-compose.yml, Dockerfile, .dockerignore.
+"""Static checks of the container deployment files: docker-compose.yml, .env.example, Dockerfile,
+.dockerignore (deploy/kubernetes: tests/test_deploy_kubernetes.py).
 
 `docker compose config` and `docker build` would be the real checks, but they need a Docker
 engine. These tests parse the files instead and hold them to the code they deploy: the
 compose commands must parse with the real `sumfleet` argument parser, every `SUMFLEET_*`
-variable must be a real `Settings` field, and the image's entry point must be the script
-pyproject.toml declares. Compose variables are substituted with their defaults, as
-`docker compose config` does with an empty environment.
+variable must be a real `Settings` field, .env.example must list every one of them, and the
+image's entry point must be the script pyproject.toml declares. Compose variables are
+substituted with their defaults, as `docker compose config` does with an empty environment.
 """
 
 from __future__ import annotations
@@ -34,12 +35,20 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
+ENV_EXAMPLE = ROOT / ".env.example"
+DEPLOY = ROOT / "deploy"
 PYPROJECT = ROOT / "pyproject.toml"
 
-EXPECTED_SERVICES = {"redis", "postgres", "migrate", "worker", "worker-gpu", "api"}
-SUMFLEET_SERVICES = ("migrate", "worker", "worker-gpu", "api")  # the services running the sumfleet image
+GPU_SERVICES = ("worker-gpu0", "worker-gpu1")  # one per GPU; README "Operating the fleet" shows two
+WORKER_SERVICES = ("worker", *GPU_SERVICES)
+SUMFLEET_SERVICES = ("migrate", *WORKER_SERVICES, "api")  # the services running the sumfleet image
+EXPECTED_SERVICES = {"redis", "postgres", "flower", *SUMFLEET_SERVICES}
+PUBLISHING_SERVICES = {"redis", "postgres", "api", "flower"}
 DEPENDS_ON_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+MODEL_VOLUME = "/models"
+# where each cache goes; every one must be on the model volume (README "Operating the fleet")
+CACHE_VARIABLES = ("HF_HOME", "XDG_CACHE_HOME", "SUMFLEET_CACHE_DIR", "SUMFLEET_ADAPTER_DIR")
 
 
 # --- compose helpers --------------------------------------------------------------------------
@@ -77,6 +86,11 @@ def interpolate(value: Any, where: str = "docker-compose.yml") -> Any:
     leftover = _VARIABLE.sub("", value.replace("$$", ""))
     assert "$" not in leftover, f"{where}: malformed variable reference in {value!r}"
     return result
+
+
+def compose_variables(text: str) -> set[str]:
+    """The names of the variables `text` (a compose file) refers to."""
+    return {m.group("braced") or m.group("bare") for m in _VARIABLE.finditer(text) if m.group(0) != "$$"}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +176,29 @@ def duration_seconds(text: Any, where: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
+def memory_bytes(text: Any, where: str) -> int:
+    """Bytes of a compose memory value (512m, 4g, 768mb; binary units, as Docker reads them)."""
+    match = re.fullmatch(r"(\d+)\s*([bkmg]?)b?", str(text).strip().lower())
+    assert match, f"{where}: {text!r} is not a memory size such as 512m or 4g"
+    return int(match.group(1)) * 1024 ** "bkmg".index(match.group(2) or "b")
+
+
+def env_example() -> dict[str, str]:
+    """NAME -> value of each `NAME=value` line of .env.example, commented out or not."""
+    found: dict[str, str] = {}
+    for number, line in enumerate(ENV_EXAMPLE.read_text(encoding="utf-8").splitlines(), start=1):
+        match = re.fullmatch(r"#?\s?([A-Z][A-Z0-9_]*)=(.*)", line)
+        if match:
+            assert match.group(1) not in found, f".env.example:{number}: {match.group(1)} is listed twice"
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def image_environment(service: dict[str, Any], name: str) -> dict[str, str]:
+    """What the container's environment holds: the image's ENV, then the service's `environment`."""
+    return {**env_values(parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))), **environment(service, name)}
+
+
 # --- compose: structure -------------------------------------------------------------------------
 
 
@@ -170,12 +207,12 @@ def test_expected_services_exist(services: dict[str, Any]) -> None:
     assert not missing, f"docker-compose.yml lacks services {sorted(missing)}; it has {sorted(services)}"
 
 
-def test_only_the_stores_and_the_api_publish_ports(services: dict[str, Any]) -> None:
-    """Only the stores and the HTTP API are published, and only on the loopback address."""
+def test_only_the_stores_the_api_and_flower_publish_ports(services: dict[str, Any]) -> None:
+    """Only the stores, the HTTP API and Flower are published, and only on the loopback address."""
     for name, service in services.items():
         ports = service.get("ports") or []
-        if name not in ("redis", "postgres", "api"):
-            assert not ports, f"service {name} publishes ports {ports}; only redis, postgres and api may"
+        if name not in PUBLISHING_SERVICES:
+            assert not ports, f"service {name} publishes ports {ports}; only {sorted(PUBLISHING_SERVICES)} may"
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), (
                 f"service {name} publishes {port!r} on every interface; bind it to 127.0.0.1"
@@ -231,8 +268,8 @@ def test_named_volumes_are_declared(compose: dict[str, Any], services: dict[str,
 
 def test_sumfleet_services_share_one_image_definition(services: dict[str, Any]) -> None:
     worker, migrate = services["worker"], services["migrate"]
-    assert worker.get("image") and worker.get("image") == migrate.get("image"), (
-        f"worker ({worker.get('image')!r}) and migrate ({migrate.get('image')!r}) must run the same image"
+    assert worker.get("image") and worker.get("image") == migrate.get("image") == services["api"].get("image"), (
+        f"worker ({worker.get('image')!r}), migrate ({migrate.get('image')!r}) and api must run the same image"
     )
     for name in SUMFLEET_SERVICES:
         build = services[name].get("build")
@@ -289,26 +326,27 @@ def test_header_examples_are_valid_command_lines(raw_compose: dict[str, Any]) ->
     for argv, line in examples:
         argv = argv[: argv.index(">")] if ">" in argv else argv
         parse_sumfleet(argv, f"header example `{line}`")
-    assert "--scale worker=" in "\n".join(header), (
-        "the header comment should show `docker compose up -d --scale worker=N`"
-    )
+    text = "\n".join(header)
+    for shown in ("--scale worker=", "--profile gpu", "--profile flower", "cp .env.example .env"):
+        assert shown in text, f"the header comment should show `{shown}`"
 
 
-def test_sumfleet_environment_variables_are_settings_fields() -> None:
-    """Every SUMFLEET_* name in the compose file or the Dockerfile is one Settings reads."""
+def test_every_sumfleet_variable_named_in_the_deployment_files_is_a_setting() -> None:
+    """Every SUMFLEET_* name in compose, the Dockerfile, .env.example and deploy/ is one Settings reads."""
     fields = set(Settings.model_fields)
-    text = COMPOSE.read_text(encoding="utf-8") + "\n" + DOCKERFILE.read_text(encoding="utf-8")
-    names = set(re.findall(r"\bSUMFLEET_[A-Z0-9_]+", text))
-    assert names, "no SUMFLEET_* variables found in docker-compose.yml or the Dockerfile"
-    # Compose-only knobs (not passed to sumfleet), named in the compose file.
-    compose_knobs = {"SUMFLEET_WORKERS", "SUMFLEET_GPU_WORKERS", "SUMFLEET_DATA"}
-    unknown = sorted(n for n in names - compose_knobs if n.removeprefix("SUMFLEET_").lower() not in fields)
-    assert not unknown, f"{unknown} are not fields of models.settings.Settings ({sorted(fields)})"
+    files = [COMPOSE, DOCKERFILE, ENV_EXAMPLE, *sorted(p for p in DEPLOY.rglob("*") if p.is_file())]
+    assert len(files) > 3, "deploy/ has no files"
+    unknown: dict[str, list[str]] = {}
+    for path in files:
+        for name in sorted(set(re.findall(r"\bSUMFLEET_[A-Z0-9_]+", path.read_text(encoding="utf-8")))):
+            if name.removeprefix("SUMFLEET_").lower() not in fields:
+                unknown.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert not unknown, f"not fields of models.settings.Settings: {unknown} (fields: {sorted(fields)})"
 
 
 @pytest.mark.parametrize("name", SUMFLEET_SERVICES)
 def test_service_environment_is_valid_settings(services: dict[str, Any], name: str) -> None:
-    env = environment(services[name], name)
+    env = image_environment(services[name], name)
     given = {k.removeprefix("SUMFLEET_").lower(): v for k, v in env.items() if k.startswith("SUMFLEET_")}
     unknown = sorted(f"SUMFLEET_{k.upper()}" for k in given if k not in Settings.model_fields)
     assert not unknown, f"service {name} sets {unknown}, which models.settings.Settings does not have"
@@ -342,6 +380,105 @@ def test_urls_point_at_the_compose_services(services: dict[str, Any], name: str)
     )
 
 
+# --- compose: configuration, volumes, health, limits --------------------------------------------
+
+
+def test_env_example_lists_every_setting_and_nothing_else() -> None:
+    """.env.example names each Settings field once, with a value Settings accepts (it cannot drift)."""
+    listed = env_example()
+    names = {name for name in listed if name.startswith("SUMFLEET_")}
+    fields = {f"SUMFLEET_{name.upper()}" for name in Settings.model_fields}
+    assert sorted(fields - names) == [], ".env.example lacks these settings of models/settings.py"
+    assert sorted(names - fields) == [], ".env.example lists SUMFLEET_* names that are not settings"
+    values = {name.removeprefix("SUMFLEET_").lower(): value for name, value in listed.items() if name in fields}
+    try:
+        Settings.model_validate(values)
+    except ValueError as error:
+        pytest.fail(f".env.example's example values are not valid settings: {error}")
+    assert all(line.startswith("#") or not line.strip() for line in ENV_EXAMPLE.read_text().splitlines()), (
+        ".env.example should leave every line commented out (copied as .env it changes nothing)"
+    )
+
+
+def test_env_example_documents_every_compose_variable() -> None:
+    """Every ${VAR} docker-compose.yml reads has a line in .env.example, so .env can set it."""
+    missing = sorted(compose_variables(COMPOSE.read_text(encoding="utf-8")) - env_example().keys())
+    assert not missing, f"docker-compose.yml reads {missing}, which .env.example does not show"
+
+
+@pytest.mark.parametrize("name", SUMFLEET_SERVICES)
+def test_every_setting_reaches_the_sumfleet_containers(raw_compose: dict[str, Any], name: str) -> None:
+    """Each sumfleet service reads .env as an env_file (optional: compose starts without one)."""
+    env_files = raw_compose["services"][name].get("env_file")
+    entries = env_files if isinstance(env_files, list) else [env_files]
+    paths = {(e if isinstance(e, str) else e.get("path")): e for e in entries if e}
+    assert ".env" in paths, f"service {name} must read .env with env_file (every SUMFLEET_* setting), has {env_files}"
+    entry = paths[".env"]
+    assert isinstance(entry, dict) and entry.get("required") is False, (
+        f"service {name}: env_file .env must be `required: false`, or compose refuses to start without a .env"
+    )
+
+
+@pytest.mark.parametrize("name", SUMFLEET_SERVICES)
+def test_every_sumfleet_service_keeps_models_and_caches_on_the_model_volume(
+    compose: dict[str, Any], services: dict[str, Any], name: str
+) -> None:
+    """The API too: it resolves model names, and a /models/... model is refused without the volume."""
+    mounts = {target: source for source, target in volume_mounts(services[name], name)}
+    source = mounts.get(MODEL_VOLUME, "")
+    assert is_named_volume(source), f"service {name} needs the named model volume at {MODEL_VOLUME}, has {mounts}"
+    assert source == "models", f"service {name} mounts {source!r} at {MODEL_VOLUME}; every service shares `models`"
+    env = image_environment(services[name], name)
+    for variable in CACHE_VARIABLES:
+        path = env.get(variable, "")
+        assert path.startswith(MODEL_VOLUME + "/"), (
+            f"service {name}: {variable} is {path!r}, not on the model volume: every new or scaled container "
+            "would fill its cache (convert the GGUF model) again"
+        )
+    settings = Settings.model_validate({"cache_dir": env["SUMFLEET_CACHE_DIR"]})
+    assert settings.cache_dir and settings.cache_dir.startswith(MODEL_VOLUME + "/")
+
+
+def test_worker_probe_is_the_health_check_of_every_worker(
+    raw_compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    probe = raw_compose.get("x-worker-probe")
+    assert isinstance(probe, str) and "\n" not in probe, "x-worker-probe must be the one-line Python probe"
+    compile(probe, "x-worker-probe", "exec")  # a syntax error would make every worker unhealthy
+    for name in WORKER_SERVICES:
+        healthcheck = services[name].get("healthcheck") or {}
+        assert healthcheck.get("test") == ["CMD", "python", "-c", probe], (
+            f"service {name}: healthcheck must run the worker probe, has {healthcheck.get('test')!r}"
+        )
+        timeout = duration_seconds(healthcheck.get("timeout", "30s"), f"service {name}: healthcheck.timeout")
+        assert timeout >= 10, f"service {name}: the probe imports celery and SQLAlchemy; {timeout:g}s is too short"
+        assert duration_seconds(healthcheck.get("start_period", "0s"), name) >= 30, (
+            f"service {name}: give the worker a start_period to load its model"
+        )
+
+
+def test_every_long_running_service_has_a_health_check(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if name == "migrate":
+            continue
+        assert (service.get("healthcheck") or {}).get("test"), f"service {name} has no healthcheck"
+    flower = " ".join(services["flower"]["healthcheck"]["test"])
+    assert "/healthcheck" in flower, f"flower's healthcheck should request its /healthcheck: {flower!r}"
+
+
+def test_every_service_has_a_memory_limit(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        limit = ((service.get("deploy") or {}).get("resources") or {}).get("limits", {}).get("memory")
+        assert limit, f"service {name} has no deploy.resources.limits.memory"
+        size = memory_bytes(limit, f"service {name}")
+        floor = 1024**3 if name in WORKER_SERVICES else 128 * 1024**2
+        assert size >= floor, f"service {name}: a memory limit of {limit} is too small to run"
+    redis = command_tokens(services["redis"], "redis")
+    maxmemory = memory_bytes(redis[redis.index("--maxmemory") + 1], "redis --maxmemory")
+    limit = memory_bytes(services["redis"]["deploy"]["resources"]["limits"]["memory"], "redis")
+    assert maxmemory < limit, "redis --maxmemory must stay below its memory limit (refuse writes, not get killed)"
+
+
 def test_migrate_runs_once_after_postgres(services: dict[str, Any]) -> None:
     migrate = services["migrate"]
     assert migrate.get("restart") == "no", (
@@ -371,7 +508,7 @@ def test_api_service_waits_for_the_schema_publishes_its_port_and_checks_health(s
     assert "container_name" not in api, "service api has a container_name, which prevents scaling"
 
 
-@pytest.mark.parametrize("name", ["worker", "worker-gpu"])
+@pytest.mark.parametrize("name", WORKER_SERVICES)
 def test_worker_lifecycle(raw_compose: dict[str, Any], services: dict[str, Any], name: str) -> None:
     worker = services[name]
     assert depends_on(worker) == {
@@ -379,47 +516,89 @@ def test_worker_lifecycle(raw_compose: dict[str, Any], services: dict[str, Any],
         "postgres": "service_healthy",
         "migrate": "service_completed_successfully",
     }, f"service {name}: depends_on is {depends_on(worker)}"
-    mounts = dict((target, source) for source, target in volume_mounts(worker, name))
-    assert is_named_volume(mounts.get("/models", "")), f"service {name} needs a named model-cache volume at /models"
     grace = duration_seconds(worker.get("stop_grace_period", "10s"), f"service {name}: stop_grace_period")
     assert grace >= 60, (
         f"service {name}: stop_grace_period is {grace:g}s; SIGTERM must leave time to finish a generation batch"
     )
     assert worker.get("restart") == "unless-stopped", f"service {name}: restart is {worker.get('restart')!r}"
     assert "container_name" not in worker, f"service {name} has a container_name, which prevents scaling"
-    replicas = str(raw_compose["services"][name]["deploy"]["replicas"])
-    assert name != "worker" or replicas == "${SUMFLEET_WORKERS:-2}", (
-        f"worker replicas must be ${{SUMFLEET_WORKERS:-2}}, not {replicas!r}"
-    )
-    assert int(worker["deploy"]["replicas"]) >= 1, (
-        f"service {name}: replicas default is {worker['deploy']['replicas']!r}"
-    )
+    if name == "worker":
+        replicas = str(raw_compose["services"][name]["deploy"]["replicas"])
+        assert replicas == "${WORKERS:-2}", f"worker replicas must be ${{WORKERS:-2}}, not {replicas!r}"
+        assert int(worker["deploy"]["replicas"]) >= 1
 
 
-def test_worker_runs_by_default_and_gpu_worker_only_with_profile(services: dict[str, Any]) -> None:
+def test_worker_runs_by_default_and_gpu_workers_only_with_profile(services: dict[str, Any]) -> None:
     assert not services["worker"].get("profiles"), "the CPU worker must start without a profile"
-    assert services["worker-gpu"].get("profiles") == ["gpu"], (
-        f"worker-gpu must be behind the `gpu` profile, not {services['worker-gpu'].get('profiles')!r}"
-    )
+    for name in GPU_SERVICES:
+        assert services[name].get("profiles") == ["gpu"], (
+            f"{name} must be behind the `gpu` profile, not {services[name].get('profiles')!r}"
+        )
 
 
-def test_gpu_worker_reserves_one_nvidia_gpu(services: dict[str, Any]) -> None:
-    gpu = services["worker-gpu"]
-    devices = gpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
-    assert devices and len(devices) == 1, f"worker-gpu must reserve one device entry, has {devices!r}"
-    device = devices[0]
-    assert device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", []), (
-        f"worker-gpu's device reservation must be driver nvidia with capability gpu: {device}"
+def test_one_worker_per_gpu_each_pinned_by_device_id(raw_compose: dict[str, Any], services: dict[str, Any]) -> None:
+    """Docker hands `count: 1` the first GPU to every replica: each GPU gets a service pinning its id."""
+    pinned = []
+    for name in GPU_SERVICES:
+        gpu = services[name]
+        devices = gpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        assert devices and len(devices) == 1, f"{name} must reserve one device entry, has {devices!r}"
+        device = devices[0]
+        assert device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", []), (
+            f"{name}'s device reservation must be driver nvidia with capability gpu: {device}"
+        )
+        assert "count" not in device, f"{name}: pin the GPU with device_ids, not count ({device})"
+        ids = device.get("device_ids")
+        assert isinstance(ids, list) and len(ids) == 1 and isinstance(ids[0], str), (
+            f'{name} must pin exactly one GPU, as a string id (device_ids: ["N"]), not {ids!r}'
+        )
+        pinned.append(ids[0])
+        assert gpu.get("deploy", {}).get("replicas", 1) == 1, f"{name}: one worker per GPU, not replicas"
+        assert environment(gpu, name).get("SUMFLEET_DEVICE") == "cuda", f"{name} must set SUMFLEET_DEVICE=cuda"
+        index = (gpu.get("build") or {}).get("args", {}).get("TORCH_INDEX_URL", "")
+        assert re.match(r"https://download\.pytorch\.org/whl/cu\d+$", index), (
+            f"{name} must build with a CUDA torch index, not TORCH_INDEX_URL={index!r}"
+        )
+        assert gpu.get("image") != services["worker"].get("image"), (
+            f"{name} and worker build different images, so they need different image tags"
+        )
+    assert pinned == [str(n) for n in range(len(GPU_SERVICES))], f"GPU workers pin GPUs {pinned}, expected 0, 1, ..."
+    # One template: the GPU workers differ in their device reservation only.
+    bodies = [{k: v for k, v in raw_compose["services"][n].items() if k != "deploy"} for n in GPU_SERVICES]
+    assert all(body == bodies[0] for body in bodies), "the GPU workers must come from one template (x-gpu-worker)"
+
+
+def test_the_readmes_third_gpu_fits_the_compose_file() -> None:
+    """README "Operating the fleet" shows how to add a GPU: spliced into the file, it is one more pinned worker."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"```yaml\n(\s*worker-gpu2:\n.*?)```", readme, flags=re.DOTALL)
+    assert match, "README should show the worker-gpu2 service for a third GPU"
+    lines = match.group(1).splitlines()
+    indent = len(lines[0]) - len(lines[0].lstrip()) - 2  # the service sits two spaces in, under `services:`
+    snippet = "\n".join(line[indent:] for line in lines)
+    text = COMPOSE.read_text(encoding="utf-8")
+    assert "\nvolumes:\n" in text
+    services = interpolate(yaml.safe_load(text.replace("\nvolumes:\n", "\n" + snippet + "\n\nvolumes:\n", 1)))[
+        "services"
+    ]
+    third, second = services["worker-gpu2"], services["worker-gpu1"]
+    assert {k: v for k, v in third.items() if k != "deploy"} == {k: v for k, v in second.items() if k != "deploy"}
+    (device,) = third["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == ["2"] and device["driver"] == "nvidia"
+    assert third["deploy"]["resources"]["limits"] == second["deploy"]["resources"]["limits"]
+
+
+def test_flower_is_optional_and_watches_the_fleets_broker(services: dict[str, Any]) -> None:
+    flower = services["flower"]
+    assert flower.get("profiles") == ["flower"], f"flower must be behind the `flower` profile: {flower.get('profiles')}"
+    image = str(flower.get("image", ""))
+    assert image.startswith("mher/flower:") and not image.endswith(":latest"), f"pin flower's image: {image!r}"
+    tokens = command_tokens(flower, "flower")
+    broker = environment(services["worker"], "worker")["SUMFLEET_BROKER_URL"]
+    assert tokens[0] == "celery" and "flower" in tokens and f"--broker={broker}" in tokens, (
+        f"flower must run `celery --broker={broker} flower`, not {tokens}"
     )
-    assert device.get("count") == 1, f"worker-gpu must reserve one GPU per replica, not count {device.get('count')!r}"
-    assert environment(gpu, "worker-gpu").get("SUMFLEET_DEVICE") == "cuda", "worker-gpu must set SUMFLEET_DEVICE=cuda"
-    index = (gpu.get("build") or {}).get("args", {}).get("TORCH_INDEX_URL", "")
-    assert re.match(r"https://download\.pytorch\.org/whl/cu\d+$", index), (
-        f"worker-gpu must build with a CUDA torch index, not TORCH_INDEX_URL={index!r}"
-    )
-    assert gpu.get("image") != services["worker"].get("image"), (
-        "worker-gpu and worker build different images, so they need different image tags"
-    )
+    assert depends_on(flower) == {"redis": "service_healthy"}
 
 
 # --- compose: the stores ------------------------------------------------------------------------
@@ -592,6 +771,11 @@ def test_dockerfile_model_cache_and_offline_defaults(
     assert any(env["HF_HOME"].startswith(t.rstrip("/") + "/") for t in targets), (
         f"HF_HOME {env['HF_HOME']} is not on a volume the worker mounts ({targets})"
     )
+    # The image alone (docker run -v ...:/models, Kubernetes) keeps every cache on the model volume.
+    for variable in CACHE_VARIABLES:
+        assert env.get(variable, "").startswith(MODEL_VOLUME + "/"), (
+            f"ENV {variable} must be under {MODEL_VOLUME}/, not {env.get(variable)!r}"
+        )
 
 
 def test_dockerfile_runs_as_non_root(instructions: list[tuple[str, str]]) -> None:

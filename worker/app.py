@@ -16,13 +16,16 @@ from typing import TypeVar
 from celery import Celery, Task, signals
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from models import defaults
+from models import defaults, metrics
 from models.adapters import adapter_dir
-from models.broker import create_app, send_chunk
+from models.broker import create_app, queue_for, recovery_queue_for, send_chunk
 from models.db import ensure_schema, open_database, session_factory
+from models.registry import WorkerInfo
 from models.settings import Settings
 from worker.chunk import ChunkProcessor
 from worker.identity import worker_id
+from worker.lost import WorkRecovery, request_class
+from worker.presence import Presence, describe
 from worker.pulling import ChunkPuller
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class _Runtime:
     """What a worker process holds for its whole life; filled in after fork."""
 
     processor: ChunkProcessor | None = None
+    presence: Presence | None = None
 
 
 def threads_per_process(settings: Settings, processes: int) -> int:
@@ -67,7 +71,10 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         database = open_database(settings.database_url)
         ensure_schema(database, migrate=False)
         threads = threads_per_process(settings, concurrency)
+        started = time.perf_counter()
         engine = load_engine(model, settings.model_copy(update={"threads": threads}))
+        metrics.MODEL_LOAD_SECONDS.labels(model).set(time.perf_counter() - started)
+        metrics.meter_generation(engine, model)
         sessions = session_factory(database)
         runtime.processor = ChunkProcessor(
             sessions,
@@ -82,16 +89,22 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         from worker.sweeper import Sweeper
 
         Sweeper(sessions, app, settings).start()  # in the child: it never forks with a thread running
+        device, dtype = describe(engine)
+        info = WorkerInfo(runtime.processor.worker, model, queue or queue_for(model), device, dtype)
+        runtime.presence = Presence(sessions, info).start()  # the worker registry: `sumfleet workers`
         log.info("worker %s ready with model %s (%d threads)", runtime.processor.worker, model, threads)
 
-    @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # a pool process that dies gives its jobs back at once, through its parent (`worker.lost`)
+    chunk_request = request_class(WorkRecovery(settings, app))
+
+    @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, Request=chunk_request)
     def summarize_chunk(self: Task, batch_id: str, job_ids: list[int]) -> dict[str, int]:
         if runtime.processor is None:  # solo/threads pools never fork: load on first use
             _load()
         processor = runtime.processor
         assert processor is not None
         capacity = int(getattr(processor.engine, "capacity", 0) or 0)
-        puller = ChunkPuller(app, queue) if queue and capacity > len(job_ids) else None
+        puller = ChunkPuller(app, recovery_queue_for(queue), queue) if queue and capacity > len(job_ids) else None
         groups: dict[str, list[int]] = {batch_id: list(job_ids)}
         messages = {batch_id: 1}
         totals = {"claimed": 0, "succeeded": 0, "failed": 0}
@@ -104,7 +117,20 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
                 if group != batch_id and queue and stopping.is_set():  # not started: published again, then acked
                     requeue(group, queue, ids)
                     continue
-                report = _with_database_retries(partial(processor.process, group, ids), group)
+                if runtime.presence is not None:
+                    runtime.presence.working(group)
+                metrics.IN_FLIGHT.labels(model).inc(len(ids))
+                try:
+                    report = _with_database_retries(partial(processor.process, group, ids), group)
+                finally:
+                    metrics.IN_FLIGHT.labels(model).dec(len(ids))
+                metrics.DOCUMENTS.labels(model, "succeeded").inc(report.succeeded)
+                metrics.DOCUMENTS.labels(model, "failed").inc(report.failed)
+                metrics.DOCUMENTS.labels(model, "cancelled").inc(report.cancelled)
+                metrics.PROMPT_TOKENS.labels(model).inc(report.prompt_tokens)
+                metrics.OUTPUT_TOKENS.labels(model).inc(report.output_tokens)
+                if runtime.presence is not None:
+                    runtime.presence.done(report.succeeded + report.failed)
                 log.info(
                     "batch %s: %d job(s) of %d chunk(s), ran %d, succeeded %d, failed %d",
                     group,
@@ -122,6 +148,8 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         finally:
             if puller is not None:
                 puller.close()
+            if runtime.presence is not None:
+                runtime.presence.working(None)
         return totals
 
     @app.task(name=defaults.TUNE_TASK_NAME, acks_late=False, time_limit=defaults.TUNE_TIME_LIMIT)

@@ -13,9 +13,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models import defaults
 from models.adapters import adapter_dir, find_adapter
-from models.claims import ClaimedJob, JobOutcome, add_attempts, claim_jobs, finish_jobs, give_up_exhausted, release_jobs
+from models.claims import (
+    ClaimedJob,
+    JobOutcome,
+    add_attempts,
+    cancel_held,
+    claim_jobs,
+    finish_jobs,
+    give_up_exhausted,
+    release_jobs,
+)
 from models.prompts import ANY, PromptPlan
-from models.store import close_batch_if_done, get_batch, mark_batch_started
+from models.quality import warnings_for
+from models.states import BatchState
+from models.store import batch_state, close_batch_if_done, get_batch, mark_batch_started
 from models.tables import Adapter
 from worker.backends.base import AdapterSpec
 from worker.engine import Engine, GenerationParams
@@ -42,6 +53,9 @@ class ChunkReport:
     failed: int = 0
     written: int = 0  # outcomes actually stored (less than claimed if another worker took over)
     released: list[int] = field(default_factory=list)  # jobs given back by a graceful stop
+    cancelled: int = 0  # claimed jobs given up because their batch was cancelled meanwhile
+    prompt_tokens: int = 0  # of the succeeded ones
+    output_tokens: int = 0
 
 
 class ChunkProcessor:
@@ -99,13 +113,16 @@ class ChunkProcessor:
         document per generation batch, each attempt counted just before it runs, so a
         poison document exhausts only its own attempts. Database errors propagate (the
         caller retries the chunk later); any other error fails the jobs still open with
-        that error, so the chunk always ends.
+        that error, so the chunk always ends. A cancelled batch's chunk claims nothing, and
+        between generation batches the batch's state is read again: once it is cancelled, the
+        jobs not yet generated end `cancelled` and the chunk stops.
         """
         report = ChunkReport()
         with self.sessions.begin() as session:
             spec = self._spec(session, batch_id)
             report.failed += give_up_exhausted(session, job_ids, self.max_attempts)
-            claimed = claim_jobs(session, job_ids, self.worker, self.lease_seconds)
+            cancelled = batch_state(session, batch_id) == BatchState.CANCELLED
+            claimed = [] if cancelled else claim_jobs(session, job_ids, self.worker, self.lease_seconds)
             isolate = any(job.attempts > 1 for job in claimed)
             if isolate:  # counted again one by one below
                 add_attempts(session, [job.id for job in claimed], -1, self.worker)
@@ -123,6 +140,10 @@ class ChunkProcessor:
                 for outcomes in self._outcomes(claimed, spec, isolate):
                     self._store(outcomes, report, on_batch)
                     open_ids.difference_update(o.job_id for o in outcomes)
+                    if open_ids and self._cancelled(batch_id):
+                        self._cancel_rest(batch_id, sorted(open_ids), report)
+                        open_ids.clear()
+                        break
                     if open_ids and self.should_stop is not None and self.should_stop():
                         self._release(batch_id, spec, sorted(open_ids), report)
                         open_ids.clear()
@@ -136,6 +157,17 @@ class ChunkProcessor:
         with self.sessions.begin() as session:
             close_batch_if_done(session, batch_id)
         return report
+
+    def _cancelled(self, batch_id: str) -> bool:
+        """Whether the batch has been cancelled (one primary-key read, between generation batches)."""
+        with self.sessions() as session:
+            return batch_state(session, batch_id) == BatchState.CANCELLED
+
+    def _cancel_rest(self, batch_id: str, job_ids: list[int], report: ChunkReport) -> None:
+        """The batch was cancelled: the claimed jobs not generated yet end cancelled, nothing more runs."""
+        with self.sessions.begin() as session:
+            report.cancelled = cancel_held(session, job_ids, self.worker)
+        log.warning("batch %s was cancelled: gave up %d claimed job(s), now cancelled", batch_id, report.cancelled)
 
     def _release(self, batch_id: str, spec: BatchSpec, job_ids: list[int], report: ChunkReport) -> None:
         """Graceful stop: give the jobs not started back to the queue (database first, then a message)."""
@@ -161,11 +193,16 @@ class ChunkProcessor:
         report: ChunkReport,
         on_batch: Callable[[list[JobOutcome]], None] | None,
     ) -> None:
+        for outcome in outcomes:  # a plugin engine that does not check its outputs: the text-only checks
+            if outcome.warnings is None and outcome.summary is not None:
+                outcome.warnings = warnings_for(outcome.summary, finish_reason=outcome.finish_reason)
         with self.sessions.begin() as session:
             report.written += finish_jobs(session, outcomes, self.worker)
         for outcome in outcomes:
             if outcome.error is None:
                 report.succeeded += 1
+                report.prompt_tokens += outcome.prompt_tokens or 0
+                report.output_tokens += outcome.output_tokens or 0
             else:
                 report.failed += 1
         if on_batch is not None:

@@ -3,10 +3,21 @@
 Every worker process runs one in a background thread; a Redis lock lets one act per
 interval. Each sweep looks at the batches still open:
 
-- running jobs whose lease ran out (their worker was killed or hung) are republished;
-- when a batch's queue is empty but it still has queued jobs published longer than
-  `republish_after` ago, the messages were lost (Redis restarted empty, flushed): all its
-  claimable jobs are republished.
+- running jobs whose lease ran out (their worker was killed or hung) are taken back: queued
+  again (failed when that was their last attempt) and published once to the batch's recovery
+  queue, which workers consume before new work. Queued, they are no longer expired, so the next
+  sweep does not publish them again; only a new expiry would. (A pool process that dies under a
+  live parent gives its jobs back at once instead, `worker.lost`.)
+- a batch with queued jobs whose messages were lost (Redis restarted empty, flushed, a message
+  dropped) is published again, to its recovery queue, when its last publish is older than
+  `republish_after` and either its queue is empty, or the queue has moved past its messages and
+  it has made no progress (no job finished) for `republish_after` seconds, however busy the queue
+  is with other batches. "Moved past": the message next in line was published after this batch's
+  last publish (every chunk message carries its publish's time), so none of the batch's can still
+  be waiting; a batch that merely waits its turn behind others is left alone. Its publish time is
+  then now, so that happens at most once per `republish_after`.
+- a cancelled batch's jobs that nobody runs (queued ones, and those of a dead worker) end
+  cancelled, so a cancelled batch never keeps jobs running or queued forever.
 
 Duplicated messages are harmless: a chunk claims only claimable jobs and writes results
 conditionally, so nothing runs twice at once and nothing is written twice.
@@ -16,20 +27,27 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import redis
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.broker import publish_batch, send_tuning
+from models.broker import publish_batch, published_stamp, recovery_queue_for, republish_jobs, send_tuning
+from models.claims import reclaim_jobs
+from models.errors import InvalidTransition
+from models.metrics import ATTEMPTS_EXHAUSTED, LEASES_TAKEN_OVER, REPUBLISHED
 from models.settings import Settings
-from models.store import as_utc, count_expired, unfinished_batches, utcnow
+from models.states import BatchState
+from models.store import OpenBatch, as_utc, cancel_unfinished, count_expired, open_batches, utcnow
 from models.tuning_runs import requeue_lost
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "sumfleet:sweeper"
+PROGRESS_KEY = "sumfleet:sweeper:progress"  # batch id -> "<jobs finished>:<unix time first seen at that count>"
 
 
 @dataclass
@@ -41,6 +59,19 @@ class SweepReport:
     chunks: int = 0
 
 
+def broker_client(app: Celery, socket_timeout: float = 10.0) -> Any:
+    """A Redis client for the broker's own database, built the way kombu reads the broker URL, so every
+    URL form the workers accept works here too (`redis://`, `rediss://`, `redis+socket:///path.sock`,
+    `socket://`, a global key prefix); redis-py's `from_url` knows only some of them."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        pool = channel.pool
+        own = redis.ConnectionPool(
+            connection_class=pool.connection_class, **{**pool.connection_kwargs, "socket_timeout": socket_timeout}
+        )
+        return channel.Client(connection_pool=own)
+
+
 class Sweeper:
     """Finds lost work in the database and publishes it again."""
 
@@ -48,7 +79,13 @@ class Sweeper:
         self.sessions = sessions
         self.app = app
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+        self._redis: Any = None  # connected on the first sweep, in the sweeper's thread
+
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            self._redis = broker_client(self.app)
+        return self._redis
 
     def sweep(self) -> SweepReport:
         report = SweepReport()
@@ -56,32 +93,128 @@ class Sweeper:
         if not self.redis.set(LOCK_KEY, "1", nx=True, px=lock_ms):
             return report
         report.acted = True
-        stale_before = utcnow() - timedelta(seconds=self.settings.republish_after)
-        lengths: dict[str, int] = {}
         with self.sessions() as session:
-            batches = unfinished_batches(session)
+            batches = open_batches(session)
         with self.sessions.begin() as session:
             lost = requeue_lost(session)  # tuning runs whose worker died: once each, to resume elsewhere
         for run_id, queue in lost:
             send_tuning(self.app, run_id, queue)
             log.warning("sweeper: tuning run %s lost its worker; published again", run_id)
-        for batch_id, queue, published_at in batches:
-            if queue not in lengths:
-                lengths[queue] = int(self.redis.llen(queue))
-            stale = published_at is None or as_utc(published_at) < stale_before
-            if lengths[queue] == 0 and stale:
-                chunks = publish_batch(self.app, self.sessions, batch_id, self.settings.chunk_size)
-            else:
-                with self.sessions() as session:
-                    expired = count_expired(session, batch_id)
-                if not expired:
+        self._forget_progress({batch.id for batch in batches})
+        next_in_line: dict[str, float | None] = {}
+        for batch in batches:
+            try:
+                if batch.state == BatchState.CANCELLED.value:
+                    self._wind_down(batch)
                     continue
-                chunks = publish_batch(self.app, self.sessions, batch_id, self.settings.chunk_size, only_expired=True)
-            if chunks:
-                log.warning("sweeper: republished %d chunk(s) of batch %s", chunks, batch_id)
-                report.batches += 1
-                report.chunks += chunks
+                self._sweep_batch(batch, next_in_line, report)
+            except InvalidTransition:  # it ended (cancelled, say) since it was listed: nothing to publish
+                continue
         return report
+
+    def _wind_down(self, batch: OpenBatch) -> None:
+        """A cancelled batch: its queued jobs and a dead worker's running ones end cancelled."""
+        with self.sessions.begin() as session:
+            cancelled = cancel_unfinished(session, batch.id)
+        if cancelled:
+            log.warning("sweeper: batch %s is cancelled: %d job(s) nobody runs now cancelled", batch.id, cancelled)
+
+    def _sweep_batch(self, batch: OpenBatch, next_in_line: dict[str, float | None], report: SweepReport) -> None:
+        now = utcnow()
+        published_at = batch.published_at
+        queued = batch.queued
+        if batch.running:
+            with self.sessions() as session:
+                expired = count_expired(session, batch.id)
+            if expired:
+                with self.sessions.begin() as session:
+                    reclaimed = reclaim_jobs(session, [batch.id], self.settings.max_attempts)
+                if reclaimed.failed:
+                    ATTEMPTS_EXHAUSTED.labels(batch.queue).inc(reclaimed.failed)
+                    log.warning(
+                        "sweeper: batch %s: %d job(s) lost their worker %d times and failed",
+                        batch.id,
+                        reclaimed.failed,
+                        self.settings.max_attempts,
+                    )
+                ids = reclaimed.queued.get(batch.id, [])
+                if ids:  # once per expiry: queued now, they are not expired at the next sweep
+                    chunks = republish_jobs(self.app, self.sessions, batch.id, ids, self.settings.chunk_size)
+                    log.warning(
+                        "sweeper: republished %d chunk(s) of batch %s: %d job(s) whose lease ran out, first in line",
+                        chunks,
+                        batch.id,
+                        len(ids),
+                    )
+                    report.batches += 1
+                    report.chunks += chunks
+                    REPUBLISHED.labels(batch.queue).inc(chunks)
+                    LEASES_TAKEN_OVER.labels(batch.queue).inc(len(ids))
+                    published_at, queued = now, queued + len(ids)
+                    next_in_line.pop(batch.queue, None)  # its queue is no longer what this sweep saw
+        if not queued:
+            return
+        if published_at is not None and as_utc(published_at) >= now - timedelta(seconds=self.settings.republish_after):
+            return
+        if batch.queue not in next_in_line:
+            next_in_line[batch.queue] = self._next_in_line(batch.queue)
+        waiting = next_in_line[batch.queue]
+        if published_at is None:
+            why = "it was never published"  # committed, then its publish failed (submit said so)
+        elif waiting is None:
+            why = "its queue is empty: its messages were lost"
+        elif waiting > as_utc(published_at).timestamp() + 0.001 and self._stalled(batch):
+            why = (
+                f"the queue moved past its messages and no job of it finished for {self.settings.republish_after:g}s: "
+                "they were lost"
+            )
+        else:
+            return
+        chunks = publish_batch(self.app, self.sessions, batch.id, self.settings.chunk_size, recovery=True)
+        self._progress(batch.id, batch.finished)  # the next republish needs another window without progress
+        if chunks:
+            if waiting is None:
+                next_in_line[batch.queue] = time.time()
+            log.warning(
+                "sweeper: republished %d chunk(s) of batch %s, first in line: %s",
+                chunks,
+                batch.id,
+                why,
+            )
+            report.batches += 1
+            report.chunks += chunks
+            REPUBLISHED.labels(batch.queue).inc(chunks)
+
+    def _next_in_line(self, queue: str) -> float | None:
+        """When the message next in line on `queue` was published (the older of the heads of its
+        recovery queue and of the queue, where workers take from); None when both are empty, 0 when
+        a message there carries no time (of unknown age: taken as older than any batch)."""
+        stamps: list[float] = []
+        for name in (recovery_queue_for(queue), queue):
+            head = self.redis.lindex(name, -1)  # producers push on the left, workers pop on the right
+            if head is not None:
+                stamp = published_stamp(head)
+                stamps.append(0.0 if stamp is None else stamp)
+        return min(stamps) if stamps else None
+
+    def _stalled(self, batch: OpenBatch) -> bool:
+        """No job of the batch finished for `republish_after` seconds (as the sweeps of every worker
+        process saw it: the count is kept in Redis next to the lock)."""
+        seen = self.redis.hget(PROGRESS_KEY, batch.id)
+        if seen is not None:
+            count, _, since = seen.decode().partition(":")
+            if int(count) == batch.finished:
+                return time.time() - float(since) >= self.settings.republish_after
+        self._progress(batch.id, batch.finished)
+        return False
+
+    def _progress(self, batch_id: str, finished: int) -> None:
+        self.redis.hset(PROGRESS_KEY, batch_id, f"{finished}:{time.time()}")
+
+    def _forget_progress(self, open_ids: set[str]) -> None:
+        ended = [key for key in self.redis.hkeys(PROGRESS_KEY) if key.decode() not in open_ids]
+        if ended:
+            self.redis.hdel(PROGRESS_KEY, *ended)
 
     def run(self, stop: threading.Event) -> None:
         """Sweep every `sweep_interval` seconds until `stop` is set; errors are logged, never fatal."""

@@ -37,6 +37,7 @@ from models.api_store import (
 )
 from models.counters import Counts, counts_of
 from models.errors import InvalidTransition
+from models.registry import live_on, nobody_serves
 from models.states import BatchState, JobState
 from models.store import as_utc, cancel_batch, utcnow
 from models.tables import ApiBatch, Batch
@@ -100,10 +101,10 @@ def openai_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, 
     return [openai_object(r, totals.get(r.batch_id) if r.batch_id else None, rejected.get(r.id, 0)) for r in records]
 
 
-def native_object(record: ApiBatch, batch: Batch, totals: Counts) -> dict[str, Any]:
+def native_object(record: ApiBatch, batch: Batch, totals: Counts, warning: str | None = None) -> dict[str, Any]:
     """A native batch: the `sumfleet status --json` fields, plus its webhook and results URL."""
     return {
-        **BatchStatus.of(batch, totals.by_state).as_dict(),
+        **BatchStatus.of(batch, totals.by_state, warning).as_dict(),
         "object": "summary_batch",
         "callback_url": record.callback_url,
         "results_url": f"/api/v1/batches/{record.id}/results",
@@ -113,10 +114,19 @@ def native_object(record: ApiBatch, batch: Batch, totals: Counts) -> dict[str, A
 def native_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, Any]]:
     ids = [r.batch_id for r in records if r.batch_id]
     batches = {b.id: b for b in session.scalars(select(Batch).where(Batch.id.in_(ids)))} if ids else {}
+    served: dict[str, bool] = {}  # queue -> a live worker consumes it (one query per queue shown)
+
+    def warning(batch: Batch) -> str | None:
+        if BatchState(batch.state).finished:
+            return None
+        if batch.queue not in served:
+            served[batch.queue] = live_on(session, batch.queue) > 0
+        return None if served[batch.queue] else nobody_serves(batch.model, batch.queue)
+
     return [
-        native_object(record, batches[record.batch_id], counts_of(batches[record.batch_id]))
+        native_object(record, batch, counts_of(batch), warning(batch))
         for record in records
-        if record.batch_id in batches
+        if (batch := batches.get(record.batch_id or "")) is not None
     ]
 
 

@@ -145,6 +145,11 @@ class SummaryOptions(BaseModel):
     long_documents: Literal["map-reduce", "truncate"] | None = Field(
         None, description="documents over the model's context"
     )
+    trim: Literal["sentence", "none"] | None = Field(
+        None,
+        description="a summary that hit max_new_tokens: cut back to its last complete sentence (sentence, the "
+        "default) or kept as generated (none)",
+    )
     callback_url: str | None = Field(
         None, max_length=2048, description="POSTed the batch object, signed, when the batch ends"
     )
@@ -180,6 +185,9 @@ class SummaryBatch(BaseModel):
     finished_at: str | None
     callback_url: str | None
     results_url: str
+    warning: str | None = Field(
+        None, description="e.g. that no live worker serves the batch's model, and how to start one"
+    )
 
 
 class SummaryCreated(SummaryBatch):

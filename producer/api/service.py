@@ -210,6 +210,7 @@ def create_native_batch(
         language=options.language,
         max_words=options.max_words,
         long_documents=options.long_documents,
+        trim=options.trim,
         adapter=options.adapter,
         idempotency_key=idempotency_key,
         before_commit=before_commit,

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, inspect, select, update
 from sqlalchemy.orm import Session
 
 from models.claims import JobOutcome, claim_jobs, finish_jobs, give_up_exhausted, release_jobs
@@ -68,6 +68,53 @@ def test_migrations_match_the_tables(database: Engine) -> None:
     assert current_revision(database) == head_revision()
     with database.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_finish_reason_and_warnings_are_stored(database: Engine) -> None:
+    """Migration 0010's columns: written by `finish_jobs` (one VALUES statement on PostgreSQL), read back
+    as a string and a JSON list; a job without them keeps NULL."""
+    sessions = session_factory(database)
+    batch_id, ids = _batch(sessions, 4)
+    with sessions.begin() as session:
+        claim_jobs(session, ids, "w1")
+    outcomes = [
+        JobOutcome(ids[0], summary="Cut short.", finish_reason="length", warnings=[]),
+        JobOutcome(ids[1], summary="a a a a a a", finish_reason="length", warnings=["repetition", "truncated"]),
+        JobOutcome(ids[2], error="the model produced an empty summary", finish_reason="stop", warnings=["empty"]),
+        JobOutcome(ids[3], summary="by a plugin engine"),  # says neither
+    ]
+    with sessions.begin() as session:
+        assert finish_jobs(session, outcomes, "w1") == 4
+    with sessions() as session:
+        jobs = list(iter_results(session, batch_id))
+        assert [(j.finish_reason, j.warnings) for j in jobs] == [
+            ("length", []),
+            ("length", ["repetition", "truncated"]),
+            ("stop", ["empty"]),
+            (None, None),
+        ]
+        # SQL NULL, not a JSON null, for the job without warnings (queries can tell them apart)
+        unchecked = select(Job.id).where(Job.batch_id == batch_id, Job.warnings.is_(None))
+        assert session.scalars(unchecked).all() == [ids[3]]
+
+
+def test_migration_0010_goes_down_and_up(database: Engine) -> None:
+    from alembic import command
+
+    from models.db import _alembic_config
+
+    sessions = session_factory(database)
+    batch_id, _ = _batch(sessions, 1)
+    command.downgrade(_alembic_config(database), "0009")
+    assert current_revision(database) == "0009"
+    with database.connect() as connection:
+        columns = {c["name"] for c in inspect(connection).get_columns("jobs")}
+    assert "finish_reason" not in columns and "warnings" not in columns
+    command.upgrade(_alembic_config(database), "head")
+    assert current_revision(database) == head_revision()
+    with sessions() as session:  # rows from before the migration read as unknown
+        (job,) = iter_results(session, batch_id)
+        assert (job.finish_reason, job.warnings) == (None, None)
 
 
 def test_jobs_are_added_and_chunked_in_order(database: Engine) -> None:

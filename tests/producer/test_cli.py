@@ -39,6 +39,8 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
         "generation_seconds",
         "pieces",
         "levels",
+        "finish_reason",
+        "warnings",
         "attempts",
         "worker",
         "queued_at",
@@ -47,6 +49,7 @@ def test_run_embedded_writes_jsonl_and_reports(tmp_path: Path) -> None:
     }
     assert rows[0]["summary"].startswith("The city council voted on Tuesday")
     assert (rows[0]["pieces"], rows[0]["levels"]) == (1, 1)
+    assert all(r["finish_reason"] == "stop" and r["warnings"] == [] for r in rows)  # lead: no limit, clean text
     assert (tmp_path / "cli.db").exists()  # the schema was created on a fresh SQLite file
 
 
@@ -73,6 +76,7 @@ def test_run_reads_stdin_csv_and_writes_csv(tmp_path: Path) -> None:
 
 
 def test_results_as_parquet_with_typed_columns_in_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from producer import export
@@ -87,6 +91,11 @@ def test_results_as_parquet_with_typed_columns_in_row_groups(tmp_path: Path, mon
     assert table.num_rows == 8 and table.column_names == list(RESULT_FIELDS)
     assert str(table.schema.field("attempts").type) == "int64"
     assert str(table.schema.field("finished_at").type) == "timestamp[us, tz=UTC]"
+    warnings_type = table.schema.field("warnings").type  # a list of strings
+    assert pa.types.is_list(warnings_type) and pa.types.is_string(warnings_type.value_type)
+    assert str(table.schema.field("finish_reason").type) == "string"
+    assert table.column("warnings").to_pylist() == [[]] * 8
+    assert set(table.column("finish_reason").to_pylist()) == {"stop"}
     assert table.column("summary")[0].as_py().startswith("The city council voted on Tuesday")
     monkeypatch.setattr(export, "PARQUET_ROWS", 3)  # row groups: the writer never holds more than 3 rows
     rows = [{name: None for name in RESULT_FIELDS} | {"id": str(i)} for i in range(7)]

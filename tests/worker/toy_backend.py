@@ -113,3 +113,22 @@ def recording(name: str, settings: Settings) -> ToyBackend:
 
     backend.generate = generate  # type: ignore[method-assign]
     return backend
+
+
+def troubled(name: str, settings: Settings) -> ToyBackend:
+    """`python:tests.worker.toy_backend:troubled`: a document with the word FAIL fails (alone, once
+    the pipeline has split its call down to it); a call holding a document with the word OOM and
+    others runs out of memory (so the pipeline splits it), while that document alone succeeds."""
+    backend = ToyBackend()
+    words = backend.tokenizer
+
+    def fail(rows: Sequence[Row]) -> BaseException | None:
+        texts = [words.decode(row.ids).split() for row in rows]
+        if len(rows) > 1 and any("OOM" in text for text in texts):
+            return ToyOutOfMemory("toy out of memory")
+        if any("FAIL" in text for text in texts):
+            return RuntimeError("toy failure")
+        return None
+
+    backend.fail = fail
+    return backend
