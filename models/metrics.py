@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,8 +24,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from models import defaults
 from models.states import BatchState
-from models.tables import Batch, WebhookDelivery
+from models.store import utcnow
+from models.tables import Batch, WebhookDelivery, WorkerRecord
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class FleetCollector(Collector):
         batches = GaugeMetricFamily("sumfleet_unfinished_batches", "Batches queued or running", labels=["model"])
         messages = GaugeMetricFamily("sumfleet_queue_messages", "Chunk messages in the broker", labels=["queue"])
         webhooks = GaugeMetricFamily("sumfleet_webhook_deliveries", "Webhook deliveries by state", labels=["state"])
+        live = GaugeMetricFamily("sumfleet_live_workers", "Worker processes with a recent heartbeat", labels=["model"])
         columns = [func.coalesce(func.sum(column), 0) for column in JOB_COUNTERS.values()]
         queues: set[str] = set()
         try:
@@ -109,6 +113,12 @@ class FleetCollector(Collector):
                 ).all()
                 deliveries = session.execute(
                     select(WebhookDelivery.state, func.count()).group_by(WebhookDelivery.state)
+                ).all()
+                since = utcnow() - timedelta(seconds=defaults.WORKER_STALE_AFTER)
+                workers = session.execute(
+                    select(WorkerRecord.model, func.count())
+                    .where(WorkerRecord.heartbeat_at >= since, WorkerRecord.stopped_at.is_(None))
+                    .group_by(WorkerRecord.model)
                 ).all()
         except Exception as error:  # a scrape must answer: the database's part is left out this time
             log.warning("metrics: cannot read the database: %s", type(error).__name__)
@@ -128,7 +138,9 @@ class FleetCollector(Collector):
         shown.update({state: int(count) for state, count in deliveries})
         for state, count in sorted(shown.items()):
             webhooks.add_metric([state], count)
-        yield from (backlog, jobs, batches, webhooks)
+        for model, count in sorted(workers):
+            live.add_metric([model], int(count))
+        yield from (backlog, jobs, batches, webhooks, live)
         if self.queue_length is not None:
             for queue in sorted(queues):
                 try:

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--hostname", help="Celery node name (default sumfleet.<model>@<host>: `celery inspect ping -d` finds it)"
     )
     worker.add_argument("-E", "--task-events", action="store_true", help="send Celery task events (for Flower)")
+    worker.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
     worker.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (all of this worker's processes)"
     )
@@ -378,6 +379,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     if args.metrics_port is not None:
         _serve_worker_metrics(settings, args.metrics_port)
+    from models.logs import configure
+
+    configure("DEBUG" if args.verbose else args.loglevel, args.log_format)  # Celery leaves the root logger to us
     app.worker_main(
         [
             "worker",

@@ -92,7 +92,8 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         device, dtype = describe(engine)
         info = WorkerInfo(runtime.processor.worker, model, queue or queue_for(model), device, dtype)
         runtime.presence = Presence(sessions, info).start()  # the worker registry: `sumfleet workers`
-        log.info("worker %s ready with model %s (%d threads)", runtime.processor.worker, model, threads)
+        context = {"worker": runtime.processor.worker, "model": model}
+        log.info("worker %s ready with model %s (%d threads)", runtime.processor.worker, model, threads, extra=context)
 
     # a pool process that dies gives its jobs back at once, through its parent (`worker.lost`)
     chunk_request = request_class(WorkRecovery(settings, app))
@@ -139,6 +140,7 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
                     report.claimed,
                     report.succeeded,
                     report.failed,
+                    extra={"batch_id": group, "worker": processor.worker, "model": model},
                 )
                 totals["claimed"] += report.claimed
                 totals["succeeded"] += report.succeeded

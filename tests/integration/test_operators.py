@@ -69,6 +69,7 @@ def test_worker_metrics_registry_warning_and_inspect_ping(fleet_settings: Settin
     assert found[("sumfleet_generate_seconds_count", model)] >= 2  # one call per generation batch, and the splits
     assert found[("sumfleet_generate_batch_size_count", model)] == found[("sumfleet_generate_seconds_count", model)]
     assert found[("sumfleet_oom_splits_total", model)] >= 1
+    assert found[("sumfleet_live_workers", model)] == 1  # from the worker registry
     rows = list(client.results(batch))
     assert found[("sumfleet_output_tokens_total", model)] == sum(r["output_tokens"] or 0 for r in rows) > 0
     assert found[("sumfleet_prompt_tokens_total", model)] == sum(r["prompt_tokens"] or 0 for r in rows if r["summary"])
@@ -101,3 +102,20 @@ def test_worker_metrics_registry_warning_and_inspect_ping(fleet_settings: Settin
     )
     assert ping.returncode == 0, ping.stdout.decode() + ping.stderr.decode()
     assert "pong" in ping.stdout.decode() and node in ping.stdout.decode()
+
+
+def test_worker_json_logs_carry_batch_worker_and_model(fleet_settings: Settings, start_worker) -> None:
+    settings = fleet_settings.model_copy(update={"model": "lead"})
+    worker = start_worker(settings, "lead", "--log-format", "json")
+    worker.wait_ready(120)
+    batch = Client(settings).submit(["One. Two. Three. Four."], model="lead").batch_id
+
+    def ran() -> dict | None:
+        lines = [json.loads(x) for x in worker.text().splitlines() if x.startswith("{")]
+        return next((x for x in lines if x.get("batch_id") == batch and "ran 1" in x["message"]), None)
+
+    line = wait_for(ran, 60, "the batch's log line")
+    assert line["model"] == "lead" and line["worker"].split(":")[-1].isdigit()  # host:pid
+    assert line["level"] == "info" and line["logger"] == "worker.app"
+    lines = [json.loads(x) for x in worker.text().splitlines() if x.startswith("{")]
+    assert any(x["logger"].startswith("celery") for x in lines)  # Celery's own lines in the same format
