@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -57,7 +57,7 @@ def unix(moment: datetime | None) -> int | None:
 # --- objects ------------------------------------------------------------------------------------
 
 
-def openai_object(record: ApiBatch, totals: Counts | None, rejected: int) -> dict[str, Any]:
+def openai_object(record: ApiBatch, totals: Counts | None, rejected: int, warning: str | None = None) -> dict[str, Any]:
     """The OpenAI `batch` object of a record; cancelled and unfinished-at-the-end requests count as failed."""
     totals = totals or Counts({})
     completed = totals[JobState.SUCCEEDED]
@@ -91,14 +91,40 @@ def openai_object(record: ApiBatch, totals: Counts | None, rejected: int) -> dic
             "total_tokens": totals.prompt_tokens + totals.output_tokens,
         },
         "metadata": record.meta,
+        "warning": warning,  # not OpenAI's: clients ignore it, operators read it
     }
 
 
 def openai_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, Any]]:
-    """OpenAI objects of several records with two queries for all their counts."""
+    """OpenAI objects of several records: two queries for all their counts, one for their batches."""
     totals = job_totals(session, [r.batch_id for r in records if r.batch_id])
     rejected = rejection_counts(session, [r.id for r in records])
-    return [openai_object(r, totals.get(r.batch_id) if r.batch_id else None, rejected.get(r.id, 0)) for r in records]
+    ids = [r.batch_id for r in records if r.batch_id]
+    batches = {b.id: b for b in session.scalars(select(Batch).where(Batch.id.in_(ids)))} if ids else {}
+    unserved = _unserved(session)
+    return [
+        openai_object(
+            r,
+            totals.get(r.batch_id) if r.batch_id else None,
+            rejected.get(r.id, 0),
+            unserved(batches[r.batch_id]) if r.batch_id in batches else None,
+        )
+        for r in records
+    ]
+
+
+def _unserved(session: Session) -> Callable[[Batch], str | None]:
+    """The warning of a batch whose queue no live worker consumes (one registry query per queue)."""
+    served: dict[str, bool] = {}
+
+    def warning(batch: Batch) -> str | None:
+        if BatchState(batch.state).finished:
+            return None
+        if batch.queue not in served:
+            served[batch.queue] = live_on(session, batch.queue) > 0
+        return None if served[batch.queue] else nobody_serves(batch.model, batch.queue)
+
+    return warning
 
 
 def native_object(record: ApiBatch, batch: Batch, totals: Counts, warning: str | None = None) -> dict[str, Any]:
@@ -114,15 +140,7 @@ def native_object(record: ApiBatch, batch: Batch, totals: Counts, warning: str |
 def native_objects(session: Session, records: list[ApiBatch]) -> list[dict[str, Any]]:
     ids = [r.batch_id for r in records if r.batch_id]
     batches = {b.id: b for b in session.scalars(select(Batch).where(Batch.id.in_(ids)))} if ids else {}
-    served: dict[str, bool] = {}  # queue -> a live worker consumes it (one query per queue shown)
-
-    def warning(batch: Batch) -> str | None:
-        if BatchState(batch.state).finished:
-            return None
-        if batch.queue not in served:
-            served[batch.queue] = live_on(session, batch.queue) > 0
-        return None if served[batch.queue] else nobody_serves(batch.model, batch.queue)
-
+    warning = _unserved(session)
     return [
         native_object(record, batch, counts_of(batch), warning(batch))
         for record in records

@@ -113,6 +113,7 @@ class BatchObject(BaseModel):
     request_counts: RequestCounts
     usage: BatchUsage | None = None
     metadata: dict[str, str] | None = None
+    warning: str | None = Field(None, description="sumfleet's: e.g. no live worker serves the batch's model")
 
 
 class BatchList(BaseModel):
