@@ -95,6 +95,7 @@ def test_a_worker_on_a_redis_socket_url_runs_its_sweeper(
     assert "ValueError" not in log and "sweep failed" not in log, log
     broker = redis.Redis(unix_socket_path=socket_redis.removeprefix("redis+socket://"))
     try:
-        assert broker.exists("sumfleet:sweeper")  # the sweeper's lock lives on the broker the URL names
+        # the sweeper's lock (held for 0.45 s of every 0.5 s sweep) lives on the broker the URL names
+        wait_for(lambda: broker.exists("sumfleet:sweeper"), 30, "the sweeper's lock on the socket's Redis", poll=0.02)
     finally:
         broker.close()
