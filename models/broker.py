@@ -45,7 +45,9 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_time_limit=settings.task_time_limit,
+        # no time limit per chunk: a worker process that makes no generation progress for
+        # SUMFLEET_TASK_TIME_LIMIT seconds ends itself (`worker.heartbeat`), however long its chunk runs
+        task_time_limit=None,
         # "priority": a worker's every fetch tries its queues in the order given (recovery queue first);
         # kombu's default round robin would let new work alternate with recovered work
         broker_transport_options={

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from models.counters import count_moved, count_moves
 from models.states import BatchState, JobState, moves
-from models.store import utcnow
+from models.store import close_batch_if_done, utcnow
 from models.tables import Batch, Job
 
 
@@ -217,7 +217,21 @@ def reclaim_jobs(
     for row in sorted(queued, key=lambda row: row.id):
         reclaimed.queued.setdefault(row.batch_id, []).append(row.id)
     reclaimed.failed, reclaimed.cancelled = len(failed_batches), len(cancelled_batches)
+    for batch_id in sorted(set(failed_batches)):  # its last open job may just have failed: the batch ends
+        close_batch_if_done(session, batch_id)
     return reclaimed
+
+
+def renew_leases(session: Session, job_ids: Sequence[int], worker: str, lease_seconds: float) -> int:
+    """Push the leases of `job_ids` still running under `worker`'s name to now + `lease_seconds`;
+    returns how many. A job another worker took over (its lease ran out meanwhile) is left alone."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.worker == worker, Job.state == JobState.RUNNING.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)),
+        execution_options={"synchronize_session": False},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def cancel_held(session: Session, job_ids: Sequence[int], worker: str) -> int:

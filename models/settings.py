@@ -105,7 +105,10 @@ class Settings(BaseSettings):
     )
     allow_download: bool = Field(False, description="let transformers download models from the Hub")
     task_time_limit: int = Field(
-        defaults.TASK_TIME_LIMIT, ge=1, description="seconds a chunk may run before its worker process is killed"
+        defaults.TASK_TIME_LIMIT,
+        ge=1,
+        description="seconds a worker process may go without generation progress before it is ended "
+        "(a chunk may run longer while it progresses)",
     )
     visibility_timeout: int = Field(
         defaults.VISIBILITY_TIMEOUT,
@@ -116,7 +119,9 @@ class Settings(BaseSettings):
         defaults.MAX_ATTEMPTS, ge=1, le=100, description="a job whose worker died this many times ends failed"
     )
     lease_grace: int = Field(
-        defaults.LEASE_GRACE, ge=0, description="seconds a job's lease outlives the task time limit"
+        defaults.LEASE_GRACE,
+        ge=0,
+        description="a job's lease lasts the task time limit plus this, renewed while generation progresses",
     )
     tune_lease: int = Field(
         defaults.TUNE_LEASE, ge=1, description="seconds a tuning run's lease lasts (each training step renews it)"

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from models import defaults
-from models.errors import InputError, NotPublished, SumfleetError
+from models.errors import ConfigError, InputError, NotPublished, SumfleetError
 from models.settings import Settings, hide_password, load_settings, settings_help
 
 if TYPE_CHECKING:
@@ -349,6 +349,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     model = canonical_model(settings.model)
     resolve_model(model, settings)  # refuse an unknown model here, not in a crash-looping child
+    if not (args.database_url or os.environ.get("SUMFLEET_DATABASE_URL")):
+        # the default SQLite file is a database of this directory alone: a worker on it never sees the
+        # batches that `submit` or the API wrote elsewhere, and theirs would wait forever
+        raise ConfigError(
+            "no database given: set SUMFLEET_DATABASE_URL (or --database-url) to the database that submit and "
+            f"the API use; to serve the SQLite file of this directory on purpose, pass "
+            f"--database-url {defaults.DEFAULT_DATABASE_URL}"
+        )
     if args.metrics_port is not None:  # set before prometheus_client is imported: every process writes there
         import shutil
         import tempfile

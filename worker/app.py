@@ -20,9 +20,11 @@ from models import defaults, metrics
 from models.adapters import adapter_dir
 from models.broker import create_app, queue_for, recovery_queue_for, send_chunk
 from models.db import ensure_schema, open_database, session_factory
+from models.errors import BatchNotFoundError
 from models.registry import WorkerInfo
-from models.settings import Settings
+from models.settings import Settings, hide_password
 from worker.chunk import ChunkProcessor
+from worker.heartbeat import Heartbeat, beat_on_generate, kill_this_process
 from worker.identity import worker_id
 from worker.lost import WorkRecovery, request_class
 from worker.presence import Presence, describe
@@ -65,7 +67,7 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         send_chunk(app, batch_id, queue, job_ids)
 
     @signals.worker_process_init.connect(weak=False)
-    def _load(**_: object) -> None:
+    def _load(pool_child: bool = True, **_: object) -> None:
         from worker.loading import load_engine
 
         database = open_database(settings.database_url)
@@ -76,15 +78,23 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         metrics.MODEL_LOAD_SECONDS.labels(model).set(time.perf_counter() - started)
         metrics.meter_generation(engine, model)
         sessions = session_factory(database)
+        lease = settings.task_time_limit + settings.lease_grace
+        # a pool process that stops making progress ends itself and its parent takes its jobs back
+        # at once; a solo worker (no parent to do that) stops renewing and lets its leases run out
+        heartbeat = Heartbeat(
+            sessions, worker_id(), lease_seconds=lease, limit=settings.task_time_limit, on_stall=_stall(pool_child)
+        )
+        beat_on_generate(engine, heartbeat)
         runtime.processor = ChunkProcessor(
             sessions,
             engine,
             worker_id(),
-            lease_seconds=settings.task_time_limit + settings.lease_grace,
+            lease_seconds=lease,
             max_attempts=settings.max_attempts,
             should_stop=stopping.is_set,
             requeue=requeue,
             adapters=adapter_dir(settings.adapter_dir),
+            heartbeat=heartbeat.start(),
         )
         from worker.sweeper import Sweeper
 
@@ -101,7 +111,7 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
     @app.task(name=defaults.TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, Request=chunk_request)
     def summarize_chunk(self: Task, batch_id: str, job_ids: list[int]) -> dict[str, int]:
         if runtime.processor is None:  # solo/threads pools never fork: load on first use
-            _load()
+            _load(pool_child=False)
         processor = runtime.processor
         assert processor is not None
         capacity = int(getattr(processor.engine, "capacity", 0) or 0)
@@ -123,6 +133,16 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
                 metrics.IN_FLIGHT.labels(model).inc(len(ids))
                 try:
                     report = _with_database_retries(partial(processor.process, group, ids), group)
+                except BatchNotFoundError:
+                    # published by a producer on another database: nothing here to run; that database's
+                    # sweepers publish its jobs again for workers that share it
+                    log.error(
+                        "batch %s is not in this worker's database (%s): the producer that published it uses "
+                        "another one; give this worker the same SUMFLEET_DATABASE_URL as submit and the API",
+                        group,
+                        hide_password(settings.database_url),
+                    )
+                    continue
                 finally:
                     metrics.IN_FLIGHT.labels(model).dec(len(ids))
                 metrics.DOCUMENTS.labels(model, "succeeded").inc(report.succeeded)
@@ -159,13 +179,21 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
         """Train a tuning run given to the fleet (acked when taken: its lease, renewed at every step,
         is what brings it back if this process dies)."""
         if runtime.processor is None:
-            _load()
+            _load(pool_child=False)
         from worker.tuning import run_claimed
 
         assert runtime.processor is not None
         return run_claimed(runtime.processor.sessions, settings, run_id, runtime.processor.worker)
 
     return app
+
+
+def _stall(pool_child: bool) -> Callable[[], None]:
+    """What a worker process that makes no progress does: a pool process dies (its parent takes its
+    jobs back at once, `worker.lost`); a solo worker's only process stops renewing its leases."""
+    if pool_child:
+        return kill_this_process
+    return lambda: log.error("no progress: this solo worker stops renewing its leases; the sweeper takes them over")
 
 
 def _with_database_retries(work: Callable[[], T], batch_id: str) -> T:

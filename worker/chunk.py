@@ -30,6 +30,7 @@ from models.store import batch_state, close_batch_if_done, get_batch, mark_batch
 from models.tables import Adapter
 from worker.backends.base import AdapterSpec
 from worker.engine import Engine, GenerationParams
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class ChunkProcessor:
         should_stop: Callable[[], bool] | None = None,
         requeue: Callable[[str, str, list[int]], None] | None = None,
         adapters: Path | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.sessions = sessions
         self.engine = engine
@@ -81,6 +83,7 @@ class ChunkProcessor:
         self.should_stop = should_stop  # asked between generation batches (a worker shutting down)
         self.requeue = requeue  # publishes (batch id, queue, job ids) released by a graceful stop
         self.adapters = adapters or adapter_dir(None)  # where adapters' files are (SUMFLEET_ADAPTER_DIR)
+        self.heartbeat = heartbeat  # renews the leases of claimed jobs while generation advances (worker.heartbeat)
         self._specs: dict[str, BatchSpec] = {}
         self._started: set[str] = set()  # batches this process has already marked running
 
@@ -132,6 +135,8 @@ class ChunkProcessor:
         report.claimed = len(claimed)
         if claimed:
             open_ids = {job.id for job in claimed}
+            if self.heartbeat is not None:
+                self.heartbeat.hold(open_ids)
             try:
                 if spec.model != self.engine.name:
                     raise RuntimeError(
@@ -140,6 +145,8 @@ class ChunkProcessor:
                 for outcomes in self._outcomes(claimed, spec, isolate):
                     self._store(outcomes, report, on_batch)
                     open_ids.difference_update(o.job_id for o in outcomes)
+                    if self.heartbeat is not None:
+                        self.heartbeat.progress([o.job_id for o in outcomes])
                     if open_ids and self._cancelled(batch_id):
                         self._cancel_rest(batch_id, sorted(open_ids), report)
                         open_ids.clear()
@@ -154,6 +161,9 @@ class ChunkProcessor:
                 log.exception("chunk of batch %s failed", batch_id)
                 reason = f"{type(error).__name__}: {error}"
                 self._store([JobOutcome(job_id, error=reason) for job_id in sorted(open_ids)], report, on_batch)
+            finally:
+                if self.heartbeat is not None:
+                    self.heartbeat.release([job.id for job in claimed])
         with self.sessions.begin() as session:
             close_batch_if_done(session, batch_id)
         return report

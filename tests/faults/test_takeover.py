@@ -86,7 +86,10 @@ def test_an_expired_chunk_is_republished_once_and_ahead_of_new_work(
 ) -> None:
     settings = fleet_settings.model_copy(
         update={
-            "task_time_limit": 3,
+            # a lease of 20 s from the last renewal: the held chunk makes no progress, and a time limit
+            # shorter than the test's own steps on a busy machine would let the process end itself
+            # (and its parent republish at once) before the test kills the whole worker
+            "task_time_limit": 20,
             "lease_grace": 0,
             "visibility_timeout": 600,
             "sweep_interval": 0.3,
@@ -110,7 +113,7 @@ def test_an_expired_chunk_is_republished_once_and_ahead_of_new_work(
 
     # a worker of another queue: it never takes these chunks, but its sweeper watches every batch
     sweeping = start_worker(settings.model_copy(update={"queue": f"{queue}-other"}), "lead")
-    wait_for(lambda: _republished(dead, sweeping), 60, "the sweeper to republish the expired chunk")
+    wait_for(lambda: _republished(dead, sweeping), 120, "the sweeper to republish the expired chunk")
     time.sleep(6)  # twenty more sweeps of the same expired jobs
     assert len(_republished(dead, sweeping)) == 1, _republished(dead, sweeping)
     broker = redis.Redis.from_url(settings.broker_url)

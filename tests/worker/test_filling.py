@@ -4,6 +4,7 @@ are committed. Real worker processes, Redis and PostgreSQL; the toy backend reco
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -17,6 +18,12 @@ from tests.conftest import wait_for
 
 pytestmark = pytest.mark.services
 MODEL = "python:tests.worker.toy_backend:recording"
+
+
+def _unacked(broker: redis.Redis, queue: str) -> int:
+    """Messages of `queue` delivered and not acknowledged (the db's `unacked` hash holds every queue's:
+    kombu stores each as [message, exchange, routing key]; this test's queue is its own)."""
+    return sum(json.loads(entry)[2] == queue for entry in broker.hvals("unacked"))
 
 
 def _documents(count: int) -> list[str]:
@@ -41,7 +48,8 @@ def test_eight_chunks_of_four_reach_one_generate_call_of_32_rows(
     broker = redis.Redis.from_url(fleet_settings.broker_url)
     try:
         assert broker.llen(str(fleet_settings.queue)) == 0
-        wait_for(lambda: broker.hlen("unacked") == 0, 30, "every pulled message to be acknowledged")
+        queue = str(fleet_settings.queue)
+        wait_for(lambda: _unacked(broker, queue) == 0, 30, "every pulled message to be acknowledged")
     finally:
         broker.close()
     assert all(r["attempts"] == 1 for r in client.results(submission.batch_id))

@@ -3,8 +3,10 @@ sweeper on every broker URL form it accepts (a Redis unix socket, `redis+socket:
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import redis
 
 from models.settings import Settings
 from producer.client import Client
-from tests.conftest import wait_for
+from tests.conftest import ROOT, wait_for
 from tests.faults.proxy import Proxy
 
 pytestmark = pytest.mark.services
@@ -54,6 +56,38 @@ def test_a_worker_refuses_wrong_database_credentials_at_once(fleet_settings: Set
     assert done.returncode == 1 and time.monotonic() - started < 30  # waiting would not fix it
     message = done.stderr.decode()
     assert "cannot reach database" in message and "nobody" in message, message
+
+
+def test_a_worker_without_a_database_url_refuses_the_default_sqlite_file(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUMFLEET_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "worker", "--model", "lead"],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    message = done.stderr.decode()
+    assert done.returncode == 1, message
+    assert "no database given: set SUMFLEET_DATABASE_URL (or --database-url)" in message
+    assert "pass --database-url sqlite:///sumfleet.db" in message
+    assert not (tmp_path / "sumfleet.db").exists()  # nothing was created where nobody else would look
+
+
+def test_a_worker_on_another_database_says_so_for_chunks_it_cannot_find(
+    fleet_settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    client = Client(fleet_settings)
+    client.ensure_schema()
+    elsewhere = fleet_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'local.db'}"})
+    Client(elsewhere, migrate=True).ensure_schema()
+    worker = start_worker(elsewhere, "lead")  # the same broker and queue, another database
+    worker.wait_ready(120)
+    batch_id = client.submit(["One first. Second."], model="lead").batch_id
+    wait_for(lambda: f"batch {batch_id} is not in this worker's database" in worker.text(), 60, "the worker's error")
+    assert "give this worker the same SUMFLEET_DATABASE_URL as submit and the API" in worker.text()
+    assert worker.process.poll() is None  # it goes on serving its own database
+    assert client.status(batch_id).counts == {"queued": 1}  # the batch waits for a worker of its database
 
 
 @pytest.fixture

@@ -132,3 +132,24 @@ def troubled(name: str, settings: Settings) -> ToyBackend:
 
     backend.fail = fail
     return backend
+
+
+def paced(name: str, settings: Settings) -> ToyBackend:
+    """`python:tests.worker.toy_backend:paced`: one row per call; a call holding a document with the
+    word SLOW takes a second (a slow machine: progress, but a chunk takes long); one with the word
+    HANG never returns (a stuck engine)."""
+    backend = ToyBackend(max_batch_size=1)
+    words = backend.tokenizer
+    real = backend.generate
+
+    def generate(rows: Sequence[Row]) -> list[Generated]:
+        texts = [words.decode(row.ids).split() for row in rows]
+        if any("HANG" in text for text in texts):
+            while True:
+                time.sleep(60)
+        if any("SLOW" in text for text in texts):
+            time.sleep(1.0)
+        return real(rows)
+
+    backend.generate = generate  # type: ignore[method-assign]
+    return backend
