@@ -44,6 +44,7 @@ class _Doc:
     prompt_tokens: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
+    calls: set[int] = field(default_factory=set)  # generate calls its seconds count (pieces may share one)
     closed: bool = False  # its outcome was handed back
     finish_reason: str | None = None  # of its final row: "stop" (the model ended it) or "length" (the limit)
 
@@ -68,6 +69,7 @@ class GenerationPipeline:
         self.max_batch_size = settings.max_batch_size or backend.max_batch_size
         self.configured_budget = settings.token_budget or backend.token_budget
         self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
+        self._calls = 0  # backend calls made, numbering them (a document's time counts each call once)
 
     @property
     def capacity(self) -> int:
@@ -99,8 +101,8 @@ class GenerationPipeline:
                 group.sort(key=lambda item: len(item.row.ids))
                 for items in self._batches(group):
                     outcomes: list[JobOutcome] = []
-                    for item, done in zip(items, self._generate_safely(items), strict=True):
-                        outcome, more = self._advance(item, done, prompt, params)
+                    for item, (done, call) in zip(items, self._generate_safely(items), strict=True):
+                        outcome, more = self._advance(item, done, call, prompt, params)
                         if outcome is not None:
                             outcomes.append(outcome)
                         following.extend(more)
@@ -172,13 +174,16 @@ class GenerationPipeline:
         ]
 
     def _advance(
-        self, item: _Item, done: Generated, prompt: PromptPlan, params: GenerationParams
+        self, item: _Item, done: Generated, call: int, prompt: PromptPlan, params: GenerationParams
     ) -> tuple[JobOutcome | None, list[_Item]]:
-        """Take one generated row: the document's outcome when it is finished, or its next rows."""
+        """Take one generated row (of generate call number `call`): the document's outcome when it is
+        finished, or its next rows."""
         doc = item.doc
         if doc.closed:  # another piece of it failed already
             return None, []
-        doc.seconds += done.seconds
+        if call not in doc.calls:  # pieces of one document in one call: that call's time counts once
+            doc.calls.add(call)
+            doc.seconds += done.seconds
         doc.prompt_tokens += len(item.row.ids)
         if item.final:
             where = "" if doc.level == 1 else f" (level {doc.level}: the summary of the piece summaries)"
@@ -256,14 +261,17 @@ class GenerationPipeline:
             yield group[start:end]
             start = end
 
-    def _generate_safely(self, items: list[_Item]) -> list[Generated]:
-        """Generate a call; on any error split it in half, down to the failing row.
+    def _generate_safely(self, items: list[_Item]) -> list[tuple[Generated, int]]:
+        """Generate a call; on any error split it in half, down to the failing row. Each result comes
+        with the number of the backend call that made it.
 
         Out of memory also lowers the token budget for the rest of the chunk.
         """
         rows = [item.row for item in items]
+        self._calls += 1
+        call = self._calls
         try:
-            return self.backend.generate(rows)
+            return [(done, call) for done in self.backend.generate(rows)]
         except Exception as error:
             if self.backend.is_out_of_memory(error):
                 cost = batch_cost(max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows), len(rows))
@@ -271,7 +279,7 @@ class GenerationPipeline:
                 log.warning("out of memory on %d rows; token budget now %d", len(rows), self.budget)
             if len(items) == 1:
                 log.warning("job %s failed: %s", items[0].doc.job.id, describe(error))
-                return [Generated(None, 0.0, describe(error))]
+                return [(Generated(None, 0.0, describe(error)), call)]
             half = len(items) // 2
             return self._generate_safely(items[:half]) + self._generate_safely(items[half:])
 

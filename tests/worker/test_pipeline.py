@@ -22,7 +22,7 @@ from models.settings import Settings
 from tests.conftest import SAMPLE
 from tests.worker.longdoc import long_document
 from tests.worker.toy_backend import ToyBackend, ToyOutOfMemory
-from worker.backends.base import Backend, Row
+from worker.backends.base import Backend, Generated, Row
 from worker.engine import GenerationParams
 from worker.loading import load_engine
 from worker.pipeline import GenerationPipeline
@@ -204,6 +204,23 @@ def test_truncation_leaves_room_for_the_batchs_own_output() -> None:
     assert outcome.prompt_tokens + 40 <= 256
     with pytest.raises(IndexError):  # what the old room (256 - 8) would have led to
         backend.generate([Row(list(range(2, 250)), 40)])
+
+
+def test_generation_seconds_count_each_call_once_for_a_map_reduced_document() -> None:
+    """Regression: every piece of a document added the whole time of the call it shared with its
+    other pieces (a 6.5k-word paper reported 5,235 s). Each call here reports 1 second."""
+    backend = ToyBackend(context_length=256)
+    real = backend.generate
+    backend.generate = lambda rows: [Generated(g.tokens, 1.0) for g in real(rows)]  # type: ignore[method-assign]
+    pipeline = GenerationPipeline("m", backend, Settings(database_url="sqlite://", max_input_tokens=256))
+    long = ClaimedJob(1, "report", long_document(600), 1)
+    (short,) = _jobs(1)
+    outcomes = _run(pipeline, [long, ClaimedJob(2, short.doc_id, short.text, 1)], GenerationParams(max_new_tokens=8))
+    assert outcomes[1].error is None and outcomes[1].pieces is not None and outcomes[1].pieces >= 3
+    rows_of_long = sum(len(call) for call in backend.calls) - 1  # every row but the short document's one
+    assert rows_of_long > len(backend.calls)  # pieces shared calls: counting per row would differ
+    assert outcomes[1].generation_seconds == len(backend.calls)  # the long document was in every call
+    assert outcomes[2].generation_seconds == 1.0
 
 
 def test_a_plugin_backend_runs_under_the_pipeline() -> None:
