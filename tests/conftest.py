@@ -25,7 +25,8 @@ from models.settings import Settings
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+# the maintenance database every PostgreSQL has: the tests create (and drop) databases of their own from it
+PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("SUMFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
 SAMPLE = ROOT / "examples" / "sample.jsonl"
 

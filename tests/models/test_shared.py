@@ -140,11 +140,23 @@ def test_model_names() -> None:
         ("gpt-17", "unknown model 'gpt-17'"),
         ("nobody/no-such-model-xyz", "not in the local Hugging Face cache and downloads are off"),
         ("lead-0", "at least one sentence"),
+        ("python:os:system", "'os' is Python's standard library, not a plugin engine"),
+        ("python:subprocess:run", "'subprocess' is Python's standard library"),
+        ("python:os.path:join", "'os' is Python's standard library"),
+        ("python:builtins:eval", "'builtins' is Python's standard library"),
+        ("python:tests.worker.toy_backend", "a plugin engine is python:package.module:factory"),
+        ("python:tests.worker.toy_backend:make; rm -rf /", "a plugin engine is python:package.module:factory"),
+        ("python:no_such_package_xyz.mod:make", "no module 'no_such_package_xyz.mod' to import"),
     ],
 )
 def test_unknown_models_are_refused(name: str, message: str) -> None:
     with pytest.raises(ModelNotFoundError, match=message):
         resolve_model(name, Settings())
+
+
+def test_a_plugin_from_a_package_of_ones_own_is_accepted() -> None:
+    source = resolve_model("python:tests.worker.toy_backend:troubled", Settings())
+    assert (source.kind, source.location) == ("plugin", "tests.worker.toy_backend:troubled")
 
 
 def test_the_producer_accepts_the_bundled_model_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
