@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from models import defaults
 from models.errors import ConfigError, InputError, NotPublished, SumfleetError
 from models.settings import Settings, hide_password, load_settings, settings_help
+from producer.inputs import FORMATS as INPUT_FORMATS
 
 if TYPE_CHECKING:
     from producer.client import Client
@@ -53,16 +54,26 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _input_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="JSONL or CSV file, a directory of .txt/.md files, or - for stdin")
+    parser.add_argument(
+        "input",
+        help="JSONL, CSV/TSV or Parquet file, a directory of .txt/.md files, the folder of a Hugging Face dataset "
+        "saved with save_to_disk (of a DatasetDict: the split's folder, e.g. corpus/train), or - for stdin",
+    )
     parser.add_argument(
         "--format",
         dest="input_format",
-        choices=["jsonl", "csv", "tsv", "dir"],
-        help="input format (default: from the extension)",
+        choices=list(INPUT_FORMATS),
+        help="input format (default: from the extension; a directory holding state.json, dataset_info.json or "
+        "dataset_dict.json is hf, a saved Hugging Face dataset, any other directory dir)",
     )
-    parser.add_argument("--text-field", help="JSON key or CSV column with the text (default: text, document)")
     parser.add_argument(
-        "--id-field", help='JSON key or CSV column with the id, then required in every row (default: "id" if any)'
+        "--text-field",
+        help="JSON key or CSV/Parquet/dataset column with the text (default: text, document; "
+        "for columns also article, content, body, case-insensitively)",
+    )
+    parser.add_argument(
+        "--id-field",
+        help='JSON key or CSV/Parquet/dataset column with the id, then required in every row (default: "id" if any)',
     )
     parser.add_argument(
         "--skip-bad-rows", action="store_true", help="skip bad rows (and list them) instead of rejecting the input"

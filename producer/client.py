@@ -223,7 +223,8 @@ class Client:
         publish: bool = True,
         **options: Any,
     ) -> Submission:
-        """Submit every document of a JSONL/CSV file, a directory of .txt/.md, or `-` (stdin)."""
+        """Submit every document of a JSONL/CSV/TSV/Parquet file, a directory of .txt/.md, a saved Hugging Face
+        dataset's folder, or `-` (stdin): `producer.inputs.read_documents`, whose `fmt` names are `FORMATS`."""
         problems: list[RowProblem] = []
         documents = read_documents(
             path,

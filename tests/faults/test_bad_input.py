@@ -46,6 +46,7 @@ def _files(root: Path) -> dict[str, Path]:
     put("latin1-prompt.txt", "R\u00e9sume: {document}".encode("latin-1"))
     put("empty-prompt.txt", b"  \n")
     put("nul-text.jsonl", b'{"id": "a", "text": "Fine."}\n{"id": "b", "text": "bad \\u0000 byte"}\n')
+    put("nan-meta.jsonl", b'{"id": "a", "text": "Fine.", "score": NaN}\n{"id": "b", "text": "Fine.", "w": -Infinity}\n')
     put("nul-id.jsonl", b'{"id": "a\\u0000", "text": "Fine."}\n')
     put("nul-field.csv", b'id,text,note\n1,Fine.,"a\x00b"\n')
     put("surrogate-id.jsonl", b'{"id": "\\ud800", "text": "Fine."}\n')
@@ -208,6 +209,16 @@ CASES = [
         "run into a missing folder",
         ["run", "{sample}", "-o", "missing/dir/x.jsonl"],
         "directory missing/dir does not exist",
+    ),
+    (
+        "NaN and Infinity in a JSON Lines row (not JSON; PostgreSQL refuses them)",
+        ["submit", "{nan-meta.jsonl}"],
+        '{nan-meta.jsonl}:1: field "score" is nan, which JSON cannot store (use null or a number)',
+    ),
+    (
+        "a standard-library function as a plugin model",
+        ["submit", "{sample}", "--model", "python:os:system"],
+        "model 'python:os:system': 'os' is Python's standard library, not a plugin engine",
     ),
     (
         "both prompt flags",
