@@ -11,16 +11,17 @@ import hashlib
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.counters import Counts, counts_of
 from models.db import rowcount
+from models.errors import InputError
 from models.states import JobState
-from models.store import utcnow
+from models.store import as_utc, utcnow
 from models.tables import ApiBatch, ApiFile, ApiFileChunk, ApiKey, ApiRejection, Batch, Job, WebhookDelivery
 
 KEY_PREFIX = "sk-sumfleet-"  # API key secrets start with this
@@ -52,9 +53,33 @@ class NewKey:
     name: str | None
     secret: str
     webhook_secret: str
+    rate_limit_per_minute: int | None = None
+    documents_per_day: int | None = None
+    batches_in_flight: int | None = None
 
 
-def create_key(session: Session, name: str | None = None) -> NewKey:
+def _check_limits(**limits: int | None) -> None:
+    for name, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(
+                f"{name} must be a whole number >= 0 (0: unlimited) or unset (the server's); got {value!r}"
+            )
+
+
+def create_key(
+    session: Session,
+    name: str | None = None,
+    *,
+    rate_limit_per_minute: int | None = None,
+    documents_per_day: int | None = None,
+    batches_in_flight: int | None = None,
+) -> NewKey:
+    """A new key. Each limit: None follows the server's setting (SUMFLEET_API_...), 0 is unlimited, N is N."""
+    _check_limits(
+        rate_limit_per_minute=rate_limit_per_minute,
+        documents_per_day=documents_per_day,
+        batches_in_flight=batches_in_flight,
+    )
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=new_id("key_", 8),
@@ -64,10 +89,44 @@ def create_key(session: Session, name: str | None = None) -> NewKey:
         # Standard Webhooks form: whsec_ + standard base64 of 32 random bytes (the HMAC key)
         webhook_secret=WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii"),
         created_at=utcnow(),
+        rate_limit_per_minute=rate_limit_per_minute,
+        documents_per_day=documents_per_day,
+        batches_in_flight=batches_in_flight,
     )
     session.add(key)
     session.flush()
-    return NewKey(key.id, name, secret, key.webhook_secret)
+    return NewKey(key.id, name, secret, key.webhook_secret, rate_limit_per_minute, documents_per_day, batches_in_flight)
+
+
+UNCHANGED: Any = object()  # `set_key_limits`: leave this limit as it is
+
+
+def set_key_limits(
+    session: Session,
+    key_id: str,
+    *,
+    rate_limit_per_minute: int | None = UNCHANGED,
+    documents_per_day: int | None = UNCHANGED,
+    batches_in_flight: int | None = UNCHANGED,
+) -> ApiKey | None:
+    """Change a key's limits (None: back to the server's setting); None when there is no such key."""
+    given = {
+        name: value
+        for name, value in (
+            ("rate_limit_per_minute", rate_limit_per_minute),
+            ("documents_per_day", documents_per_day),
+            ("batches_in_flight", batches_in_flight),
+        )
+        if value is not UNCHANGED
+    }
+    _check_limits(**given)
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        return None
+    for name, value in given.items():
+        setattr(key, name, value)
+    session.flush()
+    return key
 
 
 def list_keys(session: Session) -> list[ApiKey]:
@@ -93,8 +152,17 @@ def key_for_secret(session: Session, secret: str) -> ApiKey | None:
 # --- files --------------------------------------------------------------------------------------
 
 
-def add_upload(session: Session, owner: str, filename: str, purpose: str, chunks: Iterable[bytes]) -> ApiFile:
-    """Store an uploaded file piece by piece (each `chunks` item one row); returns it with its size."""
+def add_upload(
+    session: Session,
+    owner: str,
+    filename: str,
+    purpose: str,
+    chunks: Iterable[bytes],
+    expires_after: int | None = None,
+) -> ApiFile:
+    """Store an uploaded file piece by piece (each `chunks` item one row); returns it with its size.
+    `expires_after`: seconds after its creation that it expires (None: kept until deleted)."""
+    now = utcnow()
     file = ApiFile(
         id=new_id("file-"),
         owner=owner,
@@ -102,7 +170,8 @@ def add_upload(session: Session, owner: str, filename: str, purpose: str, chunks
         purpose=purpose,
         filename=filename,
         size=0,
-        created_at=utcnow(),
+        created_at=now,
+        expires_at=None if expires_after is None else now + timedelta(seconds=expires_after),
     )
     session.add(file)
     session.flush()
@@ -117,8 +186,11 @@ def add_upload(session: Session, owner: str, filename: str, purpose: str, chunks
     return file
 
 
-def add_generated_file(session: Session, owner: str, api_batch_id: str, kind: str, size: int) -> ApiFile:
+def add_generated_file(
+    session: Session, owner: str, api_batch_id: str, kind: str, size: int, expires_after: int | None = None
+) -> ApiFile:
     """Record a batch's output or error file (its lines are generated from the jobs when read)."""
+    now = utcnow()
     file = ApiFile(
         id=new_id("file-"),
         owner=owner,
@@ -127,31 +199,84 @@ def add_generated_file(session: Session, owner: str, api_batch_id: str, kind: st
         filename=f"{api_batch_id}_{kind}.jsonl",
         size=size,
         api_batch_id=api_batch_id,
-        created_at=utcnow(),
+        created_at=now,
+        expires_at=None if expires_after is None else now + timedelta(seconds=expires_after),
     )
     session.add(file)
     session.flush()
     return file
 
 
-def get_file(session: Session, owner: str, file_id: str) -> ApiFile | None:
-    """The file if `owner` has it; another key's file is as absent as a missing one."""
-    file = session.get(ApiFile, file_id) if _lookable(file_id) else None
-    return file if file is not None and file.owner == owner else None
+def expired(file: ApiFile, now: datetime | None = None) -> bool:
+    """Whether a file has expired (it is gone for its owner, whether or not it is deleted yet)."""
+    return file.expires_at is not None and as_utc(file.expires_at) <= (now or utcnow())
+
+
+def get_file(session: Session, owner: str, file_id: str, *, lock: bool = False) -> ApiFile | None:
+    """The file if `owner` has it and it has not expired; another key's file is as absent as a missing one.
+    `lock`: hold its row until the transaction ends (a delete or a batch's claim on it waits)."""
+    if not _lookable(file_id):
+        return None
+    if lock:
+        query = select(ApiFile).where(ApiFile.id == file_id).with_for_update(key_share=True)
+        file = session.scalar(query.execution_options(populate_existing=True))
+    else:
+        file = session.get(ApiFile, file_id)
+    return file if file is not None and file.owner == owner and not expired(file) else None
+
+
+def _being_validated(file_id: Any) -> Any:
+    """SQL: a batch in `validating` reads this upload (its bytes must stay until it has)."""
+    return exists().where(ApiBatch.input_file_id == file_id, ApiBatch.status == "validating")
 
 
 def delete_file(session: Session, owner: str, file_id: str) -> bool:
     """Delete `owner`'s file (an upload's bytes with it); False when `owner` has no such file.
 
     A batch made from an upload keeps running (its requests are jobs already); a deleted
-    output or error file is simply gone, though its batch still names it.
+    output or error file is simply gone, though its batch still names it. An upload a batch is
+    still validating is gone for its owner at once (it expires now) and its bytes are deleted by
+    the background pass once the batch has read them.
     """
-    file = get_file(session, owner, file_id)
+    file = get_file(session, owner, file_id, lock=True)
     if file is None:
         return False
+    if session.scalar(select(_being_validated(file.id))):
+        file.expires_at = utcnow()
+        session.flush()
+        return True
     session.execute(delete(ApiFileChunk).where(ApiFileChunk.file_id == file.id))
     session.delete(file)
     return True
+
+
+def prune_expired_files(sessions: sessionmaker[Session], now: datetime | None = None, limit: int = 100) -> int:
+    """Delete up to `limit` expired files (an upload's bytes with them), one transaction each; returns how many.
+
+    An upload a batch is still validating waits until the batch has read it; a batch that has
+    read its file keeps its requests (they are jobs).
+    """
+    now = now or utcnow()
+    with sessions() as session:
+        due = list(
+            session.scalars(
+                select(ApiFile.id)
+                .where(ApiFile.expires_at <= now, ~_being_validated(ApiFile.id))
+                .order_by(ApiFile.expires_at)
+                .limit(limit)
+            )
+        )
+    deleted = 0
+    for file_id in due:
+        with sessions.begin() as session:
+            query = select(ApiFile).where(ApiFile.id == file_id).with_for_update()
+            file = session.scalar(query.execution_options(populate_existing=True))
+            if file is None or not expired(file, now) or session.scalar(select(_being_validated(file.id))):
+                continue  # deleted meanwhile, its expiry moved, or a batch took it for validation first
+            session.execute(delete(ApiFileChunk).where(ApiFileChunk.file_id == file.id))
+            session.delete(file)
+            deleted += 1
+    return deleted
 
 
 def iter_upload(sessions: sessionmaker[Session], file_id: str) -> Iterator[bytes]:
@@ -201,7 +326,9 @@ def _page(
 def list_files(
     session: Session, owner: str, *, after: str | None, limit: int, purpose: str | None = None
 ) -> tuple[list[ApiFile], bool] | None:
-    query = select(ApiFile).where(ApiFile.owner == owner)
+    query = select(ApiFile).where(
+        ApiFile.owner == owner, or_(ApiFile.expires_at.is_(None), ApiFile.expires_at > utcnow())
+    )
     if purpose is not None:
         query = query.where(ApiFile.purpose == purpose)
     return _page(session, ApiFile, query, after, limit, owner)
@@ -343,6 +470,124 @@ def iter_job_lines(
         for row in rows:
             yield JobLine(*row)
         last = rows[-1][0]
+
+
+# --- validating batches ---------------------------------------------------------------------------
+
+
+def claim_validation(session: Session, api_batch_id: str, until: datetime, now: datetime | None = None) -> bool:
+    """Take a `validating` batch whose claim is free or ran out (its process died) until `until`; False if
+    it is not validating, or another process holds it."""
+    now = now or utcnow()
+    result = session.execute(
+        update(ApiBatch)
+        .where(
+            ApiBatch.id == api_batch_id,
+            ApiBatch.status == "validating",
+            or_(ApiBatch.claimed_until.is_(None), ApiBatch.claimed_until < now),
+        )
+        .values(claimed_until=until),
+        execution_options={"synchronize_session": False},
+    )
+    return rowcount(result) == 1
+
+
+def renew_validation(session: Session, api_batch_id: str, until: datetime | None) -> bool:
+    """Hold a `validating` batch until `until` (None: let any process take it now); False once it is not validating."""
+    result = session.execute(
+        update(ApiBatch)
+        .where(ApiBatch.id == api_batch_id, ApiBatch.status == "validating")
+        .values(claimed_until=until),
+        execution_options={"synchronize_session": False},
+    )
+    return rowcount(result) == 1
+
+
+def discard_validating(session: Session, api_batch_id: str) -> bool:
+    """Delete a batch still `validating` (its creation was refused before it was answered); False if it moved on."""
+    result = session.execute(
+        delete(ApiBatch).where(ApiBatch.id == api_batch_id, ApiBatch.status == "validating"),
+        execution_options={"synchronize_session": False},
+    )
+    return rowcount(result) == 1
+
+
+def unclaimed_validations(session: Session, now: datetime | None = None, limit: int = 20) -> list[str]:
+    """Ids of `validating` batches nobody holds (never taken, or their process died), oldest first."""
+    now = now or utcnow()
+    return list(
+        session.scalars(
+            select(ApiBatch.id)
+            .where(
+                ApiBatch.status == "validating",
+                or_(ApiBatch.claimed_until.is_(None), ApiBatch.claimed_until < now),
+            )
+            .order_by(ApiBatch.created_at)
+            .limit(limit)
+        )
+    )
+
+
+# --- limits and quotas ----------------------------------------------------------------------------
+
+
+def take_request(session: Session, key_id: str, per_minute: int, now: float) -> tuple[bool, float]:
+    """Take one request from a key's token bucket (`per_minute` tokens, refilled evenly over a minute).
+
+    One conditional UPDATE, so API processes sharing the database share the bucket exactly.
+    Returns (taken, level): the tokens left after this request, or (refused) the level now.
+    `now` is Unix seconds; a clock behind the last one counted refills nothing (it never drains).
+    """
+    capacity = float(per_minute)
+    refill = capacity / 60.0
+    elapsed = case(
+        (ApiKey.rate_at.is_(None), 0.0),
+        (ApiKey.rate_at < now, now - ApiKey.rate_at),
+        else_=0.0,
+    )
+    refilled = func.coalesce(ApiKey.rate_tokens, capacity) + elapsed * refill
+    level = case((refilled > capacity, capacity), else_=refilled)
+    latest = case((or_(ApiKey.rate_at.is_(None), ApiKey.rate_at < now), now), else_=ApiKey.rate_at)
+    left = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, level >= 1.0)
+        .values(rate_tokens=level - 1.0, rate_at=latest)
+        .returning(ApiKey.rate_tokens),
+        execution_options={"synchronize_session": False},
+    ).scalar()
+    if left is not None:
+        return True, float(left)
+    row = session.execute(select(ApiKey.rate_tokens, ApiKey.rate_at).where(ApiKey.id == key_id)).one_or_none()
+    if row is None or row[0] is None:
+        return False, 0.0
+    tokens, at = float(row[0]), float(row[1] or now)
+    return False, min(capacity, tokens + max(0.0, now - at) * refill)
+
+
+def lock_key(session: Session, key_id: str) -> ApiKey | None:
+    """A key's row, held until the transaction ends: submissions of one key check their quotas one at a time.
+    (FOR NO KEY UPDATE: rows that merely reference the key, such as an upload being written, do not wait.)"""
+    query = select(ApiKey).where(ApiKey.id == key_id).with_for_update(key_share=True)
+    return session.scalar(query.execution_options(populate_existing=True))
+
+
+def documents_used(key: ApiKey, today: date) -> int:
+    """Documents the key submitted on `today` (UTC)."""
+    return key.documents_used if key.documents_day == today else 0
+
+
+def count_documents(session: Session, key: ApiKey, today: date, documents: int) -> int:
+    """Add `documents` to the key's count of `today` (call with its row locked); returns the new count."""
+    used = documents_used(key, today) + documents
+    key.documents_day, key.documents_used = today, used
+    session.flush()
+    return used
+
+
+def open_batches(session: Session, owner: str, statuses: Sequence[str]) -> int:
+    """How many of `owner`'s API batches are in one of `statuses`."""
+    query = select(func.count()).select_from(ApiBatch).where(ApiBatch.owner == owner, ApiBatch.status.in_(statuses))
+    return session.scalar(query) or 0
 
 
 # --- webhook deliveries -------------------------------------------------------------------------

@@ -159,6 +159,36 @@ class Settings(BaseSettings):
     api_webhook_timeout: float = Field(
         defaults.WEBHOOK_TIMEOUT, gt=0, description="seconds a webhook receiver has to answer"
     )
+    api_rate_limit_per_minute: int | None = Field(
+        None,
+        ge=0,
+        description="requests per minute per API key, shared by all API processes; 429 above (unset or 0: "
+        "unlimited; `sumfleet keys create --requests-per-minute` sets a key's own)",
+    )
+    api_documents_per_day: int | None = Field(
+        None,
+        ge=0,
+        description="documents (or batch requests) an API key may submit per UTC day; a batch that would pass "
+        "it is refused whole with 429 (unset or 0: unlimited)",
+    )
+    api_batches_in_flight: int | None = Field(
+        None,
+        ge=0,
+        description="batches an API key may have validating, running or finishing at once; 429 above "
+        "(unset or 0: unlimited)",
+    )
+    api_file_ttl_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="uploaded files without `expires_after` expire this many seconds after upload, and are "
+        "deleted (unset: kept until deleted)",
+    )
+    api_validate_async_bytes: int | None = Field(
+        1_048_576,
+        ge=0,
+        description="a batch whose input file is larger than this is answered at once as `validating` and "
+        "checked in the background (unset: every file is checked before the answer)",
+    )
 
     @model_validator(mode="after")
     def _timeouts(self) -> Settings:

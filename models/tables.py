@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -187,6 +188,16 @@ class ApiKey(Base):
     webhook_secret: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # limits of this key: None follows the server's setting (SUMFLEET_API_...), 0 is unlimited
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    documents_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    batches_in_flight: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # the request token bucket, shared by every API process: its level, and when (Unix seconds) it was last counted
+    rate_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rate_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # documents submitted on `documents_day` (UTC); a submission on a later day starts the count again
+    documents_day: Mapped[date | None] = mapped_column(Date, nullable=True)
+    documents_used: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ApiFile(Base):
@@ -204,6 +215,8 @@ class ApiFile(Base):
     size: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes
     api_batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # generated files: their batch
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # gone for its owner from then on; the background pass deletes it (never while a batch validates it)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
 
 class ApiFileChunk(Base):
@@ -250,6 +263,11 @@ class ApiBatch(Base):
     expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # seconds its output and error files live after they are made (OpenAI's `output_expires_after`)
+    output_expires_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # while `validating`: until when the process reading its input file holds it (it renews this as it reads);
+    # past it, any API process takes the validation over
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ApiRejection(Base):

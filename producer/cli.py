@@ -207,10 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object a line")
     _connection_flags(api, broker=True)
 
-    keys = command("keys", "API keys of the HTTP API: create (the secret is shown once), list, revoke")
-    keys.add_argument("action", choices=["create", "list", "revoke"])
-    keys.add_argument("key_id", nargs="?", help="the key to revoke (key_...)")
+    keys = command(
+        "keys", "API keys of the HTTP API: create (the secret is shown once), list, revoke, limits (change a key's)"
+    )
+    keys.add_argument("action", choices=["create", "list", "revoke", "limits"])
+    keys.add_argument("key_id", nargs="?", help="the key to revoke or to change the limits of (key_...)")
     keys.add_argument("--name", help="a label for a new key")
+    for flag, setting in KEY_LIMITS.values():
+        keys.add_argument(
+            flag,
+            type=_key_limit,
+            metavar="N",
+            help=f"{flag.removeprefix('--').replace('-', ' ')} for this key: N, 0 (unlimited) or default "
+            f"(the server's SUMFLEET_{setting.upper()}; also when not given at create)",
+        )
     keys.add_argument("--json", action="store_true", help="print JSON")
     _connection_flags(keys)
 
@@ -785,24 +795,82 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+# a key's limits: the ApiKey column -> (its `sumfleet keys` flag, the server's setting it overrides)
+KEY_LIMITS = {
+    "rate_limit_per_minute": ("--requests-per-minute", "api_rate_limit_per_minute"),
+    "documents_per_day": ("--documents-per-day", "api_documents_per_day"),
+    "batches_in_flight": ("--batches-in-flight", "api_batches_in_flight"),
+}
+SERVER_DEFAULT = "default"  # a limit given as `default` follows the server's setting
+
+
+def _key_limit(text: str) -> int | str:
+    if text.strip().lower() == SERVER_DEFAULT:
+        return SERVER_DEFAULT
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 (0: unlimited) or default, got {text!r}")
+    return value
+
+
+def _limits_shown(key: Any) -> str:
+    shown = []
+    for column, (flag, _) in KEY_LIMITS.items():
+        value = getattr(key, column)
+        shown.append(f"{flag.removeprefix('--')}={'default' if value is None else value or 'unlimited'}")
+    return " ".join(shown)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
-    from models.api_store import create_key, list_keys, revoke_key
+    from models.api_store import UNCHANGED, create_key, list_keys, revoke_key, set_key_limits
     from producer.client import Client
 
+    given = {
+        column: getattr(args, flag.removeprefix("--").replace("-", "_")) for column, (flag, _) in KEY_LIMITS.items()
+    }
+    if args.action not in ("create", "limits") and any(value is not None for value in given.values()):
+        raise InputError(
+            f"limits are set by `sumfleet keys create` or `sumfleet keys limits`, not `keys {args.action}`"
+        )
     client = Client(_settings(args))  # creates the schema on a fresh database, like submit
     client.ensure_schema()
     if args.action == "create":
+        limits = {column: None if value in (None, SERVER_DEFAULT) else value for column, value in given.items()}
         with client.sessions.begin() as session:
-            new = create_key(session, args.name)
+            new = create_key(session, args.name, **limits)
         if args.json:
             print(
                 json.dumps(
-                    {"id": new.id, "name": new.name, "api_key": new.secret, "webhook_secret": new.webhook_secret}
+                    {
+                        "id": new.id,
+                        "name": new.name,
+                        "api_key": new.secret,
+                        "webhook_secret": new.webhook_secret,
+                        **limits,
+                    }
                 )
             )
         else:
             print(f"key id:         {new.id}\napi key:        {new.secret}\nwebhook secret: {new.webhook_secret}")
+            print(f"limits:         {_limits_shown(new)}")
             print("the api key and webhook secret are shown only now; store them safely", file=sys.stderr)
+        return 0
+    if args.action == "limits":
+        if not args.key_id:
+            raise InputError("`sumfleet keys limits` needs a key id (see `sumfleet keys list`)")
+        changes = {
+            column: UNCHANGED if value is None else None if value == SERVER_DEFAULT else value
+            for column, value in given.items()
+        }
+        with client.sessions.begin() as session:
+            changed = set_key_limits(session, args.key_id, **changes)
+            shown = None if changed is None else _limits_shown(changed)
+        if shown is None:
+            raise InputError(f"no API key {args.key_id!r} (see `sumfleet keys list`)")
+        print(f"{args.key_id}: {shown}")
         return 0
     if args.action == "revoke":
         if not args.key_id:
@@ -822,12 +890,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
             "prefix": key.secret_prefix,
             "created_at": key.created_at.isoformat(),
             "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+            **{column: getattr(key, column) for column in KEY_LIMITS},
         }
         if args.json:
             print(json.dumps(row))
         else:
             state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-            print(f"{key.id:<22} {key.secret_prefix + '...':<20} {state:<24} {key.name or ''}")
+            print(f"{key.id:<22} {key.secret_prefix + '...':<20} {state:<24} {key.name or '':<16} {_limits_shown(key)}")
     return 0
 
 

@@ -23,7 +23,9 @@ from producer.api.auth import bearer, current_key
 from producer.api.background import Maintainer
 from producer.api.checks import accepted_models
 from producer.api.errors import ApiError, error_body, error_responses, sumfleet_error
+from producer.api.limits import RateDecision, RequestLimiter
 from producer.api.schemas import Health, Readiness
+from producer.api.validation import Validator
 from producer.client import Client
 
 log = logging.getLogger(__name__)
@@ -50,11 +52,16 @@ class RequireKey:
     reads its body, so a client without a valid key cannot make the API receive and parse a big
     upload. The answer is `current_key`'s 401 in the error shape; the key found is left in the
     request's state (`KEY_STATE`) for the routes' `current_key` dependency.
+
+    With a `limiter`, the request is then counted against its key's requests per minute: over the
+    limit it is answered 429 with `Retry-After` (before its body is read), and every answer to a
+    limited key carries the `x-ratelimit-*-requests` headers.
     """
 
-    def __init__(self, app: Any, open_paths: Iterable[str]) -> None:
+    def __init__(self, app: Any, open_paths: Iterable[str], limiter: RequestLimiter | None = None) -> None:
         self.app = app
         self.open_paths = frozenset(open_paths)
+        self.limiter = limiter
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or (scope["method"] in ("GET", "HEAD") and _route_path(scope) in self.open_paths):
@@ -63,7 +70,7 @@ class RequireKey:
         request = Request(scope)  # headers only: nothing here calls `receive`
         try:
             credentials = await bearer(request)
-            key = await run_in_threadpool(current_key, request, credentials)
+            key, decision = await run_in_threadpool(self._check, request, credentials)
         except ApiError as refused:
             await _respond(scope, receive, send, refused)
             return
@@ -75,8 +82,30 @@ class RequireKey:
             unreachable = ApiError(503, f"database unreachable: {type(failure).__name__}", code="service_unavailable")
             await _respond(scope, receive, send, unreachable)
             return
+        if decision is not None and not decision.allowed:
+            await _respond(scope, receive, send, decision.refusal())
+            return
         scope.setdefault("state", {})[KEY_STATE] = key
-        await self.app(scope, receive, send)
+        if decision is None:
+            await self.app(scope, receive, send)
+            return
+        extra = [
+            (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in decision.headers().items()
+        ]
+
+        async def send_with_limits(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)
+
+    def _check(
+        self, request: Request, credentials: HTTPAuthorizationCredentials | None
+    ) -> tuple[ApiKey, RateDecision | None]:
+        """The request's key (or 401), and its count against the key's requests per minute (None: no limit)."""
+        key = current_key(request, credentials)
+        return key, self.limiter.take(key) if self.limiter is not None else None
 
 
 def _route_path(scope: Any) -> str:
@@ -143,14 +172,18 @@ def _serve_docs(app: FastAPI) -> list[str]:
 
 
 def create_app(settings: Settings, *, client: Client | None = None, background: bool = True) -> FastAPI:
-    """The app; `background` runs the finalize/expiry/webhook loop in this process (one thread)."""
+    """The app; `background` runs the loop that ends batches, expires and deletes files, delivers webhooks and
+    takes over validations left by dead processes in this process (one thread). Large batch files are
+    validated in threads of the app's `Validator` either way."""
     client = client or Client(settings)
+    models = accepted_models(settings)
+    validator = Validator(client, settings, models)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client.ensure_schema()
         client.app  # noqa: B018 - build the Celery app once, before requests share it
-        maintainer = Maintainer(client.sessions, settings) if background else None
+        maintainer = Maintainer(client.sessions, settings, validator) if background else None
         if maintainer is not None:
             maintainer.start()
         try:
@@ -158,6 +191,7 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
         finally:
             if maintainer is not None:
                 maintainer.stop()
+            validator.stop()  # validations under way give their batches back to the next process
             client.close()
 
     app = FastAPI(
@@ -171,11 +205,14 @@ def create_app(settings: Settings, *, client: Client | None = None, background: 
     app.add_middleware(errors.BodyLimit, limit=settings.api_max_upload_bytes)
     assets = _serve_docs(app)
     open_paths = {"/health", "/ready", "/metrics", app.openapi_url, *DOCS_PAGES, *assets}
-    app.add_middleware(RequireKey, open_paths={path for path in open_paths if path})  # outermost: before any body
+    app.add_middleware(  # outermost: before any body
+        RequireKey, open_paths={path for path in open_paths if path}, limiter=RequestLimiter(client.sessions, settings)
+    )
     app.dependency_overrides[current_key] = checked_key
     app.state.settings = settings
     app.state.client = client
-    app.state.models = accepted_models(settings)
+    app.state.models = models
+    app.state.validator = validator
     app.state.started = int(time.time())  # the `created` of the models listed at /v1/models
     errors.install(app)
 

@@ -31,6 +31,39 @@ def storable_name(name: str) -> str:
     return _UNSTORABLE.sub("\ufffd", name)
 
 
+FILE_TTL_MIN = 3600  # seconds: the shortest `expires_after` OpenAI accepts (an hour)
+FILE_TTL_MAX = 2_592_000  # seconds: the longest (30 days)
+
+
+def expires_after(value: object, param: str = "expires_after") -> int:
+    """The seconds of OpenAI's `{"anchor": "created_at", "seconds": N}` (N from an hour to 30 days), or 400."""
+    if not isinstance(value, dict):
+        raise ApiError(
+            400,
+            f'{param} must be an object {{"anchor": "created_at", "seconds": N}}, got {type(value).__name__}',
+            param=param,
+            code="invalid_value",
+        )
+    anchor, seconds = value.get("anchor"), value.get("seconds")
+    if anchor != "created_at":
+        got = "it is missing" if anchor is None else f"got {anchor!r}"
+        raise ApiError(
+            400, f'{param}.anchor must be "created_at", {got}', param=f"{param}.anchor", code="invalid_value"
+        )
+    if isinstance(seconds, str) and re.fullmatch(r"[0-9]{1,12}", seconds.strip()):
+        seconds = int(seconds)  # a multipart form sends it as text
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not FILE_TTL_MIN <= seconds <= FILE_TTL_MAX:
+        got = "it is missing" if seconds is None else f"got {seconds!r}"
+        raise ApiError(
+            400,
+            f"{param}.seconds must be a whole number of seconds from {FILE_TTL_MIN} (an hour) to {FILE_TTL_MAX} "
+            f"(30 days), {got}",
+            param=f"{param}.seconds",
+            code="invalid_value",
+        )
+    return seconds
+
+
 def accepted_models(settings: Settings) -> list[str]:
     """SUMFLEET_API_MODELS (comma-separated), or else the default model and `lead`.
 

@@ -76,6 +76,8 @@ _DESCRIPTIONS = {
     409: "The object's state does not allow this (e.g. cancelling a batch that has ended)",
     413: "Request body over SUMFLEET_API_MAX_UPLOAD_BYTES, or more documents than SUMFLEET_API_MAX_DOCUMENTS",
     422: "The request does not match the schema (a field missing or of the wrong type)",
+    429: "A limit of the API key was reached (requests per minute, documents per day, batches in flight): "
+    "`Retry-After` says in how many seconds to try again",
     503: "The database or the broker cannot be reached",
 }
 

@@ -1,10 +1,14 @@
 """What an API batch looks like (OpenAI batch objects, native batch objects, output and error
 file lines), and how it moves through OpenAI's statuses.
 
+    validating ──(file read and submitted)──► in_progress
+        ├──(a bad file, a quota)──► failed
+        ├──(cancel)──► cancelling ──► cancelled
+        └──(expires_at passed)──► finalizing ──► expired
     in_progress ──(all jobs finished)──► finalizing ──► completed
         │  └──(expires_at passed: queued jobs cancelled)──► finalizing ──► expired
         └──(cancel: queued jobs cancelled)──► cancelling ──(running jobs done)──► cancelled
-    (a file that fails validation: failed, at creation)
+    (`producer.api.validation` moves validating to in_progress or failed; every other move is made here)
 
 Every move is a conditional UPDATE on the record's status, so API processes running the same
 pass at once never both make it; the move that ends a batch creates its output and error
@@ -314,10 +318,15 @@ def _finish(sessions: sessionmaker[Session], record_id: str, expected: str, fina
             record = session.get(ApiBatch, record_id)
             assert record is not None
             values: dict[str, Any] = {f"{final}_at": now}
+            lives = record.output_expires_after
             if sizes[0] is not None:
-                values["output_file_id"] = add_generated_file(session, record.owner, record.id, "output", sizes[0]).id
+                values["output_file_id"] = add_generated_file(
+                    session, record.owner, record.id, "output", sizes[0], lives
+                ).id
             if sizes[1] is not None:
-                values["error_file_id"] = add_generated_file(session, record.owner, record.id, "error", sizes[1]).id
+                values["error_file_id"] = add_generated_file(
+                    session, record.owner, record.id, "error", sizes[1], lives
+                ).id
             if not set_status(session, record_id, [expected], final, **values):
                 raise _Lost
             notify(session, record, final)
@@ -356,7 +365,23 @@ def advance(sessions: sessionmaker[Session], record_id: str) -> str | None:
             return final if _finish(sessions, record_id, status, final) else None
         return status
 
-    if status in ("in_progress", "validating"):
+    if status == "validating":  # its reader moves it on, unless its window runs out first
+        if expires_at is not None and now >= expires_at:
+            with sessions.begin() as session:
+                if set_status(
+                    session,
+                    record_id,
+                    [status],
+                    "finalizing",
+                    finalizing_at=now,
+                    end_reason="expired",
+                    claimed_until=None,
+                ):
+                    log.info("batch %s expired while validating", record_id, extra={"batch_id": record_id})
+            return advance(sessions, record_id)
+        return status
+
+    if status == "in_progress":
         if expires_at is not None and now >= expires_at:
             with sessions.begin() as session:
                 if set_status(session, record_id, [status], "finalizing", finalizing_at=now, end_reason="expired"):

@@ -19,14 +19,14 @@ from fastapi.responses import StreamingResponse
 
 from models.errors import InputError, InvalidTransition, NotPublished, RowProblem, SumfleetError
 from models.tables import ApiBatch, ApiKey
-from producer.api import service
+from producer.api import limits, service
 from producer.api.auth import current_key
 from producer.api.checks import check_callback_url, check_model, listed, storable_name, unstorable
 from producer.api.errors import ApiError, error_responses, sumfleet_error
 from producer.api.schemas import SummaryBatch, SummaryBatchList, SummaryCreate, SummaryCreated, SummaryOptions
 from producer.inputs import Document, python_documents, read_documents
 
-router = APIRouter(prefix="/api/v1", tags=["summaries"], responses=error_responses(401, 422))
+router = APIRouter(prefix="/api/v1", tags=["summaries"], responses=error_responses(401, 422, 429))
 
 JSONL = "application/x-ndjson"
 SHOWN_PROBLEMS = 20  # bad documents listed in an error message
@@ -70,9 +70,12 @@ def _create(
     options: SummaryOptions,
     inline: bool,
     idempotency_key: str | None,
+    count: int | None = None,
 ) -> dict[str, Any]:
     state = request.app.state
     client, settings = state.client, state.settings
+    if idempotency_key is None:  # a retry must still get its first batch, whatever the quotas say now
+        limits.precheck(client.sessions, key.id, settings, documents=count)  # 429 before any work
     model = check_model(options.model, settings, state.models)
     callback_url = check_callback_url(options.callback_url, allow_private=settings.api_webhook_private)
     if options.prompt is not None and (problem := unstorable(options.prompt)):
@@ -137,7 +140,15 @@ def create_inline(
         )
     documents = python_documents(body.documents, problems, settings.max_document_chars)
     return _create(
-        request, key, documents, problems, source="<api>", options=body, inline=True, idempotency_key=idempotency_key
+        request,
+        key,
+        documents,
+        problems,
+        source="<api>",
+        options=body,
+        inline=True,
+        idempotency_key=idempotency_key,
+        count=len(body.documents),
     )
 
 

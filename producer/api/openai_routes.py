@@ -8,6 +8,7 @@ messages, `max_tokens` / `max_completion_tokens` and `temperature` go with its j
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -17,10 +18,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from models import defaults
+from models.broker import check_broker
 from models.errors import SumfleetError
 from models.model_names import canonical_model
 from models.tables import ApiBatch, ApiFile, ApiKey
-from producer.api import service
+from producer.api import checks, service, validation
 from producer.api.auth import current_key
 from producer.api.batch_input import CHAT_COMPLETIONS
 from producer.api.checks import check_callback_url, listed, storable_name
@@ -28,7 +30,7 @@ from producer.api.errors import ApiError, error_responses, sumfleet_error
 from producer.api.lifecycle import unix
 from producer.api.schemas import BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=error_responses(401, 422))
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=error_responses(401, 422, 429))
 
 _WINDOW = re.compile(r"^([1-9][0-9]{0,2})h$")
 MAX_WINDOW_HOURS = 168  # a week
@@ -44,7 +46,7 @@ def _file_object(file: ApiFile) -> dict[str, Any]:
         "filename": file.filename,
         "purpose": file.purpose,
         "status": "processed",
-        "expires_at": None,
+        "expires_at": unix(file.expires_at),
         "status_details": None,
     }
 
@@ -61,6 +63,17 @@ def create_file(
     request: Request,
     file: UploadFile = File(description="a JSONL file of batch requests"),
     purpose: str = Form(description='must be "batch"'),
+    anchor: str | None = Form(
+        None, alias="expires_after[anchor]", description='"created_at" (OpenAI\'s `expires_after`, as its SDK sends it)'
+    ),
+    seconds: str | None = Form(
+        None,
+        alias="expires_after[seconds]",
+        description="the file expires this many seconds after its upload (3600-2592000), and is then deleted",
+    ),
+    expires_after: str | None = Form(
+        None, description='the same as one JSON object, `{"anchor": "created_at", "seconds": N}`'
+    ),
     key: ApiKey = Depends(current_key),
 ) -> dict[str, Any]:
     if purpose != "batch":
@@ -70,7 +83,11 @@ def create_file(
             param="purpose",
             code="invalid_value",
         )
-    limit = request.app.state.settings.api_max_upload_bytes
+    settings = request.app.state.settings
+    lives = _lifetime(anchor, seconds, expires_after)
+    if lives is None:
+        lives = settings.api_file_ttl_seconds  # the server's default (unset: kept until deleted)
+    limit = settings.api_max_upload_bytes
     name = storable_name(file.filename or "upload.jsonl")[:512]
 
     def pieces() -> Iterator[bytes]:
@@ -86,7 +103,28 @@ def create_file(
                 )
             yield data
 
-    return _file_object(service.store_upload(request.app.state.client.sessions, key.id, name, purpose, pieces()))
+    stored = service.store_upload(request.app.state.client.sessions, key.id, name, purpose, pieces(), lives)
+    return _file_object(stored)
+
+
+def _lifetime(anchor: str | None, seconds: str | None, whole: str | None) -> int | None:
+    """The seconds of an upload's `expires_after` form fields (`expires_after[anchor]` and
+    `expires_after[seconds]`, or one JSON `expires_after`), or None when none is given."""
+    if whole is not None:
+        try:
+            value = json.loads(whole)
+        except (ValueError, RecursionError):
+            raise ApiError(
+                400,
+                'expires_after must be {"anchor": "created_at", "seconds": N} (JSON), or the form fields '
+                "expires_after[anchor] and expires_after[seconds]",
+                param="expires_after",
+                code="invalid_value",
+            ) from None
+        return checks.expires_after(value)
+    if anchor is None and seconds is None:
+        return None
+    return checks.expires_after({"anchor": anchor, "seconds": seconds})
 
 
 @router.get("/files", response_model=FileList, summary="List files", responses=error_responses(400, 422))
@@ -196,13 +234,24 @@ def create_batch(request: Request, body: BatchCreate, key: ApiKey = Depends(curr
                 code="invalid_value",
             )
         )
+    background = validation.in_background(state.settings, file.size)
+    if background:
+        try:  # 503 at once when the broker is away, as for a file validated before the answer
+            check_broker(state.client.app)
+        except SumfleetError as error:
+            raise sumfleet_error(error) from None
+    record = service.open_openai_batch(state.client, state.settings, key.id, file.id, body, callback_url)
+    if record is None:  # deleted or expired since it was looked up
+        raise _not_found("file", body.input_file_id, "input_file_id")
+    if background:
+        answer = _render(request, record.id)  # `validating`: the answer does not wait for the check
+        state.validator.start(record.id)
+        return answer
     try:
-        record_id = service.create_openai_batch(
-            state.client, state.settings, state.models, key.id, file, body, callback_url
-        )
+        validation.validate(state.client, state.settings, state.models, record.id, inline=True)
     except SumfleetError as error:
         raise sumfleet_error(error) from None
-    return _render(request, record_id)
+    return _render(request, record.id)
 
 
 @router.get("/batches", response_model=BatchList, summary="List batches", responses=error_responses(400, 422))

@@ -48,7 +48,11 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = Field(
         None, description="up to 16 pairs; keys up to 64, values up to 512 characters"
     )
-    output_expires_after: dict[str, Any] | None = Field(None, description="accepted and ignored (files are kept)")
+    output_expires_after: dict[str, Any] | None = Field(
+        None,
+        description='`{"anchor": "created_at", "seconds": N}` (3600-2592000): the output and error files expire N '
+        "seconds after they are made (unset: kept until deleted)",
+    )
     callback_url: str | None = Field(
         None, description="sumfleet extension: POSTed the batch object, signed, when it ends"
     )

@@ -9,21 +9,18 @@ as missing ones (None), like in `models.api_store`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
-from typing import Any, cast
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.adapters import split_model
 from models.api_store import (
-    add_rejections,
     add_upload,
     delete_file,
     get_api_batch,
     get_file,
     iter_upload,
-    iter_upload_lines,
     key_for_secret,
     list_api_batches,
     list_files,
@@ -32,19 +29,17 @@ from models.api_store import (
 )
 from models.broker import check_broker
 from models.db import hide_password
-from models.errors import BrokerError, InputError, NotPublished, RowProblem, SumfleetError
+from models.errors import InputError, RowProblem, SumfleetError
 from models.settings import Settings
 from models.store import utcnow
 from models.tables import ApiBatch, ApiFile, ApiKey, Batch
-from producer.api.batch_input import BatchInput, LineError, first_model
-from producer.api.checks import model_problem
+from producer.api import checks, limits, validation
 from producer.api.lifecycle import (
     advance,
     cancel_jobs,
     error_lines,
     expiry,
     native_objects,
-    notify,
     openai_objects,
     output_lines,
     render,
@@ -94,11 +89,17 @@ def find_key(sessions: sessionmaker[Session], secret: str) -> ApiKey | None:
 
 
 def store_upload(
-    sessions: sessionmaker[Session], owner: str, filename: str, purpose: str, chunks: Iterable[bytes]
+    sessions: sessionmaker[Session],
+    owner: str,
+    filename: str,
+    purpose: str,
+    chunks: Iterable[bytes],
+    expires_after: int | None = None,
 ) -> ApiFile:
-    """Store an uploaded file of `owner` in one transaction (nothing is kept when `chunks` raises)."""
+    """Store an uploaded file of `owner` in one transaction (nothing is kept when `chunks` raises);
+    it expires `expires_after` seconds after its upload (None: kept until deleted)."""
     with sessions.begin() as session:
-        return add_upload(session, owner, filename, purpose, chunks)
+        return add_upload(session, owner, filename, purpose, chunks, expires_after)
 
 
 def file_page(
@@ -185,6 +186,7 @@ def create_native_batch(
     """Submit documents as a batch of `owner` and its API record in one transaction (raises as `submit_documents`)."""
 
     def before_commit(session: Session, batch: Batch) -> None:
+        limits.admit(session, owner, client.settings, documents=batch.total, new_batch=True)  # 429 over a quota
         session.add(
             ApiBatch(
                 id=batch.id,
@@ -227,6 +229,49 @@ def cancel_native_batch(client: Client, record: ApiBatch) -> None:
 # --- OpenAI batches -------------------------------------------------------------------------------
 
 
+def open_openai_batch(
+    client: Client,
+    settings: Settings,
+    owner: str,
+    file_id: str,
+    body: BatchCreate,
+    callback_url: str | None,
+) -> ApiBatch | None:
+    """Commit `owner`'s new batch of upload `file_id` as `validating`, with this process's claim on its
+    validation; None when `owner` has no such upload now. Raises `ApiError` 429 when the key has too
+    many batches in flight or no documents left today."""
+    limits.precheck(client.sessions, owner, settings, documents=None)
+    now = utcnow()
+    with client.sessions.begin() as session:
+        file = get_file(session, owner, file_id, lock=True)  # a delete or an expiry of the file now waits for us
+        if file is None or file.kind != "upload":
+            return None
+        limits.admit(session, owner, settings, documents=0, new_batch=True)
+        record = ApiBatch(
+            id=new_id("batch_"),
+            kind="openai",
+            owner=owner,
+            status="validating",
+            endpoint=body.endpoint,
+            input_file_id=file.id,
+            completion_window=body.completion_window,
+            meta=body.metadata,
+            callback_url=callback_url,
+            created_at=now,
+            expires_at=expiry(now, body.completion_window),
+            output_expires_after=output_expiry(body),
+            claimed_until=now + timedelta(seconds=validation.LEASE),
+        )
+        session.add(record)
+    return record
+
+
+def output_expiry(body: BatchCreate) -> int | None:
+    """Seconds the output and error files of a batch live (`output_expires_after`), or None (kept)."""
+    given = body.output_expires_after
+    return None if given is None else checks.expires_after(given, "output_expires_after")
+
+
 def create_openai_batch(
     client: Client,
     settings: Settings,
@@ -236,93 +281,13 @@ def create_openai_batch(
     body: BatchCreate,
     callback_url: str | None,
 ) -> str:
-    """Create `owner`'s batch of an uploaded file (submitted, or failed with its errors); returns its id."""
-    now = utcnow()
-    record = ApiBatch(
-        id=new_id("batch_"),
-        kind="openai",
-        owner=owner,
-        status="in_progress",
-        endpoint=body.endpoint,
-        input_file_id=file.id,
-        completion_window=body.completion_window,
-        meta=body.metadata,
-        callback_url=callback_url,
-        created_at=now,
-        in_progress_at=now,
-        expires_at=expiry(now, body.completion_window),
-    )
-    found = first_model(iter_upload_lines(client.sessions, file.id))
-    record.model = found[1] if found else None
-    reader = BatchInput(
-        iter_upload_lines(client.sessions, file.id),
-        endpoint=body.endpoint,
-        model=record.model,
-        max_requests=settings.api_max_documents,
-        max_chars=settings.max_document_chars,
-        default_max_tokens=settings.max_new_tokens,
-    )
-    model = split_model(found[1])[0] if found else None
-    if found is not None and model and (problem := model_problem(model, settings, accepted)) is not None:
-        reader.errors.append(LineError(found[0], "model_not_found", problem, "body.model"))
-    if not _submitted(client, record, reader, f"{file.filename} ({file.id})"):
-        _keep_unsubmitted(client.sessions, record, reader, now)
-    if record.status != "failed":
-        advance(client.sessions, record.id)
+    """Create `owner`'s batch of an uploaded file and validate it now (submitted, or failed with its errors);
+    returns its id. Raises `InputError` when the file is gone."""
+    record = open_openai_batch(client, settings, owner, file.id, body, callback_url)
+    if record is None:
+        raise InputError(f"no file {file.id!r}: it was deleted or it expired")
+    validation.validate(client, settings, accepted, record.id, inline=True)
     return record.id
-
-
-def _submitted(client: Client, record: ApiBatch, reader: BatchInput, source: str) -> bool:
-    """Submit the file's runnable requests with `record` (and its rejections); False when nothing was."""
-    if reader.errors or record.model is None:
-        for _ in reader.documents():  # check every line, so all errors are reported at once
-            pass
-        return False
-
-    def before_commit(session: Session, batch: Batch) -> None:
-        record.batch_id = batch.id
-        session.add(record)
-        session.flush()
-        add_rejections(session, record.id, (r.row() for r in reader.rejected))
-
-    model, adapter = split_model(record.model)  # "smollm2:my-adapter" runs smollm2 with that adapter
-    try:
-        client.submit_documents(
-            reader.documents(),
-            cast("list[RowProblem]", reader.errors),  # the one list the reader fills as it goes
-            source=source,
-            skip_bad_rows=False,
-            publish=True,
-            model=model,
-            adapter=adapter,
-            before_commit=before_commit,
-        )
-    except InputError:
-        return False  # reported from the reader's own lists
-    except NotPublished:
-        return True  # saved, if not published: the sweeper (or `sumfleet requeue`) publishes it later
-    except BrokerError:
-        if record.batch_id is None:  # nothing was saved: the caller answers it like any other SumfleetError
-            raise
-    return True  # saved, if not published: the sweeper (or `sumfleet requeue`) publishes it later
-
-
-def _keep_unsubmitted(sessions: sessionmaker[Session], record: ApiBatch, reader: BatchInput, now: datetime) -> None:
-    """Save a record none of whose requests runs: failed with the file's errors, or with its rejections only."""
-    with sessions.begin() as session:
-        record.batch_id = None
-        if reader.errors or not reader.rejected:
-            errors = reader.openai_errors() or [
-                {"code": "empty_file", "message": "the input file has no requests", "param": None, "line": None}
-            ]
-            record.status, record.errors, record.failed_at = "failed", errors, now
-            record.in_progress_at = None
-            session.add(record)
-            notify(session, record, "failed")
-        else:  # every request was refused on its own: nothing to run, the batch ends with its error file
-            session.add(record)
-            session.flush()
-            add_rejections(session, record.id, (r.row() for r in reader.rejected))
 
 
 def cancel_openai_batch(sessions: sessionmaker[Session], record: ApiBatch) -> None:
@@ -330,6 +295,7 @@ def cancel_openai_batch(sessions: sessionmaker[Session], record: ApiBatch) -> No
     if record.status not in ("in_progress", "validating"):
         return
     with sessions.begin() as session:
-        if set_status(session, record.id, [record.status], "cancelling", cancelling_at=utcnow()):
-            cancel_jobs(session, record.batch_id)
+        if set_status(session, record.id, ["in_progress", "validating"], "cancelling", cancelling_at=utcnow()):
+            fresh = session.get(ApiBatch, record.id, populate_existing=True)  # its jobs, if validated just now
+            cancel_jobs(session, fresh.batch_id if fresh is not None else None)
     advance(sessions, record.id)
