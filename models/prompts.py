@@ -2,9 +2,9 @@
 
 A template is text with a `{document}` placeholder, and optionally `{max_words}` and
 `{language}`, filled from the batch's parameters. Literal braces are written `{{` and `}}`.
-The variant follows each document's language (a script-based check) unless the batch fixes
-it. Both sides use this module: the producer checks prompts at submit time, the worker
-renders them.
+The variant follows each document's language (`models.text.detect_language`) unless the batch
+fixes it; a language without a variant of its own uses the English one. Both sides use this
+module: the producer checks prompts at submit time, the worker renders them.
 """
 
 from __future__ import annotations
@@ -141,9 +141,13 @@ def check_template(template: str) -> None:
 
 
 def check_language(language: str) -> str:
-    if language != "auto" and language not in LANGUAGES:
-        raise PromptError(f"unknown language {language!r}: use auto or one of {', '.join(LANGUAGES)}")
-    return language
+    """`language` as a batch's prompt language: "auto" (per document) or an ISO 639-1 code that
+    detection can return ("fr", "de", "zh", ...; any case); raises `PromptError` for anything else."""
+    code = language.strip().lower()
+    if code != "auto" and code not in LANGUAGES:
+        known = ", ".join(sorted(LANGUAGES))
+        raise PromptError(f"unknown language {language!r}: use auto or an ISO 639-1 code, one of {known}")
+    return code
 
 
 def render(template: str, document: str, values: Mapping[str, object] | None = None) -> str:

@@ -5,17 +5,20 @@ ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum F1, averaged over documents, each with 
 interval (documents resampled with replacement). ROUGE-1/2/L come from Google's `rouge_score`;
 ROUGE-L is one longest common subsequence (LCS) over the whole text. ROUGE-Lsum is this
 module's own (`rouge_lsum`): both texts are split into sentences with `models.text.sentences_of`
-(line breaks and sentence ends), and each reference sentence is matched against every summary
+(pysbd's rules for the text's language), and each reference sentence is matched against every summary
 sentence (the union of their LCSs), the summary-level ROUGE-L of Lin (2004) that CNN/DailyMail
 papers report (the `rougeLsum` of `rouge_score`, which expects one sentence per line). English
-is scored on Porter-stemmed words (`rouge_score`'s own tokenizer); Chinese (and Japanese) on
+is scored on Porter-stemmed words (`rouge_score`'s own tokenizer); Chinese, Japanese and Korean on
 characters, because `rouge_score`'s tokenizer keeps only ASCII letters and digits and so would
-score any CJK text 0. A summary that is empty (its job failed) scores 0 and still counts as a
+score any CJK text 0; every other language ("words": French, Russian, Arabic, ...) on lowercased
+Unicode words, unstemmed, since that tokenizer would drop Cyrillic or Arabic letters and strip
+accents ("voté" to "vot"). A summary that is empty (its job failed) scores 0 and still counts as a
 document.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -27,11 +30,12 @@ from rouge_score import rouge_scorer, tokenizers
 
 from models import defaults
 from models.errors import ConfigError, InputError
-from models.text import is_cjk_text, lead, sentences_of
+from models.text import detect_language, is_cjk_text, lead, sentences_of
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 PACKAGE_TYPES = ("rouge1", "rouge2", "rougeL")  # what `rouge_score` computes; rougeLsum is `rouge_lsum`
-LANGUAGES = ("auto", "en", "zh")
+LANGUAGES = ("auto", "en", "zh", "words")
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")  # a word, with inner apostrophes (l'homme, don't)
 _LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 LSUM_NOTE = (
     "ROUGE-L: one longest common subsequence over the whole text; "
@@ -67,7 +71,7 @@ class EvalReport:
     """The scores of one evaluation: overall, per group, for the system and for Lead-3."""
 
     n: int  # documents scored for the system (failed ones included)
-    language: str  # "zh" when scored on characters, else "en"
+    language: str  # "zh" scored on characters, "words" on Unicode words, "en" on stemmed English words
     system: dict[str, Score]  # "rouge1", "rouge2", "rougeL", "rougeLsum"
     lead3: dict[str, Score] | None  # None when no pair has its document
     groups: dict[str, dict[str, Any]]  # value -> {"n", "failed", "system", "lead3", "lead3_n"}
@@ -139,6 +143,14 @@ class EvalReport:
         return "\n".join(out) + "\n"
 
 
+class WordTokenizer(tokenizers.Tokenizer):
+    """Lowercased Unicode words (NFKC; letters, digits and marks of any script), unstemmed: for
+    languages other than English and CJK, which `rouge_score`'s ASCII-only tokenizer would drop."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
 class CharTokenizer(tokenizers.Tokenizer):
     """Each letter, digit or CJK character is a token (NFKC-normalized, lowercased).
 
@@ -161,9 +173,10 @@ def evaluate(
 ) -> EvalReport:
     """Score `pairs` with ROUGE-1/2/L/Lsum F1, overall and per `Pair.group`, with Lead-3 alongside.
 
-    `language` "en" scores stemmed words, "zh" characters, "auto" picks "zh" when most
-    references are CJK text. `bootstrap` resamples give each mean a 95% interval (0: none,
-    low = mid = high); the same `seed` gives the same intervals. `group_field` only names the
+    `language` "en" scores stemmed words, "zh" characters, "words" unstemmed Unicode words; "auto"
+    picks "zh" when most references are CJK text, else "words" when most are in a language other
+    than English (`models.text.detect_language`), else "en". `bootstrap` resamples give each mean a
+    95% interval (0: none, low = mid = high); the same `seed` gives the same intervals. `group_field` only names the
     groups in the table. Raises `InputError` for no pairs or an empty reference, `ConfigError`
     for an unknown language or a negative `bootstrap`.
     """
@@ -179,8 +192,7 @@ def evaluate(
         if not isinstance(p.reference, str) or not p.reference.strip():
             raise InputError(f'id "{p.id}": the reference summary is empty')
     if language == "auto":
-        cjk = sum(is_cjk_text(p.reference) for p in pairs)
-        language = "zh" if cjk * 2 > len(pairs) else "en"
+        language = scoring_language([p.reference for p in pairs])
     scorer, tokenizer = make_scorer(language), make_tokenizer(language)
 
     failed = np.array([not (p.summary or "").strip() for p in pairs])
@@ -221,13 +233,27 @@ def evaluate(
     )
 
 
+def scoring_language(references: Sequence[str]) -> str:
+    """How `auto` scores these references: "zh" (characters) when most are CJK, "words" when most
+    are in another language than English, else "en" (stemmed English words)."""
+    if sum(is_cjk_text(text) for text in references) * 2 > len(references):
+        return "zh"
+    other = sum(detect_language(text) != "en" for text in references)
+    return "words" if other * 2 > len(references) else "en"
+
+
 def make_tokenizer(language: str) -> tokenizers.Tokenizer:
-    """The tokens ROUGE counts: characters for "zh", Porter-stemmed words (`rouge_score`'s) otherwise."""
-    return CharTokenizer() if language == "zh" else tokenizers.DefaultTokenizer(use_stemmer=True)
+    """The tokens ROUGE counts: characters for "zh", Unicode words for "words", Porter-stemmed
+    words (`rouge_score`'s) for "en"."""
+    if language == "zh":
+        return CharTokenizer()
+    if language == "words":
+        return WordTokenizer()
+    return tokenizers.DefaultTokenizer(use_stemmer=True)
 
 
 def make_scorer(language: str) -> rouge_scorer.RougeScorer:
-    """`rouge_score`'s scorer of ROUGE-1/2/L for "en" (stemmed words) or "zh" (characters);
+    """`rouge_score`'s scorer of ROUGE-1/2/L for "en" (stemmed words), "zh" (characters) or "words";
     ROUGE-Lsum is `lsum_f1`."""
     return rouge_scorer.RougeScorer(list(PACKAGE_TYPES), tokenizer=make_tokenizer(language))
 
@@ -351,7 +377,7 @@ def _cell(scores: dict[str, Score] | None, rouge_type: str) -> str:
 
 
 def _token_note(language: str) -> str:
-    return "characters" if language == "zh" else "words (Porter-stemmed)"
+    return {"zh": "characters", "words": "Unicode words (unstemmed)"}.get(language, "words (Porter-stemmed)")
 
 
 # -- loading pairs -----------------------------------------------------------------------------

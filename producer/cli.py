@@ -36,7 +36,9 @@ def _generation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="template name (see `sumfleet prompts`) or text containing {document}")
     parser.add_argument("--prompt-file", help="read the prompt template from this file")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per summary (default 64)")
-    parser.add_argument("--language", help="prompt variant: auto (per document, the default) or en, zh, ja, ko")
+    parser.add_argument(
+        "--language", help="prompt variant: auto (per document, the default) or an ISO 639-1 code (fr, de, zh, ...)"
+    )
     parser.add_argument("--max-words", type=int, help="fills {max_words} in templates (default 50)")
     parser.add_argument(
         "--long-documents",
@@ -189,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--references", help="the corpus with references, for --results")
     evaluation.add_argument("--reference-field", default="summary", help="field with the reference (default summary)")
     evaluation.add_argument("--group-field", help="also score per value of this field (e.g. category)")
-    evaluation.add_argument("--language", default="auto", choices=["auto", "en", "zh"], help="zh scores characters")
+    evaluation.add_argument(
+        "--language",
+        default="auto",
+        choices=["auto", "en", "zh", "words"],
+        help="en: stemmed English words; zh: characters (CJK); words: Unicode words of any other language; "
+        "auto (default): by the references' language",
+    )
     evaluation.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     evaluation.add_argument("--no-lead", action="store_true", help="skip the Lead-3 baseline")
     evaluation.add_argument("--json", action="store_true", help="print JSON")

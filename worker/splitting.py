@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from models import defaults
-from models.text import join_sentences, sentences_of
+from models.text import detect_language, join_sentences, sentences_of
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
 
@@ -52,8 +52,9 @@ def split_document(text: str, limit: int, count: Counter, overlap: float = defau
     if limit < 1:
         raise ValueError(f"piece limit must be positive, got {limit}")
     units: list[tuple[str, bool]] = []  # (sentence, starts a paragraph)
+    language = detect_language(text)  # once: every paragraph is split by the document's language's rules
     for paragraph in _PARAGRAPH.split(text.strip()):
-        for position, sentence in enumerate(sentences_of(paragraph)):
+        for position, sentence in enumerate(sentences_of(paragraph, language)):
             units.append((sentence, position == 0))
     if not units:
         return []

@@ -143,8 +143,10 @@ class SummaryOptions(BaseModel):
         description="template name (one-sentence, headline, bullets, paragraph, tldr) or text with {document}",
     )
     max_new_tokens: int | None = Field(None, ge=1, le=defaults.MAX_NEW_TOKENS_LIMIT, description="tokens per summary")
-    language: Literal["auto", "en", "zh", "ja", "ko"] | None = Field(
-        None, description="prompt variant; auto: per document"
+    language: str | None = Field(
+        None,
+        max_length=16,
+        description="prompt variant and {language}: auto (per document) or an ISO 639-1 code (fr, de, zh, ...)",
     )
     max_words: int | None = Field(None, ge=1, le=10_000, description="fills {max_words}")
     long_documents: Literal["map-reduce", "truncate"] | None = Field(

@@ -117,3 +117,14 @@ def test_cancel(http: httpx.Client) -> None:
     }
     rows = [json.loads(line) for line in http.get(f"/api/v1/batches/{batch['id']}/results").text.splitlines()]
     assert [r["status"] for r in rows] == ["cancelled", "cancelled"]
+
+
+def test_any_detected_language_may_be_fixed_and_an_unknown_one_is_refused(http: httpx.Client) -> None:
+    made = http.post(
+        "/api/v1/batches", json={"documents": ["Une phrase. Une autre."], "model": "lead", "language": "fr"}
+    )
+    assert made.status_code == 201, made.text  # was 422: the schema knew only en, zh, ja, ko
+    http.post(f"/api/v1/batches/{made.json()['id']}/cancel")
+    refused = http.post("/api/v1/batches", json={"documents": ["One. Two."], "model": "lead", "language": "xx"})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["message"].startswith("unknown language 'xx': use auto or an ISO 639-1 code")

@@ -33,7 +33,8 @@ DOCUMENT = (
         ("The council voted. It will run every", "The council voted."),
         ("The ferry returns! Islanders cheered and", "The ferry returns!"),
         ('He said "it is back." Then the', 'He said "it is back."'),
-        ("The ferry (the old one.) It", "The ferry (the old one.)"),
+        ("The ferry returns. (It is the old one.) It", "The ferry returns. (It is the old one.)"),
+        ("The ferry (the old one.) It", None),  # one sentence to the splitter (pysbd): no cut inside it
         ("Born in 1990. Then he", "Born in 1990."),
         ("It cost $3.5 million. The", "It cost $3.5 million."),
         ("He met Dr. Smith. She", "He met Dr. Smith."),  # "Dr." ends no sentence

@@ -98,9 +98,12 @@ def test_char_tokenizer() -> None:
 
 
 def test_language_detection() -> None:
-    zh, en = Pair("z", "今天", "今天天气很好", None, None), Pair("e", "x y", "x y z", None, None)
+    zh = Pair("z", "今天", "今天天气很好", None, None)
+    en = Pair("e", "the weather", "The weather is fine today in the city.", None, None)
+    fr = Pair("f", "il fait beau", "Il fait très beau aujourd'hui dans la ville.", None, None)
     assert evaluate([zh, zh, en], bootstrap=0).language == "zh"
     assert evaluate([zh, en, en], bootstrap=0).language == "en"
+    assert evaluate([fr, fr, en], bootstrap=0).language == "words"  # Unicode words, unstemmed
     assert evaluate([en], language="zh", bootstrap=0).language == "zh"
 
 
