@@ -21,7 +21,9 @@ HELD = "python:tests.faults.held_engine:make"
 def test_cancel_stops_a_claimed_chunk_between_generation_batches(
     fleet_settings: Settings, start_worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HELD_ENGINE_DELAY", "0.5")  # one document per generation batch, 0.5 s each
+    monkeypatch.setenv(
+        "HELD_ENGINE_DELAY", "1.0"
+    )  # one document per generation batch, 1 s each (a CLI start on a busy machine takes seconds)
     settings = fleet_settings.model_copy(update={"chunk_size": 16})
     client = Client(settings)
     client.ensure_schema()
