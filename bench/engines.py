@@ -31,9 +31,11 @@ VARIANTS = (
     "pipeline-one-at-a-time",  # transformers' pipeline, float32 as it comes, one document at a time
     "pipeline-batch-8",
     "llama.cpp-alone",  # llama-cpp-python's create_chat_completion, one document at a time
+    "ctranslate2-alone",  # CTranslate2's generate_batch on all documents (max_batch_size 8), int8
     "engine-transformers",  # sumfleet's pipeline over the transformers backend (defaults: bf16 where fast)
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
     "engine-llama.cpp",  # sumfleet's pipeline over the llama.cpp backend
+    "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
     "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
 )
 PARAMETERS = 134_515_008  # SmolLM2-135M
@@ -62,6 +64,8 @@ def run_variant(variant: str, docs: list[dict[str, str]], max_new: int) -> dict[
         return _pipeline(docs, max_new, batch=8 if variant.endswith("8") else 1)
     if variant == "llama.cpp-alone":
         return _llamacpp_alone(docs, max_new)
+    if variant == "ctranslate2-alone":
+        return _ctranslate2_alone(docs, max_new)
     if variant.startswith("engine-"):
         engine, _, dtype = variant.removeprefix("engine-").partition("-fp")
         return _engine(docs, max_new, engine, "float32" if dtype else "auto")
@@ -122,6 +126,47 @@ def _llamacpp_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
         "texts": [a["choices"][0]["message"]["content"].strip() for a in answers],
         "prompt_tokens": sum(a["usage"]["prompt_tokens"] for a in answers),
         "output_tokens": sum(a["usage"]["completion_tokens"] for a in answers),
+    }
+
+
+def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
+    """The int8 conversion sumfleet caches (converted now if missing), run as CTranslate2's docs show."""
+    import importlib
+
+    from transformers import AutoTokenizer
+
+    from models.model_names import resolve_model
+    from models.settings import Settings
+    from worker.backends.checkpoints import cached_checkpoint, default_cache_dir
+    from worker.backends.ctranslate2 import converted_model
+
+    settings = Settings(engine="ctranslate2")
+    source = resolve_model("smollm2", settings)
+    folder, _ = converted_model("smollm2", source, settings, default_cache_dir(), "int8_float32")
+    # the float32 checkpoint the conversion was made from (written beside it by the conversion)
+    tokenizer = AutoTokenizer.from_pretrained(
+        cached_checkpoint(Path(source.location) / source.gguf_file, default_cache_dir(), "float32")
+    )
+    ctranslate2: Any = importlib.import_module("ctranslate2")  # untyped
+    generator = ctranslate2.Generator(
+        str(folder), compute_type="int8_float32", intra_threads=len(os.sched_getaffinity(0))
+    )
+    prompts: list[list[str]] = []
+    for d in docs:
+        chat = [{"role": "user", "content": prompt_text(d["text"])}]
+        text = str(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+        ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append(list(tokenizer.convert_ids_to_tokens(ids)))
+    started = time.perf_counter()
+    results = generator.generate_batch(
+        prompts, max_batch_size=8, max_length=max_new, include_prompt_in_result=False, sampling_topk=1
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "texts": [tokenizer.decode(r.sequences_ids[0], skip_special_tokens=True).strip() for r in results],
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "output_tokens": sum(len(r.sequences_ids[0]) for r in results),
     }
 
 

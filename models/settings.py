@@ -46,9 +46,9 @@ class Settings(BaseSettings):
     )
     engine: str = Field(
         "auto",
-        pattern="^(auto|transformers|llama.cpp|lead)$",
-        description="what runs the model: transformers, llama.cpp (GGUF files, CPU), lead (extractive), or auto "
-        "(see worker/loading.py)",
+        pattern="^(auto|transformers|llama.cpp|lead|vllm|ctranslate2)$",
+        description="what runs the model: transformers, llama.cpp (GGUF files, CPU), ctranslate2, vllm, "
+        "lead (extractive), or auto (see worker/loading.py)",
     )
     max_batch_size: int | None = Field(
         None,
@@ -67,6 +67,27 @@ class Settings(BaseSettings):
         "static",
         pattern="^(static|continuous)$",
         description="static batches, or continuous (transformers' generate_batch)",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="SUMFLEET_ENGINE=vllm: share of the GPU's memory vLLM takes (weights and KV cache)"
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="SUMFLEET_ENGINE=vllm: GiB of KV cache (unset: what vllm_gpu_memory_utilization leaves on a GPU; "
+        "on vLLM's CPU build VLLM_CPU_KVCACHE_SPACE, else 1)",
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=64, description="SUMFLEET_ENGINE=vllm: positions per sequence (unset: the model's own context)"
+    )
+    vllm_enforce_eager: bool = Field(
+        False, description="SUMFLEET_ENGINE=vllm: no torch.compile or CUDA graphs (starts in seconds, runs slower)"
+    )
+    ct2_compute_type: str = Field(
+        "auto",
+        pattern="^(auto|int8|int8_float32|int8_bfloat16|bfloat16|float32)$",
+        description="SUMFLEET_ENGINE=ctranslate2: what the converted weights and kernels compute in (auto: int8 "
+        "on CPUs, bf16 on GPUs; a type the device lacks falls back, logged)",
     )
     cache_dir: str | None = Field(
         None, description="where GGUF models are cached as plain checkpoints (unset: ~/.cache/sumfleet/checkpoints)"

@@ -106,7 +106,11 @@ def detect_language(text: str, sample: int = 2000) -> str:
     texts go to the bundled fastText model (loaded on first use); a text without letters, or one
     the model is unsure of (probability under 0.5), counts as English ("en").
     """
-    head = text[:sample]
+    return _language_of(text[:sample])
+
+
+@functools.lru_cache(maxsize=4096)  # a document is asked for again (prompt, splitting, trimming): one look
+def _language_of(head: str) -> str:
     counts = _script_counts(head)
     cjk = _cjk_language(counts)
     if cjk is not None:

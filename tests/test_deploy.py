@@ -873,7 +873,7 @@ def test_dockerignore_keeps_the_project_and_drops_local_state() -> None:
 def test_every_setting_is_documented_in_the_readme_and_the_help() -> None:
     """One settings object: each field is in README's tables and in `sumfleet --help`."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    documented = set(re.findall(r"^\| `(SUMFLEET_[A-Z_]+)` \|", readme, flags=re.MULTILINE))
+    documented = set(re.findall(r"^\| `(SUMFLEET_[A-Z0-9_]+)` \|", readme, flags=re.MULTILINE))
     fields = {f"SUMFLEET_{name.upper()}" for name in Settings.model_fields}
     assert fields - documented == set(), "settings missing from README's tables"
     assert documented - fields == set(), "README documents settings that do not exist"

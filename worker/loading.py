@@ -1,7 +1,9 @@
 """Which engine serves a model, and loading it (the slow part of a worker's start).
 
 `SUMFLEET_ENGINE` chooses: `transformers` (the generation pipeline over the transformers
-backend), `lead` (extractive), or `auto`, the one the model calls for. A plugin model
+backend), `llama.cpp` (GGUF files as they are), `ctranslate2` (a decoder-only model converted
+once, int8 kernels), `vllm` (vLLM's offline engine, one worker per GPU), `lead` (extractive), or
+`auto`, the one the model calls for. A plugin model
 (`python:package.module:factory`) is your own: the factory returns an `Engine`, or a
 `Backend` that then runs under the same pipeline as the built-in ones.
 """
@@ -38,6 +40,14 @@ def load_engine(name: str, settings: Settings) -> Engine:
         from worker.backends.llamacpp import LlamaCppBackend
 
         return GenerationPipeline(name, LlamaCppBackend.load(name, source, settings), settings)
+    if choice == "ctranslate2":
+        from worker.backends.ctranslate2 import CTranslate2Backend
+
+        return GenerationPipeline(name, CTranslate2Backend.load(name, source, settings), settings)
+    if choice == "vllm":
+        from worker.backends.vllm import VllmBackend
+
+        return GenerationPipeline(name, VllmBackend.load(name, source, settings), settings)
     from worker.backends.hf import TransformersBackend  # imports torch: only when a model needs it
 
     return GenerationPipeline(name, TransformersBackend.load(name, source, settings), settings)
@@ -49,6 +59,8 @@ def auto_engine(source: ModelSource, settings: Settings) -> str:
     `lead` for the lead models. A GGUF file on a CPU without fast bf16 goes to llama.cpp when
     it is installed (its quantized kernels beat float32 there, in a quarter of the memory);
     everything else to transformers (bf16 on CPUs that have it, CUDA on GPUs). README: Engines.
+    vLLM and CTranslate2 are chosen explicitly: vLLM has not been measured on a GPU here yet, and
+    it runs no adapters, which a worker's batches may ask for; CTranslate2 measured slower.
     """
     if source.kind == "lead":
         return "lead"

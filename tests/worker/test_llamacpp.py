@@ -11,8 +11,7 @@ import pytest
 
 from models.model_names import ModelSource, resolve_model
 from models.settings import Settings
-from producer.client import Client
-from tests.conftest import ROOT, SAMPLE, wait_for
+from tests.conftest import ROOT, run_sample_through_a_worker
 from worker import loading
 
 GGUF = ModelSource("gguf", "/models", "m.gguf")
@@ -89,14 +88,5 @@ def test_a_llamacpp_worker_runs_a_real_batch(fleet_settings: Settings, start_wor
     pytest.importorskip("llama_cpp")
     settings = fleet_settings.model_copy(update={"engine": "llama.cpp", "max_new_tokens": 24})
     assert resolve_model("smollm2", settings).gguf_file
-    client = Client(settings)
-    client.ensure_schema()
-    worker = start_worker(settings, "smollm2")
-    worker.wait_ready(120)
-    submission = client.submit_file(str(SAMPLE), model="smollm2")
-    status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 300, "the batch", poll=0.5)
-    assert status.counts == {"succeeded": 8}, worker.text()[-3000:]
-    assert client.verify(submission.batch_id) == []
-    rows = list(client.results(submission.batch_id))
-    assert all(r["summary"] and 0 < r["output_tokens"] <= 24 and r["prompt_variant"] == "en" for r in rows)
+    _, worker = run_sample_through_a_worker(settings, start_worker, 120)
     assert "llama.cpp" in worker.text()  # the load line names the backend
