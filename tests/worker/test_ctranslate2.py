@@ -89,6 +89,13 @@ def test_a_conversion_is_cached_by_content_compute_type_and_version(
     assert sorted(p.name for p in (cache / "ctranslate2").iterdir() if p.name.startswith(".")) == []  # no scratch
 
 
+def test_without_the_cache_a_conversion_leaves_nothing_behind(tiny_model: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    backend = _backend(str(tiny_model), _settings(cache_dir=str(cache), cache_checkpoints=False, threads=1))
+    (done,) = backend.generate([Row(backend.tokenizer.encode("the council voted"), 4)])
+    assert done.tokens and not (cache / "ctranslate2").exists()
+
+
 def test_float32_matches_transformers_on_a_model_with_its_own_rope_base(tiny_model: Path, tmp_path: Path) -> None:
     """Token for token against transformers in float32: this fails when the conversion loses the model's
     RoPE base (checked: with a base of 10,000 all 12 tokens differ), and when prompts or stopping differ."""
