@@ -223,17 +223,18 @@ def test_a_ctranslate2_worker_runs_a_real_batch(
 
 @pytest.mark.model
 def test_int8_summaries_stay_close_to_transformers(smollm2: ct2.CTranslate2Backend) -> None:
-    """The quality guard: greedy one-sentence summaries of the first 24 BBC articles, int8 against the
-    transformers backend in float32, and both against the articles' reference summaries. A broken int8
+    """The quality guard: greedy one-sentence summaries of the first 16 BBC articles, int8 against the
+    transformers backend (its default dtype: bf16 on CPUs with fast bf16, float32 elsewhere), and both
+    against the articles' reference summaries. A broken int8
     path (int8 dynamic quantization matched 0 of 12 once) falls far below these bounds; the share of
     identical texts is printed."""
     if not BBC.exists():
         pytest.skip(f"{BBC} is not here (the shared corpora live beside the repository)")
     with BBC.open(encoding="utf-8") as handle:
-        articles = [json.loads(line) for line, _ in zip(handle, range(24), strict=False)]
+        articles = [json.loads(line) for line, _ in zip(handle, range(16), strict=False)]
     jobs = [ClaimedJob(i, str(a["id"]), a["document"], 1) for i, a in enumerate(articles)]
     params = GenerationParams(48, trim="none")
-    reference = load_engine("smollm2", Settings(database_url="sqlite://", engine="transformers", dtype="float32"))
+    reference = load_engine("smollm2", Settings(database_url="sqlite://", engine="transformers"))
     pipeline = GenerationPipeline("smollm2", smollm2, _settings())
     expected = {o.job_id: o.summary or "" for batch in reference.run(jobs, PLAN, params) for o in batch}
     found = {o.job_id: o.summary or "" for batch in pipeline.run(jobs, PLAN, params) for o in batch}
@@ -243,11 +244,12 @@ def test_int8_summaries_stay_close_to_transformers(smollm2: ct2.CTranslate2Backe
     identical = sum(found[job.id] == expected[job.id] for job in jobs)
 
     def rouge1(summaries: dict[int, str]) -> float:  # against the articles' reference summaries
-        return sum(scorer.score(a["summary"], summaries[i])["rouge1"].fmeasure for i, a in enumerate(articles)) / 24
+        scores = [scorer.score(a["summary"], summaries[i])["rouge1"].fmeasure for i, a in enumerate(articles)]
+        return sum(scores) / len(scores)
 
     ours, theirs = rouge1(found), rouge1(expected)
     print(
-        f"\nCTranslate2 {smollm2.compute_type}: {identical} of {len(jobs)} identical to transformers float32; "
+        f"\nCTranslate2 {smollm2.compute_type}: {identical} of {len(jobs)} identical to transformers; "
         f"ROUGE-L against them {sum(rouge_l) / len(rouge_l):.3f} (lowest {min(rouge_l):.3f}); "
         f"ROUGE-1 against the references {ours:.3f}, transformers {theirs:.3f}"
     )
