@@ -171,18 +171,25 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
 
 def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str) -> dict[str, Any]:
-    from models.claims import ClaimedJob
-    from models.prompts import TEMPLATES, PromptPlan
     from models.settings import Settings
-    from worker.engine import GenerationParams
     from worker.loading import load_engine
 
     loaded = load_engine("smollm2", Settings(database_url="sqlite://", engine=engine, dtype=dtype))
+    return time_engine(loaded, docs, max_new)
+
+
+def time_engine(loaded: Any, docs: list[dict[str, str]], max_new: int, trim: str = "sentence") -> dict[str, Any]:
+    """`docs` through a loaded engine with the one-sentence prompt, as a worker runs them: seconds,
+    texts in order, token counts and failures."""
+    from models.claims import ClaimedJob
+    from models.prompts import TEMPLATES, PromptPlan
+    from worker.engine import GenerationParams
+
     jobs = [ClaimedJob(i, d["id"], d["text"], 1) for i, d in enumerate(docs)]
     started = time.perf_counter()
     outcomes = {
         o.job_id: o
-        for batch in loaded.run(jobs, PromptPlan(TEMPLATES["one-sentence"]), GenerationParams(max_new))
+        for batch in loaded.run(jobs, PromptPlan(TEMPLATES["one-sentence"]), GenerationParams(max_new, trim=trim))
         for o in batch
     }
     seconds = time.perf_counter() - started

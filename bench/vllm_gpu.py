@@ -201,29 +201,12 @@ def vllm_alone(model: str, docs: list[dict[str, str]], max_new: int, eager: bool
 
 def engine(model: str, docs: list[dict[str, str]], max_new: int, backend: str, eager: bool) -> dict[str, Any]:
     """sumfleet's generation pipeline over one backend, as a worker runs it."""
-    from models.claims import ClaimedJob
-    from models.prompts import TEMPLATES, PromptPlan
-    from worker.engine import GenerationParams
+    from bench.engines import time_engine
     from worker.loading import load_engine
 
     settings = _settings(model, backend).model_copy(update={"vllm_enforce_eager": eager})
     loaded = load_engine(model, settings)
-    jobs = [ClaimedJob(i, d["id"], d["text"], 1) for i, d in enumerate(docs)]
-    started = time.perf_counter()
-    outcomes = {
-        o.job_id: o
-        for batch in loaded.run(jobs, PromptPlan(TEMPLATES["one-sentence"]), GenerationParams(max_new, trim="none"))
-        for o in batch
-    }
-    seconds = time.perf_counter() - started
-    ordered = [outcomes[i] for i in range(len(jobs))]
-    return {
-        "seconds": seconds,
-        "texts": [o.summary or "" for o in ordered],
-        "prompt_tokens": sum(o.prompt_tokens or 0 for o in ordered),
-        "output_tokens": sum(o.output_tokens or 0 for o in ordered),
-        "failed": sum(o.error is not None for o in ordered),
-    }
+    return time_engine(loaded, docs, max_new, trim="none")
 
 
 def run_one(variant: str, model: str, docs: list[dict[str, str]], max_new: int, eager: bool) -> dict[str, Any]:
