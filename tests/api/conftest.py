@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from models.api_store import create_key
 from models.db import open_database, session_factory
@@ -121,6 +123,20 @@ def new_key(settings: Settings, name: str = "test") -> Key:
 @pytest.fixture
 def key(api: ApiServer, api_settings: Settings) -> Key:
     return new_key(api_settings, "tenant-a")
+
+
+@pytest.fixture
+def sdk(api: ApiServer, key: Key) -> openai.OpenAI:
+    """The official OpenAI SDK on the module's API, as `key`."""
+    return openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def db(api: ApiServer, api_settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the module's database (its schema made by the module's API)."""
+    engine = open_database(api_settings.database_url)
+    yield session_factory(engine)
+    engine.dispose()
 
 
 @pytest.fixture

@@ -14,14 +14,9 @@ import openai
 import pytest
 
 from models.settings import Settings
-from tests.api.conftest import ApiServer, Key, jsonl, request_line
+from tests.api.conftest import jsonl, request_line
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def sdk(api: ApiServer, key: Key) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0, timeout=30)
 
 
 def _create(sdk: openai.OpenAI, data: bytes, name: str = "input.jsonl"):

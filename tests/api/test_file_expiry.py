@@ -5,7 +5,7 @@ on a real `sumfleet api` over PostgreSQL, the clock moved through the file's row
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +16,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.api_store import new_id
-from models.db import open_database, session_factory
 from models.settings import Settings
 from models.store import utcnow
 from models.tables import ApiBatch, ApiFile, ApiFileChunk, Job
@@ -26,19 +25,6 @@ from tests.conftest import wait_for
 pytestmark = pytest.mark.services
 
 ROWS = [request_line(f"r{i}", f"Request {i} opens here. It has a second sentence.") for i in range(3)]
-
-
-@pytest.fixture(scope="module")
-def db(api: ApiServer, api_settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the module's database (its schema made by the module's API)."""
-    engine = open_database(api_settings.database_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def sdk(api: ApiServer, key: Key) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0, timeout=30)
 
 
 def _expire(db: sessionmaker[Session], file_id: str) -> None:

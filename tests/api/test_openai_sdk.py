@@ -19,16 +19,11 @@ from models.settings import Settings
 from models.tables import ApiBatch
 from models.text import lead
 from producer.client import Client
-from tests.api.conftest import GATED, ApiServer, Key, jsonl
+from tests.api.conftest import GATED, jsonl
 from tests.api.conftest import request_line as _request_line
 from tests.conftest import sumfleet, wait_for
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def sdk(api: ApiServer, key: Key) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0, timeout=30)
 
 
 def request_line(custom_id: str, text: str, **body: Any) -> dict[str, Any]:

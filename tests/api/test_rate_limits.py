@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -26,14 +26,6 @@ from tests.api.conftest import ApiServer, Key, jsonl, request_line
 from tests.conftest import sumfleet
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def db(api: ApiServer, api_settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the module's database (its schema made by the module's API)."""
-    engine = open_database(api_settings.database_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def limited_key(sessions: sessionmaker[Session], **limits: int | None) -> Key:

@@ -7,7 +7,6 @@ On a real `sumfleet api` over PostgreSQL, through the official `openai` package.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,7 +17,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.api_store import create_key, new_id
-from models.db import open_database, session_factory
 from models.settings import Settings
 from models.store import utcnow
 from models.tables import ApiBatch, Batch, Job
@@ -46,19 +44,6 @@ def api_settings(pg_url: str, redis_url: str) -> Settings:
         api_webhook_private=True,
         api_validate_async_bytes=THRESHOLD,
     )
-
-
-@pytest.fixture(scope="module")
-def db(api: ApiServer, api_settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Sessions on the module's database (its schema made by the module's API)."""
-    engine = open_database(api_settings.database_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def sdk(api: ApiServer, key: Key) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key.secret, base_url=f"{api.url}/v1", max_retries=0, timeout=30)
 
 
 def _rows(count: int) -> list[dict[str, Any]]:
