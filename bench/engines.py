@@ -137,7 +137,8 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
     from models.model_names import resolve_model
     from models.settings import Settings
-    from worker.backends.checkpoints import cached_checkpoint, default_cache_dir
+    from worker.backends.cache import default_cache_dir
+    from worker.backends.checkpoints import cached_checkpoint
     from worker.backends.ctranslate2 import converted_model
 
     settings = Settings(engine="ctranslate2")

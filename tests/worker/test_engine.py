@@ -20,7 +20,8 @@ from models.model_names import resolve_model
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
 from tests.conftest import SAMPLE, transformers_engine
-from worker.backends.checkpoints import cache_key, content_digest
+from worker.backends.cache import content_digest
+from worker.backends.checkpoints import cache_key
 from worker.engine import GenerationParams
 
 pytestmark = pytest.mark.model

@@ -35,7 +35,8 @@ from models.errors import ConfigError
 from models.model_names import ModelSource
 from models.settings import Settings
 from worker.backends.base import Generated, Row, Tokenizer, finish_reason
-from worker.backends.checkpoints import cache_key, cached_checkpoint, content_digest, default_cache_dir
+from worker.backends.cache import content_digest, default_cache_dir
+from worker.backends.checkpoints import cache_key, cached_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from models import defaults
 from models.model_names import ModelSource
 from models.settings import Settings
 from worker.backends.base import AdapterSpec, Generated, Row, Tokenizer, finish_reason
-from worker.backends.checkpoints import cached_checkpoint, default_cache_dir, write_checkpoint
+from worker.backends.cache import default_cache_dir
+from worker.backends.checkpoints import cached_checkpoint, write_checkpoint
 from worker.hardware import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)

@@ -222,7 +222,8 @@ def checkpoint_folder(source: ModelSource, settings: Settings, dtype: Any) -> st
     from transformers import AutoConfig
 
     if source.gguf_file:
-        from worker.backends.checkpoints import cached_checkpoint, default_cache_dir
+        from worker.backends.cache import default_cache_dir
+        from worker.backends.checkpoints import cached_checkpoint
 
         gguf_path = Path(source.location) / source.gguf_file
         cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
