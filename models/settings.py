@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         description="SUMFLEET_ENGINE=ctranslate2: what the converted weights and kernels compute in (auto: int8 "
         "on CPUs, bf16 on GPUs; a type the device lacks falls back, logged)",
     )
+    llamacpp_weights: str = Field(
+        "auto",
+        pattern="^(auto|as-is|f16|bf16|q8_0|q4_0|f32)$",
+        description="SUMFLEET_ENGINE=llama.cpp: the GGUF weight type it runs, converted once and cached (auto: a "
+        "Q4_1 model of up to 1 B parameters becomes f16 on CPUs with AVX2 and F16C or on ARM, where llama.cpp "
+        "has fast kernels for f16 and none for Q4_1; anything else as it is)",
+    )
     cache_dir: str | None = Field(
         None, description="where GGUF models are cached as plain checkpoints (unset: ~/.cache/sumfleet/checkpoints)"
     )

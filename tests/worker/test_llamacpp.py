@@ -1,17 +1,20 @@
-"""The llama.cpp backend beyond the shared pipeline tests: which engine `auto` picks, a worker
-that never loads torch, and a real batch through Redis and PostgreSQL."""
+"""The llama.cpp backend beyond the shared pipeline tests: which engine `auto` picks, the weight
+type it runs (converted once, cached by content), a KV stream per row, a worker that never loads
+torch, and a real batch through Redis and PostgreSQL."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from models.model_names import ModelSource, resolve_model
 from models.settings import Settings
-from tests.conftest import ROOT, run_sample_through_a_worker
+from tests.conftest import ROOT, SAMPLE, run_sample_through_a_worker
 from worker import loading
 
 GGUF = ModelSource("gguf", "/models", "m.gguf")
@@ -79,7 +82,7 @@ def test_a_llamacpp_worker_never_loads_torch() -> None:
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["summary"] and not found["torch"] and not found["transformers"]
-    assert found["rss_mib"] < 512  # the GGUF stays quantized: well under half a GiB
+    assert found["rss_mib"] < 512  # the f16 weights (258 MB) and a KV stream per row: under half a GiB
 
 
 @pytest.mark.model
@@ -90,3 +93,110 @@ def test_a_llamacpp_worker_runs_a_real_batch(fleet_settings: Settings, start_wor
     assert resolve_model("smollm2", settings).gguf_file
     _, worker = run_sample_through_a_worker(settings, start_worker, 120)
     assert "llama.cpp" in worker.text()  # the load line names the backend
+
+
+@pytest.mark.parametrize(
+    "choice, file_type, parameters, flags, machine, expected",
+    [
+        ("auto", 3, 135_000_000, {"avx2", "f16c"}, "x86_64", "f16"),  # Q4_1: no fast kernels, f16 has them
+        ("auto", 3, 135_000_000, {"avx2", "f16c"}, "x86_64", "f16"),
+        ("auto", 3, 135_000_000, set(), "aarch64", "f16"),
+        ("auto", 3, 135_000_000, {"avx"}, "x86_64", None),  # no AVX2: nothing measured, the file as it is
+        ("auto", 3, 7_000_000_000, {"avx2", "f16c"}, "x86_64", None),  # big: f16 would be 3.6x the bytes
+        ("auto", 2, 135_000_000, {"avx2", "f16c"}, "x86_64", None),  # Q4_0 has fast kernels already
+        ("auto", 7, 135_000_000, {"avx2", "f16c"}, "x86_64", None),  # Q8_0 too
+        ("as-is", 3, 135_000_000, {"avx2", "f16c"}, "x86_64", None),
+        ("q8_0", 3, 135_000_000, set(), "x86_64", "q8_0"),  # asked for: converted whatever the CPU
+        ("q8_0", 7, 135_000_000, set(), "x86_64", None),  # already that type
+        ("f16", 1, 135_000_000, set(), "x86_64", None),
+    ],
+)
+def test_the_weight_type_run(
+    monkeypatch: pytest.MonkeyPatch,
+    choice: str,
+    file_type: int,
+    parameters: int,
+    flags: set[str],
+    machine: str,
+    expected: str | None,
+) -> None:
+    from worker.backends import llamacpp
+
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(llamacpp.platform, "machine", lambda: machine)
+    assert llamacpp.weight_type(choice, file_type, parameters) == expected
+
+
+def test_the_weight_setting_names_what_it_takes() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="llamacpp_weights"):
+        Settings(llamacpp_weights="q4_1")
+
+
+def _gguf_type(path: Path) -> int:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, vocab_only=True, verbose=False)
+    try:
+        return int(llm.metadata["general.file_type"])
+    finally:
+        llm.close()
+
+
+@pytest.mark.model
+def test_converted_weights_are_cached_by_content(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from worker.backends.llamacpp import converted_gguf
+
+    source = resolve_model("smollm2", Settings())
+    original = Path(source.location) / str(source.gguf_file)
+    settings = Settings(cache_dir=str(tmp_path / "cache"))
+    first = converted_gguf(original, "f16", settings)
+    assert first.parent == tmp_path / "cache" / "gguf" and "-f16-embed-q8_0-" in first.name
+    assert _gguf_type(first) == 1 and _gguf_type(original) == 3
+    written = first.stat().st_mtime_ns
+    copy = tmp_path / "elsewhere" / original.name  # the same bytes at another path (a reinstall)
+    copy.parent.mkdir()
+    shutil.copyfile(original, copy)
+    assert converted_gguf(copy, "f16", settings) == first and first.stat().st_mtime_ns == written
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no half-written leftovers
+    uncached = converted_gguf(original, "q8_0", Settings(cache_checkpoints=False))
+    try:
+        assert _gguf_type(uncached) == 7 and not uncached.is_relative_to(tmp_path / "cache")
+    finally:
+        shutil.rmtree(uncached.parent)
+
+
+@pytest.mark.model
+def test_each_row_runs_in_a_kv_stream_of_its_own(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from worker.backends.base import Row
+    from worker.backends.llamacpp import KVCacheFull, LlamaCppBackend
+
+    settings = Settings(cache_dir=str(tmp_path), token_budget=1536, max_batch_size=4, threads=2)
+    backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    tokenizer = backend.tokenizer
+    documents = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+
+    def prompt(document: str, words: int) -> list[int]:
+        chat = tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + document}])
+        ids = tokenizer.encode(str(chat))
+        return ids[:words] if len(ids) > words else ids
+
+    short = [prompt(d, 200) for d in documents[:3]]
+    alone = [backend.generate([Row(ids, 8)])[0].tokens for ids in short]
+    assert backend.shape == (4, 256)  # streams of 256 cells, as many as the budget holds (at most 4 rows)
+    together = backend.generate([Row(ids, 8) for ids in short])
+    assert backend.shape == (4, 256)  # the same context served the call of three
+    # a row attends over its own stream only: what shares its call does not change its tokens
+    assert sum(g.tokens == a for g, a in zip(together, alone, strict=True)) >= 2
+    longer = [prompt(" ".join(documents * 3), 600)] * 2
+    assert all(len(ids) == 600 for ids in longer)
+    backend.generate([Row(ids, 4) for ids in longer])
+    assert backend.shape == (2, 768)  # remade: longer streams, as many as fit 1536 cells
+    with pytest.raises(KVCacheFull, match="3 rows of up to 604 tokens need 2304 KV cells; the budget is 1536") as error:
+        backend.generate([Row(ids, 4) for ids in longer * 2][:3])
+    assert backend.is_out_of_memory(error.value)
+    (alone_long,) = backend.generate([Row(prompt(" ".join(documents * 3), 1500), 2)])  # one row may pass the budget
+    assert backend.shape == (1, 1536) and alone_long.tokens
