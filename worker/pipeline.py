@@ -69,6 +69,7 @@ class GenerationPipeline:
         self.max_batch_size = settings.max_batch_size or backend.max_batch_size
         self.configured_budget = settings.token_budget or backend.token_budget
         self.budget = self.configured_budget  # lowered for the rest of a chunk after out-of-memory
+        self.align = getattr(backend, "cell_alignment", 1)  # a row's KV cells come in blocks of this many
         self._calls = 0  # backend calls made, numbering them (a document's time counts each call once)
 
     @property
@@ -257,7 +258,7 @@ class GenerationPipeline:
         max_new_tokens = max(item.row.max_new_tokens for item in group)
         start = 0
         while start < len(group):
-            end = take_batch(lengths, start, max_new_tokens, self.budget, self.max_batch_size)
+            end = take_batch(lengths, start, max_new_tokens, self.budget, self.max_batch_size, self.align)
             yield group[start:end]
             start = end
 
@@ -274,7 +275,8 @@ class GenerationPipeline:
             return [(done, call) for done in self.backend.generate(rows)]
         except Exception as error:
             if self.backend.is_out_of_memory(error):
-                cost = batch_cost(max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows), len(rows))
+                longest, new = max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows)
+                cost = batch_cost(longest, new, len(rows), self.align)
                 self.budget = max(defaults.MIN_TOKEN_BUDGET, min(self.budget, cost // 2))
                 log.warning("out of memory on %d rows; token budget now %d", len(rows), self.budget)
             if len(items) == 1:

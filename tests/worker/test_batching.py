@@ -29,3 +29,12 @@ def test_batches_are_capped_and_an_oversize_row_gets_a_batch_of_its_own() -> Non
     assert _packed([5] * 7, max_new_tokens=5, budget=10_000, max_batch=3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert _packed([500], max_new_tokens=64, budget=100, max_batch=4) == [[0]]
     assert _packed([], 8, 100, 4) == []
+
+
+def test_a_backend_that_gives_rows_cells_in_blocks_is_packed_by_the_blocks() -> None:
+    # 220 prompt + 48 new tokens = 268 cells: unaligned 3 such rows fit 1024; in blocks of 256 a row takes 512
+    assert batch_cost(220, 48, 3) == 804 and batch_cost(220, 48, 3, align=256) == 1536
+    assert batch_cost(200, 48, 4, align=256) == 1024  # 248 fits one block
+    assert take_batch([220] * 6, 0, 48, 1024, 8) == 3
+    assert take_batch([220] * 6, 0, 48, 1024, 8, align=256) == 2
+    assert take_batch([200] * 6, 0, 48, 1024, 8, align=256) == 4

@@ -186,17 +186,22 @@ def test_each_row_runs_in_a_kv_stream_of_its_own(tmp_path: Path) -> None:
 
     short = [prompt(d, 200) for d in documents[:3]]
     alone = [backend.generate([Row(ids, 8)])[0].tokens for ids in short]
-    assert backend.shape == (4, 256)  # streams of 256 cells, as many as the budget holds (at most 4 rows)
+    sequences, cells = backend.shape  # as many streams as the budget holds (at most 4 rows), each long enough
+    assert sequences == 4 and cells >= max(len(ids) for ids in short) + 8
     together = backend.generate([Row(ids, 8) for ids in short])
-    assert backend.shape == (4, 256)  # the same context served the call of three
+    assert backend.shape == (sequences, cells)  # the same context served the call of three
     # a row attends over its own stream only: what shares its call does not change its tokens
     assert sum(g.tokens == a for g, a in zip(together, alone, strict=True)) >= 2
     longer = [prompt(" ".join(documents * 3), 600)] * 2
     assert all(len(ids) == 600 for ids in longer)
     backend.generate([Row(ids, 4) for ids in longer])
-    assert backend.shape == (2, 768)  # remade: longer streams, as many as fit 1536 cells
+    assert backend.shape == (2, 768)  # remade: longer streams (in blocks of 256), as many as fit 1536 cells
     with pytest.raises(KVCacheFull, match="3 rows of up to 604 tokens need 2304 KV cells; the budget is 1536") as error:
         backend.generate([Row(ids, 4) for ids in longer * 2][:3])
     assert backend.is_out_of_memory(error.value)
+    # what the pipeline packs fits: (longest prompt + new tokens, in blocks of 256) x rows within the budget
+    assert backend.cell_alignment == 256
+    backend.generate([Row(ids[:505], 7) for ids in longer * 2][:3])  # 3 x 512 = 1536
+    assert backend.shape[0] == 3
     (alone_long,) = backend.generate([Row(prompt(" ".join(documents * 3), 1500), 2)])  # one row may pass the budget
     assert backend.shape == (1, 1536) and alone_long.tokens

@@ -92,6 +92,8 @@ class Backend(Protocol):
     token_budget: int  # (longest prompt + max new tokens) x rows per call when the settings do not say
     packs_itself: bool  # it schedules rows itself (continuous batching): hand it all rows at once
     supports_adapters: bool  # it runs rows with soft prompts and LoRAs (`Row.adapter`)
+    # Optional, not part of the protocol: `cell_alignment`, when a backend gives each row its KV cells in
+    # blocks (llama.cpp: 256); the pipeline then counts a row's (prompt + new tokens) rounded up to it.
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
         """One `Generated` per row, in order. Raises when the whole call failed (the pipeline

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # as 6144 (0.62 docs/s both) at 474 MiB peak RSS instead of 545.
 TOKEN_BUDGET = 4096
 MAX_BATCH_SIZE = 16  # sequences decoded together
-STREAM_ALIGN = 256  # a sequence's KV cells are a multiple of this
+STREAM_ALIGN = 256  # llama.cpp gives each row's KV stream cells in blocks of 256
 PREFILL_TOKENS = 2048  # prompt tokens per llama_decode call (n_batch)
 # GGUF file types (llama.cpp's LLAMA_FTYPE_*) by the names SUMFLEET_LLAMACPP_WEIGHTS takes
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}
@@ -105,6 +105,7 @@ class LlamaCppBackend:
         self.input_prefix = ""
         self.packs_itself = False
         self.supports_adapters = False
+        self.cell_alignment = STREAM_ALIGN  # the pipeline packs calls by what the streams really take
         self.max_batch_size = settings.max_batch_size or MAX_BATCH_SIZE
         self.token_budget = settings.token_budget or TOKEN_BUDGET
         self.threads = settings.threads or len(os.sched_getaffinity(0))
@@ -201,12 +202,13 @@ class LlamaCppBackend:
         llama_cpp = self.llama_cpp
         longest = max(len(row.ids) + row.max_new_tokens for row in rows)
         stream = -(-longest // STREAM_ALIGN) * STREAM_ALIGN
+        # the pipeline's cost of a call (worker.batching.batch_cost, aligned): one row may pass the budget
         if len(rows) > 1 and (stream * len(rows) > self.token_budget or len(rows) > self.max_batch_size):
             raise KVCacheFull(
                 f"{len(rows)} rows of up to {longest} tokens need {stream * len(rows)} KV cells; "
                 f"the budget is {self.token_budget}"
             )
-        if self.ctx is not None and self.shape[0] >= len(rows) and self.shape[1] >= stream:
+        if self.ctx is not None and self.shape[0] >= len(rows) and self.shape[1] >= longest:
             return
         if self.ctx is not None:
             llama_cpp.llama_free(self.ctx)
@@ -225,7 +227,7 @@ class LlamaCppBackend:
         if not self.ctx:
             raise KVCacheFull(f"llama.cpp could not make a context of {sequences} x {stream} tokens")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.shape = (sequences, stream)
+        self.shape = (sequences, int(llama_cpp.llama_n_ctx(self.ctx)) // sequences)
 
     def _prefill(self, batch: Any, rows: Sequence[Row]) -> dict[int, int]:
         """Read every row's prompt (in decode calls of at most PREFILL_TOKENS) and sample each row's
