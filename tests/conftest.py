@@ -260,12 +260,13 @@ def run_sample_through_a_worker(
 
 
 def transformers_engine(name: str, settings: Settings) -> Any:
-    """The generation pipeline of a transformers model, typed loosely: tests reach into its backend."""
+    """The generation pipeline of a transformers model, typed loosely: tests reach into its backend.
+    The engine is named: `auto` sends the bundled GGUF to llama.cpp on CPUs without fast bf16."""
     from worker.backends.hf import TransformersBackend
     from worker.loading import load_engine
     from worker.pipeline import GenerationPipeline
 
-    engine = load_engine(name, settings)
+    engine = load_engine(name, settings.model_copy(update={"engine": "transformers"}))
     assert isinstance(engine, GenerationPipeline) and isinstance(engine.backend, TransformersBackend)
     return engine
 

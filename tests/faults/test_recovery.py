@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -25,15 +26,15 @@ def test_batch_completes_after_redis_lost_its_messages(
     client.ensure_schema()
     worker = start_worker(settings, "lead")
     worker.wait_ready(120)
-    documents = [f"Document {i} first sentence. Second sentence." for i in range(1500)]
+    documents = [f"Document {i} first sentence. Second sentence." for i in range(600)]
     submission = client.submit(documents, model="lead")
     wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "the batch to get going", poll=0.05)
     redis_reservation.flush()  # Redis restarted without persistence, mid-batch: every message is gone
     lost_at = client.status(submission.batch_id).finished
-    assert lost_at < 1500
+    assert lost_at < 600
 
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the sweeper to recover")
-    assert status.counts == {"succeeded": 1500}, lost_at
+    assert status.counts == {"succeeded": 600}, lost_at
     assert client.verify(submission.batch_id) == []  # the counters agree with a recount of the jobs
     rows = list(client.results(submission.batch_id))
     assert [r["summary"] for r in rows] == documents  # each exactly once, in order
@@ -42,12 +43,10 @@ def test_batch_completes_after_redis_lost_its_messages(
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
-def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(
-    fleet_settings: Settings, start_worker, engine: str
-) -> None:
-    if engine == "llama.cpp":
-        pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python")
+def test_worker_killed_mid_chunk_its_jobs_finish_once_elsewhere(fleet_settings: Settings, start_worker) -> None:
+    # the takeover is the worker's, whatever runs the model: llama.cpp where it is installed (CI), else
+    # transformers (one backend keeps CI's time; the two ran 66 s and 52 s)
+    engine = "llama.cpp" if importlib.util.find_spec("llama_cpp") else "transformers"
     settings = fleet_settings.model_copy(
         update={
             "engine": engine,
@@ -96,17 +95,17 @@ def test_database_outage_mid_batch_nothing_lost_nothing_doubled(fleet_settings: 
     assert through_proxy != fleet_settings.database_url
     worker = start_worker(fleet_settings.model_copy(update={"database_url": through_proxy}), "lead")
     worker.wait_ready(120)
-    documents = [{"id": f"d{i}", "text": f"Document {i} says one thing. Then another."} for i in range(1500)]
+    documents = [{"id": f"d{i}", "text": f"Document {i} says one thing. Then another."} for i in range(600)]
     submission = client.submit(documents, model="lead")
     wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "the batch to get going", poll=0.05)
     proxy.cut()  # the worker loses the database mid-batch
     cut_at = client.status(submission.batch_id).finished
     wait_for(lambda: "retrying in 2s" in worker.text(), 60, "the worker to retry with backoff")
-    assert client.status(submission.batch_id).finished < 1500
+    assert client.status(submission.batch_id).finished < 600
     proxy.start()  # the database is back
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch to finish")
     proxy.cut()
-    assert status.counts == {"succeeded": 1500}, (cut_at, status.counts)
+    assert status.counts == {"succeeded": 600}, (cut_at, status.counts)
     assert client.verify(submission.batch_id) == []
     rows = list(client.results(submission.batch_id))
     assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in documents)

@@ -21,7 +21,8 @@ CONTEXT = 1024  # a small usable context keeps the test quick and forces several
 
 @pytest.fixture(scope="module")
 def engine():
-    return load_engine("smollm2", Settings(database_url="sqlite://", max_input_tokens=CONTEXT))
+    # the transformers backend by name (its model's generate is recorded); auto may pick llama.cpp
+    return load_engine("smollm2", Settings(database_url="sqlite://", engine="transformers", max_input_tokens=CONTEXT))
 
 
 @pytest.fixture(scope="module")

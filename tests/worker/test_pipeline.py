@@ -45,7 +45,7 @@ class Kit:
 @pytest.fixture(scope="module")
 def transformers_backend() -> Backend:
     # float32: batched-vs-alone comparisons are about the code; bf16 flips near-tied tokens more often
-    engine = load_engine("smollm2", Settings(database_url="sqlite://", dtype="float32"))
+    engine = load_engine("smollm2", Settings(database_url="sqlite://", engine="transformers", dtype="float32"))
     assert isinstance(engine, GenerationPipeline)
     return engine.backend
 
