@@ -34,7 +34,7 @@ VARIANTS = (
     "ctranslate2-alone",  # CTranslate2's generate_batch on all documents (max_batch_size 8), int8
     "engine-transformers",  # sumfleet's pipeline over the transformers backend (defaults: bf16 where fast)
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
-    "engine-llama.cpp",  # sumfleet's pipeline over the llama.cpp backend
+    "engine-llama.cpp",  # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights)
     "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
     "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
 )
@@ -67,8 +67,9 @@ def run_variant(variant: str, docs: list[dict[str, str]], max_new: int) -> dict[
     if variant == "ctranslate2-alone":
         return _ctranslate2_alone(docs, max_new)
     if variant.startswith("engine-"):
-        engine, _, dtype = variant.removeprefix("engine-").partition("-fp")
-        return _engine(docs, max_new, engine, "float32" if dtype else "auto")
+        name, _, weights = variant.removeprefix("engine-").partition("@")
+        engine, _, dtype = name.partition("-fp")
+        return _engine(docs, max_new, engine, "float32" if dtype else "auto", weights or "auto")
     raise SystemExit(f"unknown variant {variant}")
 
 
@@ -105,14 +106,16 @@ def _llamacpp_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
 
     from models.model_names import resolve_model
     from models.settings import Settings
+    from worker.backends.llamacpp import without_amx_buffers
 
     source = resolve_model("smollm2", Settings())
-    llm = llama_cpp.Llama(
-        model_path=f"{source.location}/{source.gguf_file}",
-        n_ctx=4096,
-        n_threads=len(os.sched_getaffinity(0)),
-        verbose=False,
-    )
+    with without_amx_buffers():  # where llama.cpp is built with AMX kernels, which fault (README: Engines)
+        llm = llama_cpp.Llama(
+            model_path=f"{source.location}/{source.gguf_file}",
+            n_ctx=4096,
+            n_threads=len(os.sched_getaffinity(0)),
+            verbose=False,
+        )
     started = time.perf_counter()
     answers: list[Any] = [
         llm.create_chat_completion(
@@ -171,11 +174,12 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
     }
 
 
-def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str) -> dict[str, Any]:
+def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, weights: str) -> dict[str, Any]:
     from models.settings import Settings
     from worker.loading import load_engine
 
-    loaded = load_engine("smollm2", Settings(database_url="sqlite://", engine=engine, dtype=dtype))
+    settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
+    loaded = load_engine("smollm2", settings)
     return time_engine(loaded, docs, max_new)
 
 

@@ -144,6 +144,21 @@ def _gguf_type(path: Path) -> int:
         llm.close()
 
 
+def test_amx_buffers_are_kept_out_where_the_build_has_them() -> None:
+    """llama.cpp's AMX matrix product faulted and killed the process on a Sapphire Rapids machine
+    (README: Engines): a model the backend loads keeps its weights out of the extra buffer types
+    when the build has AMX kernels, and only while it loads."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (sumfleet[llamacpp])")
+    import llama_cpp.llama_cpp as native
+
+    from worker.backends.llamacpp import amx_built, without_amx_buffers
+
+    assert native.llama_model_default_params().use_extra_bufts
+    with without_amx_buffers():
+        assert native.llama_model_default_params().use_extra_bufts is not amx_built()
+    assert native.llama_model_default_params().use_extra_bufts
+
+
 @pytest.mark.model
 def test_converted_weights_are_cached_by_content(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")

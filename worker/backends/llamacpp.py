@@ -14,6 +14,7 @@ transformers renders it (a sandboxed Jinja environment), so prompts match token 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -21,7 +22,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,7 @@ class LlamaCppBackend:
         started = time.perf_counter()
         threads = settings.threads or len(os.sched_getaffinity(0))
         path = Path(source.location) / source.gguf_file
-        # the wrapper's own context is tiny: generation runs in the batched context made above
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=threads, verbose=False)
+        llm = open_gguf(path, threads)
         file_type = int(llm.metadata.get("general.file_type", -1))
         target = weight_type(
             settings.llamacpp_weights, file_type, int(llama_cpp.llama_model_n_params(llm._model.model))
@@ -144,7 +144,7 @@ class LlamaCppBackend:
         if target is not None:
             converted = converted_gguf(path, target, settings)
             llm.close()
-            llm = llama_cpp.Llama(model_path=str(converted), n_ctx=64, n_batch=64, n_threads=threads, verbose=False)
+            llm = open_gguf(converted, threads)
             if not settings.cache_checkpoints:  # mapped already: the file can go
                 shutil.rmtree(converted.parent, ignore_errors=True)
         backend = cls(llm, settings)
@@ -283,6 +283,52 @@ class LlamaCppBackend:
         scaled = logits.astype(np.float64) / temperature
         weights = np.exp(scaled - scaled.max())
         return int(self.rng.choice(self.n_vocab, p=weights / weights.sum()))
+
+
+def open_gguf(path: Path, threads: int) -> Any:
+    """`llama_cpp.Llama` on a GGUF file, with llama.cpp's AMX kernels kept out where they are built in.
+
+    The wrapper's own context is tiny: generation runs in the batched context `_context_for` makes."""
+    import llama_cpp
+
+    with without_amx_buffers():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=threads, verbose=False)
+
+
+def amx_built() -> bool:
+    """The loaded llama.cpp was compiled with its AMX int8 kernels (a native build on an AMX CPU)."""
+    import llama_cpp
+
+    return "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def without_amx_buffers() -> Iterator[None]:
+    """Models loaded inside keep their weights out of llama.cpp's extra buffer types when the build has
+    AMX kernels: there the AMX buffer holds the quantized weights (Q4_1, q8_0, q4_0; f16 files' q8_0
+    embedding table), and its matrix product faulted (general protection at `ldtilecfg` in
+    `ggml_backend_amx_mul_mat`: the tile configuration is built on the stack and partly optimized
+    away, llama.cpp PR 26954) on the first prompt of every call on a Sapphire Rapids VM with
+    llama-cpp-python 0.3.36, killing the process. llama-cpp-python's `Llama` takes the model
+    parameters from `llama_model_default_params()` and exposes no `use_extra_bufts`, so the defaults
+    are switched for the load. Off, those weights run llama.cpp's plain CPU kernels."""
+    import llama_cpp.llama_cpp as native
+
+    if not amx_built():
+        yield
+        return
+    made = native.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = made()
+        params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = made
 
 
 def fast_f16_cpu() -> bool:
