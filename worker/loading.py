@@ -57,8 +57,9 @@ def auto_engine(source: ModelSource, settings: Settings) -> str:
     """What `SUMFLEET_ENGINE=auto` runs a model with, by what was measured fastest at equal quality.
 
     `lead` for the lead models. A GGUF file on a CPU without fast bf16 goes to llama.cpp when
-    it is installed (its quantized kernels beat float32 there, in a quarter of the memory);
-    everything else to transformers (bf16 on CPUs that have it, CUDA on GPUs). README: Engines.
+    it is installed (its f16 kernels ran 1.5x transformers' float32 there, in a third of the memory);
+    everything else to transformers (bf16 on CPUs that have it: 2.4x llama.cpp's f16, bf16 or q8_0
+    on a Sapphire Rapids CPU; CUDA on GPUs). README: Engines.
     vLLM and CTranslate2 are chosen explicitly: vLLM has not been measured on a GPU here yet, and
     it runs no adapters, which a worker's batches may ask for; CTranslate2 measured slower.
     """
