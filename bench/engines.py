@@ -33,6 +33,7 @@ VARIANTS = (
     "llama.cpp-alone",  # llama-cpp-python's create_chat_completion, one document at a time
     "ctranslate2-alone",  # CTranslate2's generate_batch on all documents (max_batch_size 8), int8
     "engine-transformers",  # sumfleet's pipeline over the transformers backend (defaults: bf16 where fast)
+    # (engine-transformers@dynamic-cache: the same with transformers' dynamic KV cache, not the static one)
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
     "engine-llama.cpp",  # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights)
     "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
@@ -178,8 +179,12 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, w
     from models.settings import Settings
     from worker.loading import load_engine
 
+    dynamic = weights == "dynamic-cache"
+    weights = "auto" if dynamic else weights
     settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
-    loaded = load_engine("smollm2", settings)
+    loaded: Any = load_engine("smollm2", settings)
+    if dynamic:
+        loaded.backend.static_cache = False
     return time_engine(loaded, docs, max_new)
 
 

@@ -87,6 +87,32 @@ def test_batched_generation_matches_one_at_a_time(engine, jobs) -> None:
         assert batched[job.id].error is None and batched[job.id].output_tokens <= 16
 
 
+def test_cpu_calls_decode_into_a_static_kv_cache_with_the_same_tokens(engine, jobs) -> None:
+    """On the CPU a call decodes into a KV cache allocated once (transformers' static cache), not the
+    dynamic one that concatenates every layer's keys and values at each step; in float32 the tokens
+    are the same either way."""
+    backend = engine.backend
+    caches: list[str | None] = []
+    real = backend.model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        caches.append(kwargs["generation_config"].cache_implementation)
+        return real(*args, **kwargs)
+
+    backend.model.generate = generate
+    params = GenerationParams(max_new_tokens=12)
+    try:
+        static = _run(engine, jobs[:4], params)
+        backend.static_cache = False
+        dynamic = _run(engine, jobs[:4], params)
+    finally:
+        backend.static_cache = True
+        del backend.model.generate
+    assert caches == ["static", None]  # one call each: the four documents share it
+    assert {i: o.summary for i, o in static.items()} == {i: o.summary for i, o in dynamic.items()}
+    assert all(o.error is None and o.summary for o in static.values())
+
+
 def test_continuous_batching_gives_the_same_summaries(engine, jobs) -> None:
     params = GenerationParams(max_new_tokens=8)
     static = _run(engine, jobs[:3], params)

@@ -111,6 +111,11 @@ class TransformersBackend:
         else:
             self.max_batch_size = defaults.MAX_BATCH_SIZE_CPU
         self.packs_itself = settings.batching == "continuous" and not self.encoder_decoder
+        # A causal model on the CPU decodes into a KV cache allocated once per call (transformers'
+        # static cache) instead of the dynamic one, which concatenates every layer's keys and values
+        # at each step (30% of a decoding step here). 24 BBC articles, bf16, fresh processes: 14.3 /
+        # 13.3 s against 16.2 / 15.9 s, peak RSS 1,106-1,167 MiB against 1,244-1,370 (README: Throughput).
+        self.static_cache = device.type == "cpu" and not self.encoder_decoder
         self.supports_adapters = not self.encoder_decoder
         self.adapters = AdapterCache(self)
         self.input_prefix, self.task_generation = (
@@ -175,6 +180,13 @@ class TransformersBackend:
             config.temperature = temperature
         return config
 
+    def _call_config(self, rows: Sequence[Row]) -> GenerationConfig:
+        """The generation config of one static call: its longest limit, its temperature, its cache."""
+        config = self.generation_config(max(row.max_new_tokens for row in rows), rows[0].temperature)
+        if self.static_cache:
+            config.cache_implementation = "static"
+        return config
+
     def is_out_of_memory(self, error: BaseException) -> bool:
         if not isinstance(error, torch.OutOfMemoryError):
             return False
@@ -220,7 +232,7 @@ class TransformersBackend:
             output = self.model.generate(  # from embeddings, generate returns the new tokens only
                 inputs_embeds=inputs,
                 attention_mask=attention,
-                generation_config=self.generation_config(max(limits), rows[0].temperature),
+                generation_config=self._call_config(rows),
                 stopping_criteria=StoppingCriteriaList(stop),
             )
         elapsed = time.perf_counter() - started
@@ -244,7 +256,7 @@ class TransformersBackend:
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
-                generation_config=self.generation_config(max(limits), rows[0].temperature),
+                generation_config=self._call_config(rows),
                 stopping_criteria=StoppingCriteriaList(stop),
             )
         elapsed = time.perf_counter() - started
