@@ -113,8 +113,9 @@ class TransformersBackend:
         self.packs_itself = settings.batching == "continuous" and not self.encoder_decoder
         # A causal model on the CPU decodes into a KV cache allocated once per call (transformers'
         # static cache) instead of the dynamic one, which concatenates every layer's keys and values
-        # at each step (30% of a decoding step here). 24 BBC articles, bf16, fresh processes: 14.3 /
-        # 13.3 s against 16.2 / 15.9 s, peak RSS 1,106-1,167 MiB against 1,244-1,370 (README: Throughput).
+        # at each step (30% of a decoding step). 24 BBC articles, bf16, AMX CPU: 1.86 / 1.89 docs/s
+        # against 1.66 / 1.74, peak RSS 1,160-1,174 MiB against 1,265-1,319; float32 tokens the same
+        # (README: Engines). Not used on GPUs (not measured there).
         self.static_cache = device.type == "cpu" and not self.encoder_decoder
         self.supports_adapters = not self.encoder_decoder
         self.adapters = AdapterCache(self)
