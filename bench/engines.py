@@ -68,9 +68,9 @@ def run_variant(variant: str, docs: list[dict[str, str]], max_new: int) -> dict[
     if variant == "ctranslate2-alone":
         return _ctranslate2_alone(docs, max_new)
     if variant.startswith("engine-"):
-        name, _, weights = variant.removeprefix("engine-").partition("@")
+        name, _, option = variant.removeprefix("engine-").partition("@")
         engine, _, dtype = name.partition("-fp")
-        return _engine(docs, max_new, engine, "float32" if dtype else "auto", weights or "auto")
+        return _engine(docs, max_new, engine, "float32" if dtype else "auto", option)
     raise SystemExit(f"unknown variant {variant}")
 
 
@@ -175,15 +175,15 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
     }
 
 
-def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, weights: str) -> dict[str, Any]:
+def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, option: str) -> dict[str, Any]:
+    """`option` (after @ in the variant): llama.cpp's weight type, or transformers' `dynamic-cache`."""
     from models.settings import Settings
     from worker.loading import load_engine
 
-    dynamic = weights == "dynamic-cache"
-    weights = "auto" if dynamic else weights
+    weights = option if engine == "llama.cpp" and option else "auto"
     settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
     loaded: Any = load_engine("smollm2", settings)
-    if dynamic:
+    if option == "dynamic-cache":
         loaded.backend.static_cache = False
     return time_engine(loaded, docs, max_new)
 

@@ -204,8 +204,7 @@ class LlamaCppBackend:
         llama_cpp = self.llama_cpp
         longest = max(len(row.ids) + row.max_new_tokens for row in rows)
         stream = batch_cost(longest, 0, 1, STREAM_ALIGN)
-        # the pipeline's cost of a call, counted as it packs them: one row may pass the budget
-        need = batch_cost(longest, 0, len(rows), STREAM_ALIGN)
+        need = stream * len(rows)  # the pipeline's cost of the call, as it packs them: one row may pass the budget
         if len(rows) > 1 and (need > self.token_budget or len(rows) > self.max_batch_size):
             raise KVCacheFull(
                 f"{len(rows)} rows of up to {longest} tokens need {need} KV cells; the budget is {self.token_budget}"
