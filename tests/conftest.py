@@ -25,6 +25,25 @@ from models.settings import Settings
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _one_core_per_xdist_worker() -> None:
+    """Under pytest-xdist (`-n N`), pin each worker process, and so the worker and API processes its
+    tests start, to a core of its own: torch, llama.cpp and CTranslate2 size their thread pools by the
+    cores a process may use, and two test processes each spinning threads on every core slowed both
+    (OpenMP barriers wait for descheduled threads). Runs before anything imports torch."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    cores = sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_one_core_per_xdist_worker()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a process per core, at most 8 (each reserves a Redis db of 1-13 and may hold a model)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
 # the maintenance database every PostgreSQL has: the tests create (and drop) databases of their own from it
 PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("SUMFLEET_TEST_REDIS", "redis://127.0.0.1:6379")

@@ -87,6 +87,7 @@ def test_standard_signature_matches_the_specs_example() -> None:
         "whsec_" + base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode().rstrip("="),  # how keys were made: - _
         "whsec_" + secrets.token_urlsafe(32),
     ],
+    ids=["base64", "urlsafe", "random"],  # the same test ids in every process of a parallel run
 )
 def test_openai_sdk_verifies_the_standard_headers(secret: str) -> None:
     body = b'{"id":"batch_1","object":"batch","status":"completed"}'

@@ -16,7 +16,7 @@ from worker.loading import load_engine
 
 pytestmark = pytest.mark.model
 PLAN = PromptPlan(TEMPLATES["one-sentence"])
-CONTEXT = 1024  # a small usable context keeps the test quick and forces several levels
+CONTEXT = 512  # a small usable context keeps the test quick and forces several levels
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def engine():
 
 @pytest.fixture(scope="module")
 def long_job() -> ClaimedJob:
-    text = long_document(5200)
-    assert len(text.split()) >= 5000
+    text = long_document(2600)
+    assert len(text.split()) >= 2600
     return ClaimedJob(1, "report", text, 1)
 
 
@@ -61,7 +61,7 @@ def test_map_reduce_summarizes_pieces_batched_with_other_documents(engine, long_
     outcomes = {o.job_id: o for batch in batches for o in batch}
     long, short = outcomes[1], outcomes[2]
     assert long.error is None and long.summary
-    assert long.pieces is not None and long.pieces >= 8  # ~7,000 tokens in pieces of under 1,024
+    assert long.pieces is not None and long.pieces >= 7  # ~3,600 tokens in pieces of under 512
     assert long.levels is not None and long.levels >= 2
     assert (short.pieces, short.levels, short.error) == (1, 1, None)
     assert all(len(row) <= CONTEXT for call in calls for row in call)
@@ -95,7 +95,7 @@ def test_truncate_cuts_the_document_to_the_context(engine, long_job) -> None:
 def test_a_failing_piece_fails_its_document_with_where(engine, short_job) -> None:
     # a shorter report than long_job's (still several pieces): after the failed call the pipeline runs
     # that call's rows one at a time to find the one that fails, which is what makes this test slow
-    long_job = ClaimedJob(1, "report", long_document(2000), 1)
+    long_job = ClaimedJob(1, "report", long_document(1300), 1)
     real = engine.backend.model.generate
     marker = engine.backend.tokenizer.encode("Chapter 3:")
 
@@ -140,4 +140,4 @@ def test_a_chat_request_runs_its_own_messages_and_limits(engine, short_job) -> N
     assert "You answer in French." in text and "Summarize" not in text
     too_long = ClaimedJob(4, "chat-2", "x", 1, {"messages": [{"role": "user", "content": "word " * 3000}]})
     (failed,) = [o for batch in engine.run([too_long], PLAN, GenerationParams(4)) for o in batch]
-    assert failed.error is not None and "over this model's usable context of 1024 tokens" in failed.error
+    assert failed.error is not None and "over this model's usable context of 512 tokens" in failed.error
