@@ -220,3 +220,39 @@ def test_each_row_runs_in_a_kv_stream_of_its_own(tmp_path: Path) -> None:
     assert backend.shape[0] == 3
     (alone_long,) = backend.generate([Row(prompt(" ".join(documents * 3), 1500), 2)])  # one row may pass the budget
     assert backend.shape == (1, 1536) and alone_long.tokens
+
+
+@pytest.mark.model
+def test_the_prompt_tokens_all_rows_start_with_are_read_once(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from worker.backends import llamacpp
+    from worker.backends.base import Row
+    from worker.backends.llamacpp import LlamaCppBackend
+
+    settings = Settings(cache_dir=str(tmp_path), token_budget=2048, max_batch_size=4, threads=2)
+    backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    tokenizer = backend.tokenizer
+    documents = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()][:3]
+    prompts = [
+        tokenizer.encode(str(tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + d}])))[:300]
+        for d in documents
+    ]
+    prefix = 0
+    while all(ids[prefix] == prompts[0][prefix] for ids in prompts):
+        prefix += 1
+    assert prefix >= llamacpp.MIN_SHARED_PREFIX  # the chat template's opening and the instruction
+    alone = [backend.generate([Row(ids, 12)])[0].tokens for ids in prompts]
+    assert backend.prompt_tokens_shared == 0  # one row: nothing to share
+    together = backend.generate([Row(ids, 12) for ids in prompts])
+    assert backend.prompt_tokens_shared == prefix * 2  # read in the first row's stream, copied into two others
+    # the copied keys and values are the ones each row would have computed: the same tokens as alone
+    # (one row of three may differ by rounding, as in any call of several rows)
+    assert sum(g.tokens == a for g, a in zip(together, alone, strict=True)) >= 2
+    # a row that is all prefix but its last token still reads that token (its first logits come from it)
+    short = Row(prompts[0][: prefix + 1], 12)
+    first, second = backend.generate([short, Row(prompts[1], 12)])
+    assert backend.prompt_tokens_shared == prefix * 3
+    assert first.tokens and second.tokens
+    # rows that start differently share nothing
+    backend.generate([Row(prompts[0], 4), Row(prompts[1][prefix:], 4)])
+    assert backend.prompt_tokens_shared == prefix * 3
