@@ -153,13 +153,16 @@ def create_worker_app(settings: Settings, model: str, concurrency: int = 1, queu
                 if runtime.presence is not None:
                     runtime.presence.done(report.succeeded + report.failed)
                 log.info(
-                    "batch %s: %d job(s) of %d chunk(s), ran %d, succeeded %d, failed %d",
+                    "batch %s: %d job(s) of %d chunk(s), ran %d, succeeded %d, failed %d; "
+                    "%.2fs generating, %.2fs in the database around it",
                     group,
                     len(ids),
                     messages[group],
                     report.claimed,
                     report.succeeded,
                     report.failed,
+                    report.generate_seconds,
+                    report.bookkeeping_seconds,
                     extra={"batch_id": group, "worker": processor.worker, "model": model},
                 )
                 totals["claimed"] += report.claimed

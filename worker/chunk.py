@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,10 @@ class ChunkReport:
     cancelled: int = 0  # claimed jobs given up because their batch was cancelled meanwhile
     prompt_tokens: int = 0  # of the succeeded ones
     output_tokens: int = 0
+    # where the chunk's time went: waiting on the engine, and the database work around it (claims,
+    # commits of each generation batch's results, the cancel checks between them, closing the batch)
+    generate_seconds: float = 0.0
+    bookkeeping_seconds: float = 0.0
 
 
 class ChunkProcessor:
@@ -121,6 +126,7 @@ class ChunkProcessor:
         jobs not yet generated end `cancelled` and the chunk stops.
         """
         report = ChunkReport()
+        clock = time.perf_counter()
         with self.sessions.begin() as session:
             spec = self._spec(session, batch_id)
             report.failed += give_up_exhausted(session, job_ids, self.max_attempts)
@@ -142,7 +148,15 @@ class ChunkProcessor:
                     raise RuntimeError(
                         f"batch {batch_id} asks for model {spec.model!r}, but this worker serves {self.engine.name!r}"
                     )
-                for outcomes in self._outcomes(claimed, spec, isolate):
+                batches = self._outcomes(claimed, spec, isolate)
+                while True:
+                    report.bookkeeping_seconds += time.perf_counter() - clock
+                    clock = time.perf_counter()
+                    outcomes = next(batches, None)
+                    report.generate_seconds += time.perf_counter() - clock
+                    clock = time.perf_counter()
+                    if outcomes is None:
+                        break
                     self._store(outcomes, report, on_batch)
                     open_ids.difference_update(o.job_id for o in outcomes)
                     if self.heartbeat is not None:
@@ -166,6 +180,7 @@ class ChunkProcessor:
                     self.heartbeat.release([job.id for job in claimed])
         with self.sessions.begin() as session:
             close_batch_if_done(session, batch_id)
+        report.bookkeeping_seconds += time.perf_counter() - clock
         return report
 
     def _cancelled(self, batch_id: str) -> bool:
