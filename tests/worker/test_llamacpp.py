@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,16 +184,23 @@ def test_converted_weights_are_cached_by_content(tmp_path: Path) -> None:
         shutil.rmtree(uncached.parent)
 
 
+def _small_backend(tmp_path: Path, budget: int) -> tuple[Any, list[str]]:
+    """The bundled model in the llama.cpp backend with `budget` KV cells for at most 4 rows, and the sample's texts."""
+    pytest.importorskip("llama_cpp")
+    from worker.backends.llamacpp import LlamaCppBackend
+
+    settings = Settings(cache_dir=str(tmp_path), token_budget=budget, max_batch_size=4, threads=2)
+    backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    return backend, [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
+
+
 @pytest.mark.model
 def test_each_row_runs_in_a_kv_stream_of_its_own(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
     from worker.backends.base import Row
-    from worker.backends.llamacpp import KVCacheFull, LlamaCppBackend
+    from worker.backends.llamacpp import KVCacheFull
 
-    settings = Settings(cache_dir=str(tmp_path), token_budget=1536, max_batch_size=4, threads=2)
-    backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    backend, documents = _small_backend(tmp_path, 1536)
     tokenizer = backend.tokenizer
-    documents = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
 
     def prompt(document: str, words: int) -> list[int]:
         chat = tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + document}])
@@ -224,15 +232,12 @@ def test_each_row_runs_in_a_kv_stream_of_its_own(tmp_path: Path) -> None:
 
 @pytest.mark.model
 def test_the_prompt_tokens_all_rows_start_with_are_read_once(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
     from worker.backends import llamacpp
     from worker.backends.base import Row
-    from worker.backends.llamacpp import LlamaCppBackend
 
-    settings = Settings(cache_dir=str(tmp_path), token_budget=2048, max_batch_size=4, threads=2)
-    backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    backend, documents = _small_backend(tmp_path, 2048)
     tokenizer = backend.tokenizer
-    documents = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()][:3]
+    documents = documents[:3]
     prompts = [
         tokenizer.encode(str(tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + d}])))[:300]
         for d in documents
