@@ -44,6 +44,8 @@ _one_core_per_xdist_worker()
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: a process per core, at most 8 (each reserves a Redis db of 1-13 and may hold a model)."""
     return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
 # the maintenance database every PostgreSQL has: the tests create (and drop) databases of their own from it
 PG_ADMIN = os.environ.get("SUMFLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("SUMFLEET_TEST_REDIS", "redis://127.0.0.1:6379")
