@@ -38,7 +38,8 @@ VARIANTS = (
     # (engine-transformers@dynamic-cache: the same with transformers' dynamic KV cache, not the static one)
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
     # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights;
-    # engine-llama.cpp@no-shared-prefix: every row reads its whole prompt, the prefix all share included)
+    # engine-llama.cpp@no-shared-prefix: every row reads its whole prompt, the prefix all share included;
+    # engine-llama.cpp@static: packed calls that run to their longest row, not continuous batching)
     "engine-llama.cpp",
     "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
     "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
@@ -197,8 +198,8 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
 
 def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, option: str) -> dict[str, Any]:
-    """`option` (after @ in the variant): llama.cpp's weight type or `no-shared-prefix` (every row reads its
-    whole prompt), or transformers' `dynamic-cache`."""
+    """`option` (after @ in the variant): llama.cpp's weight type, `no-shared-prefix` (every row reads its
+    whole prompt) or `static` (packed calls, SUMFLEET_BATCHING=static), or transformers' `dynamic-cache`."""
     from models.settings import Settings
     from worker.backends.llamacpp import FILE_TYPES
     from worker.loading import load_engine
@@ -211,6 +212,8 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
         loaded.backend.static_cache = False
     if option == "no-shared-prefix":
         loaded.backend.share_prefix = False
+    if option == "static":
+        loaded.backend.streams_rows = False
     return time_engine(loaded, docs, max_new)
 
 

@@ -64,9 +64,11 @@ class Settings(BaseSettings):
         f"on CPU, {defaults.TOKEN_BUDGET_GPU} on GPU); halved for the rest of a chunk on out-of-memory",
     )
     batching: str = Field(
-        "static",
-        pattern="^(static|continuous)$",
-        description="static batches, or continuous (transformers' generate_batch)",
+        "auto",
+        pattern="^(auto|static|continuous)$",
+        description="continuous: rows join a running batch as others finish (llama.cpp's KV streams, "
+        "transformers' generate_batch); static: packed calls that run to their longest row; auto: "
+        "continuous where it is measured faster (llama.cpp, vLLM), static for transformers",
     )
     vllm_gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="SUMFLEET_ENGINE=vllm: share of the GPU's memory vLLM takes (weights and KV cache)"

@@ -100,9 +100,9 @@ class GenerationPipeline:
                 groups.setdefault((item.row.temperature, lora), []).append(item)
             for _, group in sorted(groups.items()):
                 group.sort(key=lambda item: len(item.row.ids))
-                for items in self._batches(group):
+                for results in self._calls_of(group):
                     outcomes: list[JobOutcome] = []
-                    for item, (done, call) in zip(items, self._generate_safely(items), strict=True):
+                    for item, done, call in results:
                         outcome, more = self._advance(item, done, call, prompt, params)
                         if outcome is not None:
                             outcomes.append(outcome)
@@ -249,6 +249,40 @@ class GenerationPipeline:
 
     # -- calls -------------------------------------------------------------------------------
 
+    def _calls_of(self, group: list[_Item]) -> Iterator[list[tuple[_Item, Generated, int]]]:
+        """`group`'s rows generated, a call at a time, or as they finish where the backend batches
+        continuously; each with the number of the backend call that made it."""
+        if getattr(self.backend, "streams_rows", False):
+            yield from self._streamed(group)
+            return
+        for items in self._batches(group):
+            yield [(item, done, call) for item, (done, call) in zip(items, self._generate_safely(items), strict=True)]
+
+    def _streamed(self, items: list[_Item]) -> Iterator[list[tuple[_Item, Generated, int]]]:
+        """All of `items` through the backend's `generate_stream`, handed on as rows finish. Should it
+        fail, the rows not finished yet go through packed calls (which halve down to a failing row)."""
+        self._calls += 1
+        call = self._calls
+        left = set(range(len(items)))
+        try:
+            for finished in self.backend.generate_stream([item.row for item in items]):  # type: ignore[attr-defined]
+                left.difference_update(number for number, _ in finished)
+                yield [(items[number], done, call) for number, done in finished]
+        except Exception as error:
+            rest = [items[number] for number in sorted(left)]
+            log.warning("continuous generation stopped with %d row(s) left: %s", len(rest), describe(error))
+            if self.backend.is_out_of_memory(error):
+                self._lower_budget([item.row for item in rest])
+            for batch in self._batches(rest):
+                yield [(item, done, c) for item, (done, c) in zip(batch, self._generate_safely(batch), strict=True)]
+
+    def _lower_budget(self, rows: list[Row]) -> None:
+        """After out-of-memory on `rows`: half their cost becomes the budget for the rest of the chunk."""
+        longest, new = max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows)
+        cost = batch_cost(longest, new, len(rows), self.align)
+        self.budget = max(defaults.MIN_TOKEN_BUDGET, min(self.budget, cost // 2))
+        log.warning("out of memory on %d rows; token budget now %d", len(rows), self.budget)
+
     def _batches(self, group: list[_Item]) -> Iterator[list[_Item]]:
         """`group` (sorted by length) in generate calls, packed one at a time so a lowered budget applies at once."""
         if self.backend.packs_itself:
@@ -275,10 +309,7 @@ class GenerationPipeline:
             return [(done, call) for done in self.backend.generate(rows)]
         except Exception as error:
             if self.backend.is_out_of_memory(error):
-                longest, new = max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows)
-                cost = batch_cost(longest, new, len(rows), self.align)
-                self.budget = max(defaults.MIN_TOKEN_BUDGET, min(self.budget, cost // 2))
-                log.warning("out of memory on %d rows; token budget now %d", len(rows), self.budget)
+                self._lower_budget(rows)
             if len(items) == 1:
                 log.warning("job %s failed: %s", items[0].doc.job.id, describe(error))
                 return [(Generated(None, 0.0, describe(error)), call)]

@@ -261,3 +261,104 @@ def test_the_prompt_tokens_all_rows_start_with_are_read_once(tmp_path: Path) -> 
     # rows that start differently share nothing
     backend.generate([Row(prompts[0], 4), Row(prompts[1][prefix:], 4)])
     assert backend.prompt_tokens_shared == prefix * 3
+
+
+def _summary_prompts(backend: Any, documents: list[str], tokens: int) -> list[list[int]]:
+    tokenizer = backend.tokenizer
+    chats = [tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + d}]) for d in documents]
+    return [tokenizer.encode(str(chat))[:tokens] for chat in chats]
+
+
+@pytest.mark.model
+def test_rows_join_the_streams_as_others_finish(tmp_path: Path) -> None:
+    from worker.backends.base import Row
+
+    backend, documents = _small_backend(tmp_path, 768)  # 3 streams of 256 cells
+    backend.max_batch_size = 3
+    prompts = _summary_prompts(backend, documents[:6], 200)
+    limits = [2, 12, 12, 3, 12, 5]
+    rows = [Row(ids, limit) for ids, limit in zip(prompts, limits, strict=True)]
+    alone = [backend.generate([row])[0].tokens for row in rows]
+    order: list[list[int]] = []
+    results = {}
+    for finished in backend.generate_stream(rows):
+        order.append([number for number, _ in finished])
+        results.update(finished)
+    assert backend.shape == (3, 256)
+    assert sorted(results) == list(range(6)) and sum(map(len, order)) == 6  # each row once
+    # row 3 took the stream row 0 left after 2 tokens and finished before rows 1 and 2 (12 tokens
+    # each, started first): in calls of 3 it would have waited for them
+    assert order[0] == [0] and order[1] == [3] and sorted(order[2]) == [1, 2]
+    assert [len(results[n].tokens or []) for n in range(6)] == limits  # each row's own limit
+    assert all(results[n].finish_reason == "length" for n in range(6))
+    # a row moved into a freed stream (rows keep streams 0..n-1) goes on with its own keys and values:
+    # the same tokens as alone (one may differ by a near-tie, as in any call of several rows)
+    assert sum(results[n].tokens == alone[n] for n in range(6)) >= 5
+    # a row that ends with an end-of-generation token leaves then, keeping it as its last, while a
+    # longer one goes on
+    question = backend.tokenizer.encode(
+        str(backend.tokenizer.chat([{"role": "user", "content": "What is the capital of France? Answer in one word."}]))
+    )
+    answer = backend.generate([Row(question, 40)])[0]
+    assert answer.finish_reason == "stop" and len(answer.tokens or []) < 40
+    both = dict(pair for finished in backend.generate_stream([Row(question, 40), rows[1]]) for pair in finished)
+    assert both[0].tokens == answer.tokens and both[0].finish_reason == "stop"
+    assert both[0].tokens[-1] in backend.end and len(both[1].tokens or []) == 12
+
+
+@pytest.mark.model
+def test_rows_too_long_for_the_streams_wait_for_a_context_of_longer_ones(tmp_path: Path) -> None:
+    from worker.backends.base import Row
+
+    backend, documents = _small_backend(tmp_path, 1536)
+    short = _summary_prompts(backend, documents[:3], 200)
+    long = _summary_prompts(backend, [" ".join(documents * 3)], 600)[0]
+    assert len(long) == 600
+    rows = [Row(ids, 6) for ids in short] + [Row(long, 6)]
+    results = {}
+    order: list[int] = []
+    for finished in backend.generate_stream(rows):
+        order.extend(number for number, _ in finished)
+        results.update(finished)
+    assert order[-1] == 3  # after the short rows, in a context remade for it
+    assert backend.shape == (2, 768)  # as many streams of 768 cells as the 1,536-cell budget holds
+    assert all(len(results[n].tokens or []) == 6 for n in range(4))
+
+
+@pytest.mark.model
+def test_the_pipeline_hands_on_rows_as_they_finish_and_recovers_from_a_failed_stream(tmp_path: Path) -> None:
+    from models.claims import ClaimedJob
+    from models.prompts import TEMPLATES, PromptPlan
+    from worker.engine import GenerationParams
+    from worker.pipeline import GenerationPipeline
+
+    backend, documents = _small_backend(tmp_path, 1024)
+    assert backend.streams_rows  # SUMFLEET_BATCHING=auto: continuous for llama.cpp
+    pipeline = GenerationPipeline("smollm2", backend, Settings(database_url="sqlite://", token_budget=1024))
+    jobs = [ClaimedJob(i, f"d{i}", text, 1) for i, text in enumerate(documents[:6])]
+    plan, params = PromptPlan(TEMPLATES["one-sentence"]), GenerationParams(max_new_tokens=10)
+    calls: list[int] = []
+    real = backend.generate
+
+    def generate(rows: Any) -> Any:
+        calls.append(len(rows))
+        return real(rows)
+
+    backend.generate = generate
+    yields = [batch for batch in pipeline.run(jobs, plan, params) if batch]
+    outcomes = {o.job_id: o for batch in yields for o in batch}
+    assert sorted(outcomes) == list(range(6)) and all(o.summary and o.error is None for o in outcomes.values())
+    assert len(yields) > 1 and calls == []  # handed on in steps, no packed calls
+    # the stream fails after its first rows: the others go through packed calls, none lost or twice
+    streaming = backend.generate_stream
+
+    def failing(rows: Any) -> Any:
+        stream = streaming(rows)
+        yield next(stream)
+        stream.close()
+        raise RuntimeError("llama_decode failed with code -3")
+
+    backend.generate_stream = failing
+    again = [o for batch in pipeline.run(jobs, plan, params) for o in batch]
+    assert sorted(o.job_id for o in again) == list(range(6))
+    assert all(o.summary and o.error is None for o in again) and calls and sum(calls) < 6

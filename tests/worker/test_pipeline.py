@@ -53,7 +53,8 @@ def transformers_backend() -> Backend:
 @pytest.fixture(scope="module")
 def llamacpp_backend() -> Backend:
     pytest.importorskip("llama_cpp", reason="the llama.cpp backend needs llama-cpp-python (sumfleet[llamacpp])")
-    engine = load_engine("smollm2", Settings(database_url="sqlite://", engine="llama.cpp"))
+    # packed calls, which these tests watch; its continuous batching is tested in test_llamacpp.py
+    engine = load_engine("smollm2", Settings(database_url="sqlite://", engine="llama.cpp", batching="static"))
     assert isinstance(engine, GenerationPipeline)
     return engine.backend
 

@@ -94,6 +94,8 @@ class Backend(Protocol):
     supports_adapters: bool  # it runs rows with soft prompts and LoRAs (`Row.adapter`)
     # Optional, not part of the protocol: `cell_alignment`, when a backend gives each row its KV cells in
     # blocks (llama.cpp: 256); the pipeline then counts a row's (prompt + new tokens) rounded up to it.
+    # And `streams_rows` with `generate_stream(rows)`, for a backend that batches continuously: it takes
+    # all rows of a round and yields, step by step, the (index, Generated) of the rows that finished.
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
         """One `Generated` per row, in order. Raises when the whole call failed (the pipeline
