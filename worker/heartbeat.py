@@ -143,8 +143,9 @@ class Heartbeat:
 
 
 def beat_on_generate(engine: Any, heartbeat: Heartbeat) -> None:
-    """Count every `generate()` call of `engine`'s backend that returns as progress (map-reduce runs
-    many calls before a document's result exists). Engines without a backend beat per result batch."""
+    """Count every `generate()` call of `engine`'s backend that returns, and every step of its
+    `generate_stream` that finishes rows, as progress (map-reduce runs many calls before a document's
+    result exists). Engines without a backend beat per result batch."""
     backend = getattr(engine, "backend", None)
     generate = getattr(backend, "generate", None)
     if backend is None or generate is None:
@@ -157,3 +158,13 @@ def beat_on_generate(engine: Any, heartbeat: Heartbeat) -> None:
             heartbeat.progress()
 
     backend.generate = beating
+    stream = getattr(backend, "generate_stream", None)
+    if stream is None:
+        return
+
+    def streaming(rows: Any) -> Any:  # continuous batching: every step that finished rows
+        for finished in stream(rows):
+            heartbeat.progress()
+            yield finished
+
+    backend.generate_stream = streaming
