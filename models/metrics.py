@@ -47,10 +47,16 @@ DOCUMENTS = Counter("sumfleet_documents", "Documents finished by the workers, by
 PROMPT_TOKENS = Counter("sumfleet_prompt_tokens", "Prompt tokens of succeeded documents", ["model"])
 OUTPUT_TOKENS = Counter("sumfleet_output_tokens", "Generated tokens of succeeded documents", ["model"])
 GENERATE_SECONDS = Histogram(
-    "sumfleet_generate_seconds", "Wall seconds of one generate() call", ["model"], buckets=GENERATE_BUCKETS
+    "sumfleet_generate_seconds",
+    "Wall seconds of one generate() call (or continuous batch)",
+    ["model"],
+    buckets=GENERATE_BUCKETS,
 )
 GENERATE_BATCH = Histogram(
-    "sumfleet_generate_batch_size", "Rows in one generate() call", ["model"], buckets=BATCH_SIZE_BUCKETS
+    "sumfleet_generate_batch_size",
+    "Rows in one generate() call (or continuous batch)",
+    ["model"],
+    buckets=BATCH_SIZE_BUCKETS,
 )
 IN_FLIGHT = Gauge(
     "sumfleet_documents_in_flight", "Documents claimed and not yet written", ["model"], multiprocess_mode="livesum"
@@ -168,7 +174,8 @@ class QueueLength:
 
 
 def meter_generation(engine: Any, model: str) -> None:
-    """Time every `generate()` call of `engine`'s backend (seconds and rows, histograms) and count
+    """Time every `generate()` call of `engine`'s backend, and every continuous batch of its
+    `generate_stream` (seconds and rows, histograms), and count
     the calls that ran out of memory (the pipeline splits those in half). The backend keeps its
     type; only this instance's `generate` is wrapped. Engines without a backend (lead, plugins
     that generate themselves) are left as they are."""
@@ -191,3 +198,20 @@ def meter_generation(engine: Any, model: str) -> None:
             rows_per_call.observe(len(rows))
 
     backend.generate = metered
+    stream = getattr(backend, "generate_stream", None)
+    if stream is None:
+        return
+
+    def metered_stream(rows: Any) -> Any:  # continuous batching: the whole batch counts as one call
+        started = time.perf_counter()
+        try:
+            yield from stream(rows)
+        except Exception as error:
+            if backend.is_out_of_memory(error):
+                oom.inc()
+            raise
+        finally:
+            seconds.observe(time.perf_counter() - started)
+            rows_per_call.observe(len(rows))
+
+    backend.generate_stream = metered_stream

@@ -121,25 +121,3 @@ def test_the_heartbeat_renews_only_while_generation_advances(pg_url: str) -> Non
     heartbeat.release()
     heartbeat.check()
     assert stalls == [True]  # nothing held: nothing to watch
-
-
-def test_every_step_of_a_continuous_batch_that_finishes_rows_is_progress() -> None:
-    from types import SimpleNamespace
-
-    from worker.heartbeat import beat_on_generate
-
-    def stream(rows: list[int]) -> object:
-        for row in rows:
-            yield [(row, None)]
-
-    engine = SimpleNamespace(backend=SimpleNamespace(generate=lambda rows: [], generate_stream=stream))
-    heartbeat = Heartbeat(None, "me:1", lease_seconds=600, limit=3600)  # type: ignore[arg-type]
-    beat_on_generate(engine, heartbeat)
-    heartbeat.hold([1])
-    steps = engine.backend.generate_stream([0, 1, 2])
-    heartbeat._last_progress -= 100  # as if the last progress were long ago
-    assert heartbeat.stalled_for() > 99
-    assert next(steps) == [(0, None)]
-    assert heartbeat.stalled_for() < 5  # a step that finished rows counts
-    heartbeat._last_progress -= 100
-    assert list(steps) == [[(1, None)], [(2, None)]] and heartbeat.stalled_for() < 5
