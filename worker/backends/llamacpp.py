@@ -9,7 +9,9 @@ of a call decode together, one sequence each in a KV stream of its own (a row at
 own cells only): the prompts are read in one pass, then every step adds one token for each row still
 going, so each decode step is one matrix product for all rows; the prompt tokens all rows start with
 (the chat template's opening and the instruction) are read once and copied into every row's stream.
-Each row stops at its own limit or an end-of-generation token. The chat template comes from the
+Each row stops at its own limit or an end-of-generation token. With continuous batching
+(`generate_stream`, what SUMFLEET_BATCHING=auto picks here) a row that finishes gives its stream to
+the next waiting one, so steps stay full while rows wait. The chat template comes from the
 GGUF's metadata, rendered like transformers renders it (a sandboxed Jinja environment), so prompts
 match token for token.
 """
