@@ -11,6 +11,7 @@ jobs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -185,10 +186,11 @@ def meter_generation(engine: Any, model: str) -> None:
         return
     seconds, rows_per_call, oom = GENERATE_SECONDS.labels(model), GENERATE_BATCH.labels(model), OOM_SPLITS.labels(model)
 
-    def metered(rows: Any) -> Any:
+    @contextlib.contextmanager
+    def call(rows: Any) -> Iterator[None]:
         started = time.perf_counter()
         try:
-            return generate(rows)
+            yield
         except Exception as error:
             if backend.is_out_of_memory(error):
                 oom.inc()
@@ -196,6 +198,10 @@ def meter_generation(engine: Any, model: str) -> None:
         finally:
             seconds.observe(time.perf_counter() - started)
             rows_per_call.observe(len(rows))
+
+    def metered(rows: Any) -> Any:
+        with call(rows):
+            return generate(rows)
 
     backend.generate = metered
     stream = getattr(backend, "generate_stream", None)
@@ -203,15 +209,7 @@ def meter_generation(engine: Any, model: str) -> None:
         return
 
     def metered_stream(rows: Any) -> Any:  # continuous batching: the whole batch counts as one call
-        started = time.perf_counter()
-        try:
+        with call(rows):
             yield from stream(rows)
-        except Exception as error:
-            if backend.is_out_of_memory(error):
-                oom.inc()
-            raise
-        finally:
-            seconds.observe(time.perf_counter() - started)
-            rows_per_call.observe(len(rows))
 
     backend.generate_stream = metered_stream
