@@ -254,7 +254,11 @@ class GenerationPipeline:
         continuously; each with the number of the backend call that made it."""
         if getattr(self.backend, "streams_rows", False):
             yield from self._streamed(group)
-            return
+        else:
+            yield from self._packed(group)
+
+    def _packed(self, group: list[_Item]) -> Iterator[list[tuple[_Item, Generated, int]]]:
+        """`group` (sorted by length) in packed generate calls."""
         for items in self._batches(group):
             yield [(item, done, call) for item, (done, call) in zip(items, self._generate_safely(items), strict=True)]
 
@@ -273,8 +277,7 @@ class GenerationPipeline:
             log.warning("continuous generation stopped with %d row(s) left: %s", len(rest), describe(error))
             if self.backend.is_out_of_memory(error):
                 self._lower_budget([item.row for item in rest])
-            for batch in self._batches(rest):
-                yield [(item, done, c) for item, (done, c) in zip(batch, self._generate_safely(batch), strict=True)]
+            yield from self._packed(rest)
 
     def _lower_budget(self, rows: list[Row]) -> None:
         """After out-of-memory on `rows`: half their cost becomes the budget for the rest of the chunk."""

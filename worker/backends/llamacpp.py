@@ -249,9 +249,10 @@ class LlamaCppBackend:
     def _phase(self, rows: Sequence[Row], waiting: list[int]) -> None:
         """A context whose streams fit the next rows: as many of them, in order, as the budget holds."""
         pack: list[Row] = []
+        longest = 0
         for number in waiting:
             row = rows[number]
-            longest = max([len(r.ids) + r.max_new_tokens for r in pack] + [len(row.ids) + row.max_new_tokens])
+            longest = max(longest, len(row.ids) + row.max_new_tokens)
             if pack and (
                 len(pack) == self.max_batch_size
                 or batch_cost(longest, 0, len(pack) + 1, STREAM_ALIGN) > self.token_budget
