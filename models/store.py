@@ -152,6 +152,7 @@ class OpenBatch(NamedTuple):
     queued: int
     running: int
     finished: int  # succeeded + failed + cancelled: grows while the batch makes progress
+    created_at: datetime  # when it was submitted (committed, before its publish)
 
 
 def open_batches(session: Session) -> list[OpenBatch]:
@@ -166,6 +167,7 @@ def open_batches(session: Session) -> list[OpenBatch]:
             Batch.jobs_queued,
             Batch.jobs_running,
             Batch.jobs_succeeded + Batch.jobs_failed + Batch.jobs_cancelled,
+            Batch.created_at,
         ).where(
             Batch.state.in_([BatchState.QUEUED.value, BatchState.RUNNING.value])
             | ((Batch.state == cancelled) & ((Batch.jobs_queued > 0) | (Batch.jobs_running > 0)))

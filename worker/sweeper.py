@@ -154,8 +154,11 @@ class Sweeper:
                     next_in_line.pop(batch.queue, None)  # its queue is no longer what this sweep saw
         if not queued:
             return
-        if published_at is not None and as_utc(published_at) >= now - timedelta(seconds=self.settings.republish_after):
+        recent = now - timedelta(seconds=self.settings.republish_after)
+        if published_at is not None and as_utc(published_at) >= recent:
             return
+        if published_at is None and as_utc(batch.created_at) >= recent:
+            return  # just submitted: its publish may still be under way (a sweep between the two republished it)
         if batch.queue not in next_in_line:
             next_in_line[batch.queue] = self._next_in_line(batch.queue)
         waiting = next_in_line[batch.queue]

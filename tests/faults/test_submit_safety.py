@@ -115,3 +115,24 @@ def test_republishing_keeps_the_chunk_size_the_batch_was_submitted_with(fleet_se
     assert publish_batch(client.app, client.sessions, submission.batch_id, 32) == 4
     assert broker.llen(str(fleet_settings.queue)) == 4
     broker.close()
+
+
+def test_a_sweep_leaves_alone_a_batch_submitted_moments_ago_that_is_not_published_yet(
+    fleet_settings: Settings,
+) -> None:
+    """Regression: between submit's commit and its publish a sweep saw the batch as never published and
+    published it a second time (a test's worker log said "republished 1 chunk(s) ... never published")."""
+    from models.broker import create_app
+    from worker.sweeper import Sweeper
+
+    settings = fleet_settings.model_copy(update={"model": "lead", "republish_after": 600.0})
+    client = Client(settings)
+    batch_id = client.submit(["One. Two."], model="lead", publish=False).batch_id  # committed, publish to come
+    broker = redis.Redis.from_url(settings.broker_url)
+    sweeper = Sweeper(client.sessions, create_app(settings), settings)
+    report = sweeper.sweep()
+    assert report.acted and report.chunks == 0 and broker.llen(str(settings.queue)) == 0
+    # once the batch is older than the window, a publish that never came is made up for
+    sweeper.settings = settings.model_copy(update={"republish_after": 0.001})
+    broker.delete("sumfleet:sweeper")  # the lock the first sweep holds for most of an interval
+    assert sweeper.sweep().chunks == 1 and client.status(batch_id).counts == {"queued": 1}
