@@ -8,7 +8,11 @@ import threading
 
 
 class Proxy:
-    """Forwards 127.0.0.1:<port> to `target`; `cut()` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:<port> to `target`; `cut()` drops every connection and refuses new ones.
+
+    A connection the accept thread is still opening when `cut()` runs is closed as soon as it is
+    opened: an outage leaves no live connection behind (one did, once, and a worker went on
+    through it while the test waited for its retries)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -19,13 +23,15 @@ class Proxy:
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
+        self.accepted = 0  # connections handed on to the target
 
     def start(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
@@ -36,10 +42,14 @@ class Proxy:
                 self._listener.close()
                 self._listener = None
             for sock in self._sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
+                _close(sock)
             self._sockets.clear()
+
+    def _connect(self) -> socket.socket:
+        """The connection to the target (blocking: no timeout, so an idle connection stays up)."""
+        upstream = socket.create_connection(self.target, timeout=5)
+        upstream.settimeout(None)
+        return upstream
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -48,12 +58,17 @@ class Proxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = self._connect()
             except OSError:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # cut while this one was being opened
+                    _close(client)
+                    _close(upstream)
+                    return
                 self._sockets.update((client, upstream))
+                self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -65,5 +80,13 @@ class Proxy:
             pass
         finally:
             for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.close()
+                _close(sock)
+            with self._lock:
+                self._sockets.discard(source)
+                self._sockets.discard(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

@@ -100,7 +100,12 @@ def test_database_outage_mid_batch_nothing_lost_nothing_doubled(fleet_settings: 
     wait_for(lambda: client.status(submission.batch_id).finished >= 20, 60, "the batch to get going", poll=0.05)
     proxy.cut()  # the worker loses the database mid-batch
     cut_at = client.status(submission.batch_id).finished
-    wait_for(lambda: "retrying in 2s" in worker.text(), 60, "the worker to retry with backoff")
+    try:
+        wait_for(lambda: "retrying in 2s" in worker.text(), 60, "the worker to retry with backoff")
+    except AssertionError as error:
+        raise AssertionError(
+            f"{error}; cut at {cut_at} finished; the worker's log ends:\n{worker.text()[-4000:]}"
+        ) from None
     assert client.status(submission.batch_id).finished < 600
     proxy.start()  # the database is back
     status = wait_for(lambda: (s := client.status(submission.batch_id)).done and s, 180, "the batch to finish")
