@@ -23,6 +23,7 @@ MAX_BATCH_SIZE_CPU_BF16 = 16  # the same on a CPU computing in bf16 (AVX-512 BF1
 MAX_BATCH_SIZE_GPU = 128  # the same on a GPU, where decoding is bound by reading the weights
 TOKEN_BUDGET_CPU = 16384  # (longest prompt + max new tokens) x batch size, per batch, on a CPU
 TOKEN_BUDGET_GPU = 262144  # the same on a GPU (KV cache of a small model; lowered on OOM)
+PREFILL_TOKENS_CPU = 2048  # padded prompt tokens per sub-batch read into a call's static cache, on a CPU
 MIN_TOKEN_BUDGET = 256  # an out-of-memory error never shrinks the budget below this
 MAX_INPUT_TOKENS_CPU = 2048  # usable context on a CPU, below the model's own (prefill cost grows with it)
 MAX_INPUT_TOKENS_FALLBACK = 2048  # when the model's config gives no context length

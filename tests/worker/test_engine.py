@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 from safetensors import safe_open
+from transformers import StaticCache
 
+from models import defaults
 from models.claims import ClaimedJob, JobOutcome
 from models.model_names import resolve_model
 from models.prompts import TEMPLATES, PromptPlan
@@ -96,21 +98,64 @@ def test_cpu_calls_decode_into_a_static_kv_cache_with_the_same_tokens(engine, jo
     real = backend.model.generate
 
     def generate(*args: Any, **kwargs: Any) -> Any:
-        caches.append(kwargs["generation_config"].cache_implementation)
+        given = kwargs.get("cache", kwargs.get("past_key_values"))  # filled by the prompts' sub-batches
+        caches.append("static" if isinstance(given, StaticCache) else kwargs["generation_config"].cache_implementation)
         return real(*args, **kwargs)
 
     backend.model.generate = generate
     params = GenerationParams(max_new_tokens=12)
     try:
         static = _run(engine, jobs[:4], params)
-        backend.static_cache = False
+        backend.static_cache, prefill = False, backend.prefill_tokens
+        backend.prefill_tokens = 0
         dynamic = _run(engine, jobs[:4], params)
     finally:
-        backend.static_cache = True
+        backend.static_cache, backend.prefill_tokens = True, prefill
         del backend.model.generate
     assert caches == ["static", None]  # one call each: the four documents share it
     assert {i: o.summary for i, o in static.items()} == {i: o.summary for i, o in dynamic.items()}
     assert all(o.error is None and o.summary for o in static.values())
+
+
+def test_prompts_read_in_sub_batches_of_like_lengths_give_the_same_tokens(engine, jobs, monkeypatch) -> None:
+    """A call's prompts are read into its static cache in groups of rows of about the same length,
+    each padded to its own longest row only; then the rows decode together. In float32 the tokens
+    are those of reading all prompts at once, padded to the longest."""
+    from worker.backends import hf
+
+    backend = engine.backend
+    assert backend.prefill_tokens == defaults.PREFILL_TOKENS_CPU
+    groups: list[list[int]] = []
+    real = hf._prefill_groups
+
+    def recorded(lengths: list[int], budget: int) -> list[list[int]]:
+        groups.extend(found := real(lengths, budget))
+        return found
+
+    monkeypatch.setattr(hf, "_prefill_groups", recorded)
+    params = GenerationParams(max_new_tokens=12)
+    prefill = backend.prefill_tokens
+    try:
+        backend.prefill_tokens = 400  # a few rows per group: the sample's prompts are 95-190 tokens
+        grouped = _run(engine, jobs, params)
+        backend.prefill_tokens = 0
+        whole = _run(engine, jobs, params)
+    finally:
+        backend.prefill_tokens = prefill
+    assert len(groups) > 2 and sorted(i for group in groups for i in group) == list(range(len(jobs)))
+    assert {i: o.summary for i, o in grouped.items()} == {i: o.summary for i, o in whole.items()}
+    assert all(o.error is None and o.summary for o in grouped.values())
+    assert [o.prompt_tokens for o in grouped.values()] == [o.prompt_tokens for o in whole.values()]
+
+
+def test_prefill_groups_hold_rows_of_like_lengths_within_the_budget() -> None:
+    from worker.backends.hf import _prefill_groups
+
+    lengths = [300, 10, 0, 120, 11, 2000, 130, 12]
+    groups = _prefill_groups(lengths, 400)
+    assert groups == [[1, 4, 7], [3, 6], [0], [5]]  # shortest first; the 0-token row has nothing to read
+    assert all(len(g) * max(lengths[i] for i in g) <= 400 or len(g) == 1 for g in groups)
+    assert _prefill_groups([5, 5, 5], 10_000) == [[0, 1, 2]]
 
 
 def test_continuous_batching_gives_the_same_summaries(engine, jobs) -> None:

@@ -8,6 +8,7 @@ prompts and scheduling lives in the pipeline above.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -23,10 +24,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    DynamicCache,
     GenerationConfig,
+    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.cache_utils import StaticLayer
 from transformers.utils import logging as hf_logging
 
 from models import defaults
@@ -117,6 +121,11 @@ class TransformersBackend:
         # against 1.66 / 1.74, peak RSS 1,160-1,174 MiB against 1,265-1,319; float32 tokens the same
         # (README: Engines). Not used on GPUs (not measured there).
         self.static_cache = device.type == "cpu" and not self.encoder_decoder
+        # With the static cache, a call's prompts are read in sub-batches of rows of about the same
+        # length, each padded only to its own longest row, and copied into the call's cache; then
+        # generate() decodes all rows together. Reading 16 prompts padded to the longest wasted 31%
+        # on padding and ran its attention over the whole padded width (README: Engines).
+        self.prefill_tokens = defaults.PREFILL_TOKENS_CPU if self.static_cache and _prefills_by_rows(model) else 0
         self.supports_adapters = not self.encoder_decoder
         self.adapters = AdapterCache(self)
         self.input_prefix, self.task_generation = (
@@ -240,6 +249,8 @@ class TransformersBackend:
         return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, output.tolist(), strict=True)]
 
     def _generate(self, rows: Sequence[Row]) -> list[Generated]:
+        if self.prefill_tokens:
+            return self._generate_prefilled(rows)
         width = max(len(row.ids) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -264,6 +275,79 @@ class TransformersBackend:
         # a decoder-only model returns prompt + new tokens; an encoder-decoder the decoder start + new tokens
         new_tokens = output[:, offset:].tolist()
         return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, new_tokens, strict=True)]
+
+    def _generate_prefilled(self, rows: Sequence[Row]) -> list[Generated]:
+        """A causal model's call with the static cache: every row's prompt but its last token read in
+        sub-batches (`_prefill`), then generate() from the filled cache, which reads the last tokens
+        of all rows in one step and decodes them together, left-padded as before."""
+        width = max(len(row.ids) for row in rows)
+        limits = [row.max_new_tokens for row in rows]
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for number, row in enumerate(rows):
+            input_ids[number, width - len(row.ids) :] = torch.tensor(row.ids)
+            attention[number, width - len(row.ids) :] = 1
+        stop = [] if len(set(limits)) == 1 else [_RowLimits(limits, width, self.device)]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            cache = self._prefill(rows, width + max(limits))
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                generation_config=self.generation_config(max(limits), rows[0].temperature),
+                stopping_criteria=StoppingCriteriaList(stop),
+                **{_cache_keyword(self.model): cache},
+            )
+        elapsed = time.perf_counter() - started
+        new_tokens = output[:, width:].tolist()
+        return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, new_tokens, strict=True)]
+
+    def _prefill(self, rows: Sequence[Row], length: int) -> StaticCache:
+        """A static cache of `length` positions for `rows`, left-padded to the longest row, holding the
+        keys and values of every row's prompt but its last token. Rows sorted by length are read in
+        groups of at most `prefill_tokens` padded tokens, each group padded to its own longest row."""
+        width = max(len(row.ids) for row in rows)
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        base = self.model.base_model
+        keyword = _cache_keyword(base)
+        initialized = False
+        for group in _prefill_groups([len(row.ids) - 1 for row in rows], self.prefill_tokens):
+            lengths = [len(rows[i].ids) - 1 for i in group]
+            span = max(lengths)
+            ids = torch.full((len(group), span), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), span), dtype=torch.long)
+            for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
+                ids[number, span - size :] = torch.tensor(rows[i].ids[:-1])
+                mask[number, span - size :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+            read = DynamicCache(config=self.model.config)
+            base(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                use_cache=True,
+                **{keyword: read},
+            )
+            sources: list[Any] = list(read.layers)  # full-attention layers: keys and values tensors
+            if not initialized:
+                cache.early_initialization(
+                    len(rows),
+                    [layer.keys.shape[1] for layer in sources],
+                    [layer.keys.shape[-1] for layer in sources],
+                    sources[0].keys.dtype,
+                    self.device,
+                )
+                initialized = True
+            for into, source in zip(cache.layers, sources, strict=True):
+                assert isinstance(into, StaticLayer) and into.keys is not None and into.values is not None
+                for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
+                    into.keys[i, :, width - 1 - size : width - 1] = source.keys[number, :, span - size :]
+                    into.values[i, :, width - 1 - size : width - 1] = source.values[number, :, span - size :]
+        for layer in cache.layers:
+            assert isinstance(layer, StaticLayer)
+            if initialized:
+                layer.cumulative_length.fill_(width - 1)
+        return cache
 
     def _generated(self, row: Row, tokens: list[int], elapsed: float) -> Generated:
         """A row's new tokens (cut to its own limit: rows of a call may differ) and why they stopped;
@@ -303,6 +387,39 @@ class _RowLimits(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: object, **kwargs: object) -> torch.Tensor:
         return (input_ids.shape[1] - self.offset) >= self.limits
+
+
+def _prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indexes of `lengths` (tokens to read per row) shortest first, cut into groups whose rows
+    padded to the group's longest hold at most `budget` tokens (a longer row reads alone); rows
+    with nothing to read are left out."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if lengths[index] <= 0:
+            continue
+        if current and (len(current) + 1) * lengths[index] > budget:
+            groups.append(current)
+            current = []
+        current.append(index)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _cache_keyword(model: Any) -> str:
+    """What this transformers version calls a model's cache argument (`past_key_values` became `cache`)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefills_by_rows(model: Any) -> bool:
+    """Whether the model's static cache is plain full-attention layers (no sliding windows), the
+    layout `_prefill` fills."""
+    try:
+        probe = StaticCache(config=model.config, max_cache_len=8)
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return all(type(layer) is StaticLayer for layer in probe.layers)
 
 
 def _summarization_task(config: Any) -> tuple[str, dict[str, object]]:
