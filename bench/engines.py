@@ -199,8 +199,9 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
 def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, option: str) -> dict[str, Any]:
     """`option` (after @ in the variant): llama.cpp's weight type, `no-shared-prefix` (every row reads its
-    whole prompt) or `static` (packed calls, SUMFLEET_BATCHING=static), or transformers' `dynamic-cache` or `whole-prefill`
-    (prompts read by generate() in one padded batch, not in sub-batches of rows of about the same length)."""
+    whole prompt) or `static` (packed calls, SUMFLEET_BATCHING=static); or transformers' `dynamic-cache`,
+    `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of rows of about
+    the same length) or `unpacked` (bf16 weights not kept in oneDNN's blocked layout)."""
     from models.settings import Settings
     from worker.backends.llamacpp import FILE_TYPES
     from worker.loading import load_engine
@@ -212,6 +213,11 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     if option == "dynamic-cache":
         loaded.backend.static_cache = False
         loaded.backend.prefill_tokens = 0
+    if option == "unpacked":  # bf16 products on the plain weights (re-laid out by oneDNN at every call)
+        from worker.backends.hf import unpack_linear_weights
+
+        unpack_linear_weights(loaded.backend.model)
+        loaded.backend.packed_weights = 0
     if option == "whole-prefill":  # generate() reads a call's prompts at once, padded to the longest
         loaded.backend.prefill_tokens = 0
     if option == "no-shared-prefix":

@@ -236,3 +236,35 @@ def test_a_character_split_by_the_length_limit_is_dropped(engine) -> None:
 
 def _run_plan(engine, jobs, plan, params):
     return {o.job_id: o for batch in engine.run(jobs, plan, params) for o in batch}
+
+
+def test_bf16_weights_are_packed_for_generation_and_plain_for_training(jobs) -> None:
+    """In bf16 on the CPU every linear layer keeps a copy of its weight in oneDNN's blocked layout for
+    generation; with gradients on (tuning) the plain weights serve, so gradients still flow."""
+    import torch
+
+    from worker.backends.hf import unpack_linear_weights
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    engine = transformers_engine("smollm2", Settings(database_url="sqlite://", dtype="bfloat16", max_input_tokens=512))
+    model = engine.backend.model
+    linear = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert engine.backend.packed_weights == len(linear) > 200  # 7 per decoder layer and the output layer
+    layer = model.model.layers[0].mlp.up_proj
+    inputs = torch.randn((5, layer.in_features), dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        packed = layer(inputs)
+    plain = torch.nn.functional.linear(inputs, layer.weight)
+    assert torch.allclose(packed.float(), plain.float(), atol=0.05, rtol=0.02)
+    # with gradients on, the layer differentiates as a plain one
+    wanting = inputs.clone().requires_grad_(True)
+    layer(wanting).float().sum().backward()
+    assert wanting.grad is not None and wanting.grad.abs().sum() > 0
+    _, ids = engine.prompter.encode(TEMPLATE, jobs[0].text, 64)
+    with torch.inference_mode():
+        fast = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        unpack_linear_weights(model)
+        assert layer.forward.__func__ is torch.nn.Linear.forward
+        slow = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    assert fast.argmax() == slow.argmax() and (fast - slow).abs().max() < 0.5

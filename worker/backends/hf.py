@@ -126,6 +126,9 @@ class TransformersBackend:
         # generate() decodes all rows together. Reading 16 prompts padded to the longest wasted 31%
         # on padding and ran its attention over the whole padded width (README: Engines).
         self.prefill_tokens = defaults.PREFILL_TOKENS_CPU if self.static_cache and _prefills_by_rows(model) else 0
+        # bf16 on the CPU: the linear layers' weights are also held in oneDNN's blocked layout, so a
+        # product does not re-layout its weight at every call (README: Engines)
+        self.packed_weights = _pack_linear_weights(model) if device.type == "cpu" else 0
         self.supports_adapters = not self.encoder_decoder
         self.adapters = AdapterCache(self)
         self.input_prefix, self.task_generation = (
@@ -308,7 +311,7 @@ class TransformersBackend:
         groups of at most `prefill_tokens` padded tokens, each group padded to its own longest row."""
         width = max(len(row.ids) for row in rows)
         cache = StaticCache(config=self.model.config, max_cache_len=length)
-        base = self.model.base_model
+        base = self.model.get_decoder()  # the model without its output layer (no logits to compute)
         keyword = _cache_keyword(base)
         initialized = False
         for group in _prefill_groups([len(row.ids) - 1 for row in rows], self.prefill_tokens):
@@ -420,6 +423,51 @@ def _prefills_by_rows(model: Any) -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return all(type(layer) is StaticLayer for layer in probe.layers)
+
+
+def _pack_linear_weights(model: Any) -> int:
+    """Give every bf16 `nn.Linear` of `model` a copy of its weight in oneDNN's blocked layout, used
+    when no gradient is wanted (generation); training (tuning) goes through the plain weights. The
+    number of layers packed; 0 where the float32 model, the build or a check of the product says no."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return 0
+    layers = [
+        module
+        for module in model.modules()
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.dim() == 2
+    ]
+    if not layers:
+        return 0
+    with torch.inference_mode():
+        try:
+            weight = layers[0].weight
+            probe = torch.randn((3, weight.shape[1]), dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+            if not torch.allclose(got.float(), torch.nn.functional.linear(probe, weight).float(), atol=1e-2, rtol=1e-2):
+                log.warning("oneDNN's packed bf16 product disagrees with torch's here; weights left as they are")
+                return 0
+        except RuntimeError as error:  # a build without these kernels
+            log.warning("oneDNN cannot pack bf16 weights here (%s); weights left as they are", error)
+            return 0
+        for layer in layers:
+            layer.sumfleet_packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+            layer.forward = partial(_packed_linear, layer)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def unpack_linear_weights(model: Any) -> None:
+    """Undo `_pack_linear_weights` (the plain product again; for benchmarks)."""
+    for module in model.modules():
+        if hasattr(module, "sumfleet_packed"):
+            del module.sumfleet_packed
+            module.__dict__.pop("forward", None)
+
+
+def _packed_linear(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() or inputs.dtype != torch.bfloat16:
+        return torch.nn.functional.linear(inputs, layer.weight, layer.bias)
+    return torch.ops.mkldnn._linear_pointwise(inputs, layer.sumfleet_packed, layer.bias, "none", [], "")
 
 
 def _summarization_task(config: Any) -> tuple[str, dict[str, object]]:
