@@ -60,8 +60,9 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(
         None,
         ge=64,
-        description=f"(longest prompt + max new tokens) x rows per generate() call (unset: {defaults.TOKEN_BUDGET_CPU} "
-        f"on CPU, {defaults.TOKEN_BUDGET_GPU} on GPU); halved for the rest of a chunk on out-of-memory",
+        description="(longest prompt + max new tokens) x rows per generate() call (unset: "
+        f"{defaults.TOKEN_BUDGET_CPU} on CPU, {defaults.TOKEN_BUDGET_CPU_BF16} on CPU in bf16, "
+        f"{defaults.TOKEN_BUDGET_GPU} on GPU); halved for the rest of a chunk on out-of-memory",
     )
     batching: str = Field(
         "auto",

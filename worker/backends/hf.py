@@ -112,6 +112,7 @@ class TransformersBackend:
             self.max_batch_size = defaults.MAX_BATCH_SIZE_GPU
         elif model.dtype == torch.bfloat16:
             self.max_batch_size = defaults.MAX_BATCH_SIZE_CPU_BF16
+            self.token_budget = defaults.TOKEN_BUDGET_CPU_BF16
         else:
             self.max_batch_size = defaults.MAX_BATCH_SIZE_CPU
         self.packs_itself = settings.batching == "continuous" and not self.encoder_decoder
