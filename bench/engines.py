@@ -201,7 +201,8 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     """`option` (after @ in the variant): llama.cpp's weight type, `no-shared-prefix` (every row reads its
     whole prompt) or `static` (packed calls, SUMFLEET_BATCHING=static); or transformers' `dynamic-cache`,
     `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of rows of about
-    the same length) or `unpacked` (bf16 weights not kept in oneDNN's blocked layout)."""
+    the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `rows-N` (at most N
+    rows a call, any backend)."""
     from models.settings import Settings
     from worker.backends.llamacpp import FILE_TYPES
     from worker.loading import load_engine
@@ -218,6 +219,9 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
 
         unpack_linear_weights(loaded.backend.model)
         loaded.backend.packed_weights = 0
+    if option.startswith("rows-"):  # engine-transformers@rows-16: at most 16 rows a call, 1,024 tokens a row
+        loaded.max_batch_size = int(option.removeprefix("rows-"))
+        loaded.configured_budget = loaded.budget = 1024 * loaded.max_batch_size
     if option == "whole-prefill":  # generate() reads a call's prompts at once, padded to the longest
         loaded.backend.prefill_tokens = 0
     if option == "no-shared-prefix":
