@@ -201,8 +201,8 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     """`option` (after @ in the variant): llama.cpp's weight type, `no-shared-prefix` (every row reads its
     whole prompt) or `static` (packed calls, SUMFLEET_BATCHING=static); or transformers' `dynamic-cache`,
     `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of rows of about
-    the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `rows-N` (at most N
-    rows a call, any backend)."""
+    the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `prefill-N` (prompt
+    sub-batches of at most N padded tokens); or `rows-N` (at most N rows a call, any backend)."""
     from models.settings import Settings
     from worker.backends.llamacpp import FILE_TYPES
     from worker.loading import load_engine
@@ -222,6 +222,8 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     if option.startswith("rows-"):  # engine-transformers@rows-16: at most 16 rows a call, 1,024 tokens a row
         loaded.max_batch_size = int(option.removeprefix("rows-"))
         loaded.configured_budget = loaded.budget = 1024 * loaded.max_batch_size
+    if option.startswith("prefill-"):  # engine-transformers@prefill-1024: sub-batches of at most 1,024 tokens
+        loaded.backend.prefill_tokens = int(option.removeprefix("prefill-"))
     if option == "whole-prefill":  # generate() reads a call's prompts at once, padded to the longest
         loaded.backend.prefill_tokens = 0
     if option == "no-shared-prefix":
