@@ -309,7 +309,7 @@ class TransformersBackend:
     def _prefill(self, rows: Sequence[Row], length: int) -> StaticCache:
         """A static cache of `length` positions for `rows`, left-padded to the longest row, holding the
         keys and values of every row's prompt but its last token. Rows sorted by length are read in
-        groups of at most `prefill_tokens` padded tokens, each group padded to its own longest row."""
+        groups of at most `prefill_tokens` padded tokens, each group right-padded to its own longest row."""
         width = max(len(row.ids) for row in rows)
         cache = StaticCache(config=self.model.config, max_cache_len=length)
         base = self.model.get_decoder()  # the model without its output layer (no logits to compute)
@@ -318,20 +318,13 @@ class TransformersBackend:
         for group in _prefill_groups([len(row.ids) - 1 for row in rows], self.prefill_tokens):
             lengths = [len(rows[i].ids) - 1 for i in group]
             span = max(lengths)
+            # right-padded: a row's tokens sit at positions 0.. and never attend to the padding after
+            # them, so the group needs no mask and attention runs causal (no masked full square)
             ids = torch.full((len(group), span), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), span), dtype=torch.long)
             for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
-                ids[number, span - size :] = torch.tensor(rows[i].ids[:-1])
-                mask[number, span - size :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+                ids[number, :size] = torch.tensor(rows[i].ids[:-1])
             read = DynamicCache(config=self.model.config)
-            base(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
-                use_cache=True,
-                **{keyword: read},
-            )
+            base(input_ids=ids.to(self.device), use_cache=True, **{keyword: read})
             sources: list[Any] = list(read.layers)  # full-attention layers: keys and values tensors
             if not initialized:
                 cache.early_initialization(
@@ -345,8 +338,8 @@ class TransformersBackend:
             for into, source in zip(cache.layers, sources, strict=True):
                 assert isinstance(into, StaticLayer) and into.keys is not None and into.values is not None
                 for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
-                    into.keys[i, :, width - 1 - size : width - 1] = source.keys[number, :, span - size :]
-                    into.values[i, :, width - 1 - size : width - 1] = source.values[number, :, span - size :]
+                    into.keys[i, :, width - 1 - size : width - 1] = source.keys[number, :, :size]
+                    into.values[i, :, width - 1 - size : width - 1] = source.values[number, :, :size]
         for layer in cache.layers:
             assert isinstance(layer, StaticLayer)
             if initialized:
