@@ -268,3 +268,29 @@ def test_bf16_weights_are_packed_for_generation_and_plain_for_training(jobs) -> 
         assert layer.forward.__func__ is torch.nn.Linear.forward
         slow = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
     assert fast.argmax() == slow.argmax() and (fast - slow).abs().max() < 0.5
+
+
+def test_sub_batch_prefill_handles_one_and_two_token_prompts_and_mixed_limits(engine, jobs) -> None:
+    """Edge rows of the prefilled path: a 1-token prompt has nothing to read before generate(), a
+    2-token one a single token; rows of different limits share the call. Tokens as the plain path's."""
+    from worker.backends.base import Row
+
+    backend = engine.backend
+    _, ids = engine.prompter.encode(TEMPLATE, jobs[2].text, 64)
+    rows = [Row(ids[-1:], 6), Row(ids[-2:], 9), Row(ids, 12), Row(ids[:40], 3)]
+    prefill = backend.prefill_tokens
+    try:
+        prefilled = backend.generate(rows)
+        backend.prefill_tokens = 0
+        plain = backend.generate(rows)
+    finally:
+        backend.prefill_tokens = prefill
+    assert [g.tokens for g in prefilled] == [g.tokens for g in plain]
+    assert [len(g.tokens or []) <= row.max_new_tokens for g, row in zip(prefilled, rows, strict=True)] == [True] * 4
+    assert len(prefilled[2].tokens or []) > 3
+    only_one = backend.generate([Row(ids[-1:], 4)])  # nothing at all to read first
+    backend.prefill_tokens = 0
+    try:
+        assert only_one[0].tokens == backend.generate([Row(ids[-1:], 4)])[0].tokens
+    finally:
+        backend.prefill_tokens = prefill
