@@ -127,6 +127,8 @@ class TransformersBackend:
         # generate() decodes all rows together. Reading 16 prompts padded to the longest wasted 31%
         # on padding and ran its attention over the whole padded width (README: Engines).
         self.prefill_tokens = defaults.PREFILL_TOKENS_CPU if self.static_cache and _prefills_by_rows(model) else 0
+        # what this transformers version calls the cache argument (`past_key_values` became `cache`)
+        self.cache_keyword = _cache_keyword(model.get_decoder()) if self.prefill_tokens else "past_key_values"
         # bf16 on the CPU: the linear layers' weights are also held in oneDNN's blocked layout, so a
         # product does not re-layout its weight at every call (README: Engines)
         self.packed_weights = _pack_linear_weights(model) if device.type == "cpu" else 0
@@ -253,8 +255,6 @@ class TransformersBackend:
         return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, output.tolist(), strict=True)]
 
     def _generate(self, rows: Sequence[Row]) -> list[Generated]:
-        if self.prefill_tokens:
-            return self._generate_prefilled(rows)
         width = max(len(row.ids) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -269,41 +269,20 @@ class TransformersBackend:
         stop = [] if len(set(limits)) == 1 else [_RowLimits(limits, offset, self.device)]
         started = time.perf_counter()
         with torch.inference_mode():
+            config, cache = self._call_config(rows), {}
+            if self.prefill_tokens:  # every prompt but its last token read first, in sub-batches
+                config.cache_implementation = None
+                cache = {self.cache_keyword: self._prefill(rows, width + max(limits))}
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
-                generation_config=self._call_config(rows),
+                generation_config=config,
                 stopping_criteria=StoppingCriteriaList(stop),
+                **cache,
             )
         elapsed = time.perf_counter() - started
         # a decoder-only model returns prompt + new tokens; an encoder-decoder the decoder start + new tokens
         new_tokens = output[:, offset:].tolist()
-        return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, new_tokens, strict=True)]
-
-    def _generate_prefilled(self, rows: Sequence[Row]) -> list[Generated]:
-        """A causal model's call with the static cache: every row's prompt but its last token read in
-        sub-batches (`_prefill`), then generate() from the filled cache, which reads the last tokens
-        of all rows in one step and decodes them together, left-padded as before."""
-        width = max(len(row.ids) for row in rows)
-        limits = [row.max_new_tokens for row in rows]
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for number, row in enumerate(rows):
-            input_ids[number, width - len(row.ids) :] = torch.tensor(row.ids)
-            attention[number, width - len(row.ids) :] = 1
-        stop = [] if len(set(limits)) == 1 else [_RowLimits(limits, width, self.device)]
-        started = time.perf_counter()
-        with torch.inference_mode():
-            cache = self._prefill(rows, width + max(limits))
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                generation_config=self.generation_config(max(limits), rows[0].temperature),
-                stopping_criteria=StoppingCriteriaList(stop),
-                **{_cache_keyword(self.model): cache},
-            )
-        elapsed = time.perf_counter() - started
-        new_tokens = output[:, width:].tolist()
         return [self._generated(row, tokens, elapsed) for row, tokens in zip(rows, new_tokens, strict=True)]
 
     def _prefill(self, rows: Sequence[Row], length: int) -> StaticCache:
@@ -313,7 +292,6 @@ class TransformersBackend:
         width = max(len(row.ids) for row in rows)
         cache = StaticCache(config=self.model.config, max_cache_len=length)
         base = self.model.get_decoder()  # the model without its output layer (no logits to compute)
-        keyword = _cache_keyword(base)
         initialized = False
         for group in _prefill_groups([len(row.ids) - 1 for row in rows], self.prefill_tokens):
             lengths = [len(rows[i].ids) - 1 for i in group]
@@ -324,7 +302,7 @@ class TransformersBackend:
             for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
                 ids[number, :size] = torch.tensor(rows[i].ids[:-1])
             read = DynamicCache(config=self.model.config)
-            base(input_ids=ids.to(self.device), use_cache=True, **{keyword: read})
+            base(input_ids=ids.to(self.device), use_cache=True, **{self.cache_keyword: read})
             sources: list[Any] = list(read.layers)  # full-attention layers: keys and values tensors
             if not initialized:
                 cache.early_initialization(
@@ -340,9 +318,9 @@ class TransformersBackend:
                 for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
                     into.keys[i, :, width - 1 - size : width - 1] = source.keys[number, :, :size]
                     into.values[i, :, width - 1 - size : width - 1] = source.values[number, :, :size]
-        for layer in cache.layers:
-            assert isinstance(layer, StaticLayer)
-            if initialized:
+        if initialized:  # generate() goes on from there (nothing read: it fills the cache itself)
+            for layer in cache.layers:
+                assert isinstance(layer, StaticLayer)
                 layer.cumulative_length.fill_(width - 1)
         return cache
 
@@ -405,7 +383,7 @@ def _prefill_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def _cache_keyword(model: Any) -> str:
-    """What this transformers version calls a model's cache argument (`past_key_values` became `cache`)."""
+    """The name of `model.forward`'s cache argument (generate() takes the same name)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
