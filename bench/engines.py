@@ -15,6 +15,7 @@ and sumfleet's vLLM backend run too (`vllm-alone`, `engine-vllm`); bench/vllm_gp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,8 @@ VARIANTS = (
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
     # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights;
     # engine-llama.cpp@no-shared-prefix: every row reads its whole prompt, the prefix all share included;
-    # engine-llama.cpp@static: packed calls that run to their longest row, not continuous batching)
+    # engine-llama.cpp@static: packed calls that run to their longest row, not continuous batching;
+    # engine-llama.cpp@no-amx: llama.cpp's AMX kernels off where they are built)
     "engine-llama.cpp",
     "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
     "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
@@ -129,12 +131,15 @@ def _llamacpp_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
 
     from models.model_names import resolve_model
     from models.settings import Settings
-    from worker.backends.llamacpp import without_amx_buffers
+    from worker.backends.llamacpp import amx_built, amx_sound, without_amx_buffers
 
     source = resolve_model("smollm2", Settings())
-    with without_amx_buffers():  # where llama.cpp is built with AMX kernels, which fault (README: Engines)
+    path = Path(source.location) / str(source.gguf_file)
+    # llama.cpp's defaults, its AMX kernels included where the build has them, unless they fault (README: Engines)
+    sound = not amx_built() or amx_sound(path, Settings())
+    with contextlib.nullcontext() if sound else without_amx_buffers():
         llm = llama_cpp.Llama(
-            model_path=f"{source.location}/{source.gguf_file}",
+            model_path=str(path),
             n_ctx=4096,
             n_threads=len(os.sched_getaffinity(0)),
             verbose=False,
@@ -199,7 +204,8 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
 def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, option: str) -> dict[str, Any]:
     """`option` (after @ in the variant): llama.cpp's weight type, `no-shared-prefix` (every row reads its
-    whole prompt) or `static` (packed calls, SUMFLEET_BATCHING=static); or transformers' `dynamic-cache`,
+    whole prompt), `static` (packed calls, SUMFLEET_BATCHING=static) or `no-amx` (llama.cpp's AMX kernels
+    off, and the weights auto picks without them); or transformers' `dynamic-cache`,
     `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of rows of about
     the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `prefill-N` (prompt
     sub-batches of at most N padded tokens); or `rows-N` (at most N rows a call, any backend)."""
@@ -209,6 +215,10 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
 
     # engine-llama.cpp@<weights>: what SUMFLEET_LLAMACPP_WEIGHTS takes
     weights = option if engine == "llama.cpp" and (option in FILE_TYPES or option == "as-is") else "auto"
+    if option == "no-amx":  # llama.cpp's AMX kernels off even where they are built and sound
+        from worker.backends import llamacpp
+
+        llamacpp.amx_sound = lambda path, settings: False
     settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
     loaded: Any = load_engine("smollm2", settings)
     if option == "dynamic-cache":

@@ -128,6 +128,64 @@ def test_the_weight_type_run(
     assert llamacpp.weight_type(choice, file_type, parameters) == expected
 
 
+@pytest.mark.parametrize(
+    "choice, file_type, expected",
+    [
+        ("auto", 3, None),  # Q4_1 runs as it is: the AMX kernels multiply it (no f16 conversion)
+        ("auto", 7, None),
+        ("auto", 1, None),  # an f16 file: as it is, AMX or not
+        ("q8_0", 3, "q8_0"),  # asked for: converted all the same
+        ("f16", 3, "f16"),
+    ],
+)
+def test_the_weight_type_run_where_the_amx_kernels_are_sound(
+    monkeypatch: pytest.MonkeyPatch, choice: str, file_type: int, expected: str | None
+) -> None:
+    from worker.backends import llamacpp
+
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: {"avx2", "f16c", "amx_int8"})
+    assert llamacpp.weight_type(choice, file_type, 135_000_000, amx=True) == expected
+    if choice == "auto" and file_type == 3:  # without them, f16 (tinyBLAS) is the faster
+        assert llamacpp.weight_type(choice, file_type, 135_000_000, amx=False) == "f16"
+
+
+FAULTS = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"  # dies as a faulty AMX kernel did
+RUNS = "print('sound')\n"
+
+
+def test_the_amx_verdict_comes_from_a_child_process_and_is_kept_per_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A build whose AMX kernels kill the process is found out in a child process (the worker lives
+    on), the verdict is kept on disk by the library's content, and another build is tried afresh."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (sumfleet[llamacpp])")
+    from worker.backends import llamacpp
+
+    library = tmp_path / "libggml-cpu.so"
+    library.write_bytes(b"one build")
+    monkeypatch.setattr(llamacpp, "ggml_cpu_library", lambda: library)
+    monkeypatch.setattr(llamacpp, "_amx_verdicts", {})
+    settings = Settings(cache_dir=str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+
+    monkeypatch.setattr(llamacpp, "AMX_PROBE", FAULTS)
+    assert llamacpp.amx_sound(model, settings) is False
+    markers = list((tmp_path / "cache" / "llamacpp").iterdir())
+    assert len(markers) == 1 and markers[0].read_text().startswith("faulty: exit status -11")
+
+    monkeypatch.setattr(llamacpp, "AMX_PROBE", RUNS)  # the same build: not run again, in memory or on disk
+    assert llamacpp.amx_sound(model, settings) is False
+    monkeypatch.setattr(llamacpp, "_amx_verdicts", {})
+    assert llamacpp.amx_sound(model, settings) is False
+
+    library.write_bytes(b"another build")  # rebuilt (scripts/install.sh's flags): tried again
+    assert llamacpp.amx_sound(model, settings) is True
+    assert sorted(m.read_text() for m in (tmp_path / "cache" / "llamacpp").iterdir()) == [
+        "faulty: exit status -11\n",
+        "sound\n",
+    ]
+
+
 def test_the_weight_setting_names_what_it_takes() -> None:
     from pydantic import ValidationError
 
@@ -158,6 +216,53 @@ def test_amx_buffers_are_kept_out_where_the_build_has_them() -> None:
     with without_amx_buffers():
         assert native.llama_model_default_params().use_extra_bufts is not amx_built()
     assert native.llama_model_default_params().use_extra_bufts
+
+
+def _scores(path: Path, text: str, amx: bool) -> Any:
+    """llama.cpp's logits at every position of `text`'s first 200 tokens, its AMX kernels on or off."""
+    import contextlib
+
+    import llama_cpp
+    import numpy as np
+
+    from worker.backends.llamacpp import without_amx_buffers
+
+    with contextlib.nullcontext() if amx else without_amx_buffers():
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=256, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(text.encode())[:200]
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+    finally:
+        llm.close()
+
+
+@pytest.mark.model
+def test_where_the_amx_kernels_are_sound_the_file_runs_on_them_as_it_is(tmp_path: Path) -> None:
+    """On a CPU with AMX, a build from scripts/install.sh runs the bundled Q4_1 file as it is on
+    llama.cpp's AMX kernels (2.3x its plain kernels, 1.6x f16: README), and they compute what the plain
+    kernels do: the same logits to rounding. Without AMX kernels the backend keeps them off."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (sumfleet[llamacpp])")
+    import numpy as np
+
+    from worker.backends.llamacpp import Q4_1, LlamaCppBackend, amx_built
+
+    settings = Settings(engine="llama.cpp", cache_dir=str(tmp_path / "cache"))
+    source = resolve_model("smollm2", settings)
+    backend = LlamaCppBackend.load("smollm2", source, settings)
+    if not amx_built():
+        assert backend.amx is False
+        pytest.skip("this llama.cpp has no AMX kernels (a CPU without AMX)")
+    assert backend.amx, "llama.cpp's AMX kernels fault in this build (scripts/install.sh builds it with -fno-dse)"
+    assert int(backend.llm.metadata["general.file_type"]) == Q4_1  # not converted to f16
+    assert (tmp_path / "cache" / "llamacpp").is_dir() and not (tmp_path / "cache" / "gguf").exists()
+
+    path = Path(source.location) / str(source.gguf_file)
+    text = json.loads(SAMPLE.read_text().splitlines()[0])["text"]
+    amx, plain = _scores(path, text, True), _scores(path, text, False)
+    # measured: correlation at least 0.9990 at every position, the top token the same at 96.8% of them
+    assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(amx, plain, strict=True)) > 0.995
+    assert (amx.argmax(axis=1) == plain.argmax(axis=1)).mean() > 0.9
 
 
 @pytest.mark.model

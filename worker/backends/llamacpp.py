@@ -24,6 +24,8 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -64,6 +66,18 @@ SMALL_EMBEDDINGS = {"f16", "bf16"}
 GGML_TYPE_Q8_0 = 8
 Q4_1 = 3
 CONVERT_UP_TO_PARAMETERS = 1_000_000_000  # auto converts Q4_1 to f16 only this small (f16 is 3.6x the bytes)
+# GGUF file types whose weights llama.cpp's AMX kernels multiply (LLAMA_FTYPE_MOSTLY_Q4_0, Q4_1, Q8_0)
+AMX_FILE_TYPES = frozenset({2, Q4_1, 7})
+# Run in a child process on the model about to be loaded: its AMX buffers on (llama.cpp's default), 64
+# prompt tokens read in one batch (the tile kernels; one token takes a VNNI path). A faulty build dies.
+AMX_PROBE = """
+import sys
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, n_batch=64, n_ubatch=64, n_threads=1, verbose=False)
+llm.eval(llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8)[:64])
+print("sound")
+"""
+_amx_verdicts: dict[str, bool] = {}  # by the ggml CPU library's digest: its AMX kernels ran or faulted
 
 
 @dataclass(eq=False)
@@ -139,6 +153,7 @@ class LlamaCppBackend:
         self.streams_rows = settings.batching != "static"
         self.share_prefix = True  # off: every row reads its whole prompt (bench/engines.py compares both)
         self.prompt_tokens_shared = 0  # prompt tokens not computed because a call's rows shared them (all calls)
+        self.amx = False  # the weights are in llama.cpp's AMX buffers (its AMX kernels multiply them)
 
     @classmethod
     def load(cls, name: str, source: ModelSource, settings: Settings) -> LlamaCppBackend:
@@ -160,20 +175,25 @@ class LlamaCppBackend:
         path = Path(source.location) / source.gguf_file
         llm = open_gguf(path, threads)
         file_type = int(llm.metadata.get("general.file_type", -1))
+        # llama.cpp's AMX kernels, where the build has them, only once a child process ran them on this
+        # file's weights without faulting (a GCC 12 build's faulted: README: Engines)
+        amx = file_type in AMX_FILE_TYPES and amx_built() and amx_sound(path, settings)
         target = weight_type(
-            settings.llamacpp_weights, file_type, int(llama_cpp.llama_model_n_params(llm._model.model))
+            settings.llamacpp_weights, file_type, int(llama_cpp.llama_model_n_params(llm._model.model)), amx
         )
-        if target is not None:
-            converted = converted_gguf(path, target, settings)
+        if target is not None or amx:
             llm.close()
-            llm = open_gguf(converted, threads)
-            if not settings.cache_checkpoints:  # mapped already: the file can go
+            converted = converted_gguf(path, target, settings) if target is not None else path
+            llm = open_gguf(converted, threads, amx)
+            if converted != path and not settings.cache_checkpoints:  # mapped already: the file can go
                 shutil.rmtree(converted.parent, ignore_errors=True)
         backend = cls(llm, settings)
+        backend.amx = amx
         log.info(
-            "loaded %s (GGUF, llama.cpp, weights %s, %d threads) in %.1fs",
+            "loaded %s (GGUF, llama.cpp, weights %s, AMX kernels %s, %d threads) in %.1fs",
             name,
             target or "as in the file",
+            "on" if amx else "off",
             threads,
             time.perf_counter() - started,
         )
@@ -424,14 +444,68 @@ class LlamaCppBackend:
         return int(self.rng.choice(self.n_vocab, p=weights / weights.sum()))
 
 
-def open_gguf(path: Path, threads: int) -> Any:
-    """`llama_cpp.Llama` on a GGUF file, with llama.cpp's AMX kernels kept out where they are built in.
+def open_gguf(path: Path, threads: int, amx: bool = False) -> Any:
+    """`llama_cpp.Llama` on a GGUF file; llama.cpp's AMX kernels, where they are built in, only with `amx`.
 
     The wrapper's own context is tiny: generation runs in the batched context `_context_for` makes."""
     import llama_cpp
 
-    with without_amx_buffers():
+    with contextlib.nullcontext() if amx else without_amx_buffers():
         return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=threads, verbose=False)
+
+
+def ggml_cpu_library() -> Path | None:
+    """The file of ggml's CPU backend that llama-cpp-python loads (where its AMX kernels are)."""
+    import llama_cpp
+
+    folder = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    found = sorted(p.resolve() for p in folder.glob("libggml-cpu*") if p.is_file())
+    return found[0] if found else None
+
+
+def amx_sound(path: Path, settings: Settings) -> bool:
+    """llama.cpp's AMX kernels ran without faulting in a child process that read a prompt of `path`'s
+    weights (a quantized GGUF) through them. The verdict is kept per build of ggml's CPU library (by its
+    content): in this process, and under `<cache>/llamacpp/` when SUMFLEET_CACHE_CHECKPOINTS is on.
+
+    Why: GCC 12's `_tile_loadconfig` tells the compiler it reads 8 of the tile configuration's 64 bytes,
+    so an optimized build drops the stores of the tiles' rows and columns and `ldtilecfg` faults
+    (general protection: the process dies at the first prompt). scripts/install.sh builds llama.cpp
+    with `-fno-dse -fno-tree-dse`, which keeps them; a build made otherwise may be faulty."""
+    library = ggml_cpu_library()
+    cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    key = content_digest(library, cache) if library is not None and settings.cache_checkpoints else str(library)
+    if key in _amx_verdicts:
+        return _amx_verdicts[key]
+    marker = cache / "llamacpp" / f"amx-{key}" if library is not None and settings.cache_checkpoints else None
+    if marker is not None and marker.is_file():
+        _amx_verdicts[key] = sound = marker.read_text().strip() == "sound"
+        return sound
+    started = time.perf_counter()
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", AMX_PROBE, str(path)], capture_output=True, timeout=300, check=False
+        )
+        sound = child.returncode == 0 and child.stdout.strip().endswith(b"sound")
+        outcome = f"exit status {child.returncode}"
+    except subprocess.TimeoutExpired:
+        sound, outcome = False, "no answer in 300 s"
+    if sound:
+        log.info("llama.cpp's AMX kernels ran in a test process (%.1fs): using them", time.perf_counter() - started)
+    else:
+        log.warning(
+            "llama.cpp's AMX kernels failed in a test process (%s): running without them; a llama-cpp-python "
+            "built by GCC 12 needs CMAKE_ARGS=\"-DCMAKE_CXX_FLAGS='-fno-dse -fno-tree-dse'\" (scripts/install.sh "
+            "sets it; README: Engines)",
+            outcome,
+        )
+    _amx_verdicts[key] = sound
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        scratch = marker.with_name(f".{marker.name}-{os.getpid()}")
+        scratch.write_text("sound\n" if sound else f"faulty: {outcome}\n")
+        scratch.replace(marker)
+    return sound
 
 
 def amx_built() -> bool:
@@ -445,12 +519,12 @@ def amx_built() -> bool:
 def without_amx_buffers() -> Iterator[None]:
     """Models loaded inside keep their weights out of llama.cpp's extra buffer types when the build has
     AMX kernels: there the AMX buffer holds the quantized weights (Q4_1, q8_0, q4_0; f16 files' q8_0
-    embedding table), and its matrix product faulted (general protection at `ldtilecfg` in
-    `ggml_backend_amx_mul_mat`: the tile configuration is built on the stack and partly optimized
-    away, llama.cpp PR 26954) on the first prompt of every call on a Sapphire Rapids VM with
-    llama-cpp-python 0.3.36, killing the process. llama-cpp-python's `Llama` takes the model
-    parameters from `llama_model_default_params()` and exposes no `use_extra_bufts`, so the defaults
-    are switched for the load. Off, those weights run llama.cpp's plain CPU kernels."""
+    embedding table), and in a build by GCC 12 its matrix product faults (general protection at
+    `ldtilecfg` in `ggml_backend_amx_mul_mat`: the compiler dropped the stores of the tile
+    configuration, see `amx_sound`), killing the process at the first prompt. llama-cpp-python's
+    `Llama` takes the model parameters from `llama_model_default_params()` and exposes no
+    `use_extra_bufts`, so the defaults are switched for the load. Off, those weights run llama.cpp's
+    plain CPU kernels."""
     import llama_cpp.llama_cpp as native
 
     if not amx_built():
@@ -475,14 +549,17 @@ def fast_f16_cpu() -> bool:
     return {"avx2", "f16c"} <= cpu_flags() or platform.machine().lower() in ("aarch64", "arm64")
 
 
-def weight_type(choice: str, file_type: int, parameters: int) -> str | None:
+def weight_type(choice: str, file_type: int, parameters: int, amx: bool = False) -> str | None:
     """The GGUF type to convert the model's weights to before running them, or None to run the file as it is.
 
-    `choice` is SUMFLEET_LLAMACPP_WEIGHTS; `file_type` the file's general.file_type (LLAMA_FTYPE_*)."""
+    `choice` is SUMFLEET_LLAMACPP_WEIGHTS; `file_type` the file's general.file_type (LLAMA_FTYPE_*); `amx`:
+    llama.cpp's AMX kernels run this file's weights (Q4_0, Q4_1, Q8_0), faster than any conversion."""
     if choice == "as-is":
         return None
     if choice != "auto":
         return None if FILE_TYPES[choice] == file_type else choice
+    if amx and file_type in AMX_FILE_TYPES:
+        return None
     if file_type == Q4_1 and parameters <= CONVERT_UP_TO_PARAMETERS and fast_f16_cpu():
         return "f16"
     return None
