@@ -41,7 +41,8 @@ VARIANTS = (
     # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights;
     # engine-llama.cpp@no-shared-prefix: every row reads its whole prompt, the prefix all share included;
     # engine-llama.cpp@static: packed calls that run to their longest row, not continuous batching;
-    # engine-llama.cpp@no-amx: llama.cpp's AMX kernels off where they are built)
+    # engine-llama.cpp@no-amx: llama.cpp's AMX kernels off where they are built;
+    # engine-llama.cpp@flash-attention-on / -off: SUMFLEET_LLAMACPP_FLASH_ATTENTION)
     "engine-llama.cpp",
     "engine-ctranslate2",  # sumfleet's pipeline over the CTranslate2 backend (SUMFLEET_CT2_COMPUTE_TYPE, auto: int8)
     "system",  # submit + one `sumfleet worker` (SUMFLEET_ENGINE auto) over Redis and PostgreSQL
@@ -204,10 +205,10 @@ def _ctranslate2_alone(docs: list[dict[str, str]], max_new: int) -> dict[str, An
 
 def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, option: str) -> dict[str, Any]:
     """`option` (after @ in the variant): llama.cpp's weight type, `no-shared-prefix` (every row reads its
-    whole prompt), `static` (packed calls, SUMFLEET_BATCHING=static) or `no-amx` (llama.cpp's AMX kernels
-    off, and the weights auto picks without them); or transformers' `dynamic-cache`,
-    `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of rows of about
-    the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `prefill-N` (prompt
+    whole prompt), `static` (packed calls, SUMFLEET_BATCHING=static), `no-amx` (llama.cpp's AMX kernels
+    off, and the weights auto picks without them) or `flash-attention-on` / `-off`; or transformers'
+    `dynamic-cache`, `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of
+    rows of about the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `prefill-N` (prompt
     sub-batches of at most N padded tokens); or `rows-N` (at most N rows a call, any backend)."""
     from models.settings import Settings
     from worker.backends.llamacpp import FILE_TYPES
@@ -219,7 +220,15 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
         from worker.backends import llamacpp
 
         llamacpp.amx_sound = lambda path, settings: False
-    settings = Settings(database_url="sqlite://", engine=engine, dtype=dtype, llamacpp_weights=weights)
+    # engine-llama.cpp@flash-attention-on / -off: SUMFLEET_LLAMACPP_FLASH_ATTENTION
+    attention = option.removeprefix("flash-attention-") if option.startswith("flash-attention-") else "auto"
+    settings = Settings(
+        database_url="sqlite://",
+        engine=engine,
+        dtype=dtype,
+        llamacpp_weights=weights,
+        llamacpp_flash_attention=attention,
+    )
     loaded: Any = load_engine("smollm2", settings)
     if option == "dynamic-cache":
         loaded.backend.static_cache = False

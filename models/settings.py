@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "has fast kernels for f16 and none for Q4_1, unless its AMX kernels run the file as it is; anything else "
         "as it is)",
     )
+    llamacpp_flash_attention: str = Field(
+        "auto",
+        pattern="^(auto|on|off)$",
+        description="SUMFLEET_ENGINE=llama.cpp: flash attention (auto: off on CPUs with AVX-512, where it made "
+        "decoding steps about twice as slow and a batch 1.2-1.4x slower; llama.cpp's own choice elsewhere)",
+    )
     cache_dir: str | None = Field(
         None, description="where GGUF models are cached as plain checkpoints (unset: ~/.cache/sumfleet/checkpoints)"
     )

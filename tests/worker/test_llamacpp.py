@@ -299,6 +299,66 @@ def _small_backend(tmp_path: Path, budget: int) -> tuple[Any, list[str]]:
     return backend, [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
 
 
+@pytest.mark.parametrize(
+    "choice, flags, expected",
+    [
+        ("auto", {"avx2", "avx512f", "amx_int8"}, False),  # AVX-512: off (1.2-1.4x faster there)
+        ("auto", {"avx2", "f16c"}, None),  # elsewhere llama.cpp's own choice (on for the CPU)
+        ("on", {"avx512f"}, True),
+        ("off", {"avx2"}, False),
+    ],
+)
+def test_flash_attention_is_chosen_by_the_cpu_unless_set(
+    monkeypatch: pytest.MonkeyPatch, choice: str, flags: set[str], expected: bool | None
+) -> None:
+    from pydantic import ValidationError
+
+    from worker.backends import llamacpp
+
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: flags)
+    assert llamacpp.flash_attention(choice) is expected
+    with pytest.raises(ValidationError, match="llamacpp_flash_attention"):
+        Settings(llamacpp_flash_attention="yes")
+
+
+@pytest.mark.model
+def test_the_contexts_are_made_with_the_flash_attention_chosen(tmp_path: Path) -> None:
+    """What the backend asks llama.cpp for (recorded on the way to the real call), and that both ways
+    summarize alike: flash attention changes how attention is computed, not what."""
+    from worker.backends.base import Row
+
+    native = pytest.importorskip("llama_cpp")
+    made: list[tuple[int, int]] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(native, name)
+
+        @staticmethod
+        def llama_init_from_model(model: Any, params: Any) -> Any:
+            made.append((params.flash_attn_type, params.n_ubatch))
+            return native.llama_init_from_model(model, params)
+
+    outputs = {}
+    for choice in ("off", "on"):
+        backend, documents = _small_backend(tmp_path, 2048)
+        backend.llama_cpp = Recording()
+        backend.ctx = None  # the next call makes its context
+        backend.flash_attention = {"off": False, "on": True}[choice]
+        tokenizer = backend.tokenizer
+        rows = [
+            Row(tokenizer.encode(str(tokenizer.chat([{"role": "user", "content": "Summarize:\n\n" + d}]))), 6)
+            for d in documents[:4]
+        ]
+        outputs[choice] = [g.tokens for g in backend.generate(rows)]
+    assert made == [
+        (native.LLAMA_FLASH_ATTN_TYPE_DISABLED, 256),
+        (native.LLAMA_FLASH_ATTN_TYPE_ENABLED, 512),
+    ]
+    same = sum(a[:3] == b[:3] for a, b in zip(outputs["off"], outputs["on"], strict=True))
+    assert all(outputs["off"]) and same >= 3
+
+
 @pytest.mark.model
 def test_each_row_runs_in_a_kv_stream_of_its_own(tmp_path: Path) -> None:
     from worker.backends.base import Row
