@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +260,51 @@ def test_where_the_amx_kernels_are_sound_the_file_runs_on_them_as_it_is(tmp_path
 
     path = Path(source.location) / str(source.gguf_file)
     text = json.loads(SAMPLE.read_text().splitlines()[0])["text"]
-    amx, plain = _scores(path, text, True), _scores(path, text, False)
+    # each on a new thread: this process may have run torch's AMX products on its main thread, which
+    # release the tiles llama.cpp configured there (see the next test)
+    with ThreadPoolExecutor(max_workers=1) as first, ThreadPoolExecutor(max_workers=1) as second:
+        amx, plain = (
+            first.submit(_scores, path, text, True).result(),
+            second.submit(_scores, path, text, False).result(),
+        )
     # measured: correlation at least 0.9990 at every position, the top token the same at 96.8% of them
     assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(amx, plain, strict=True)) > 0.995
     assert (amx.argmax(axis=1) == plain.argmax(axis=1)).mean() > 0.9
+
+
+MIXED = """
+import sys
+import torch
+from models.model_names import resolve_model
+from models.settings import Settings
+from worker.backends.base import Row
+from worker.backends.llamacpp import LlamaCppBackend
+
+settings = Settings(engine="llama.cpp", cache_dir=sys.argv[1])
+backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+rows = [Row(list(range(100, 180)), 4), Row(list(range(200, 290)), 4)]
+before = [g.tokens for g in backend.generate(rows)]
+weights = torch.randn(256, 256, dtype=torch.bfloat16)
+print(float((weights @ weights).float().sum()))  # oneDNN's AMX product, on this (the main) thread
+after = [g.tokens for g in backend.generate(rows)]
+print("amx", backend.amx, "same", before == after)
+"""
+
+
+@pytest.mark.model
+def test_torch_products_between_llamacpp_calls_leave_its_amx_kernels_working(tmp_path: Path) -> None:
+    """In one process, a bf16 torch product between two calls of the backend on its AMX kernels: the
+    second call died of an illegal instruction when llama.cpp computed on the calling thread."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (sumfleet[llamacpp])")
+    from worker.backends.llamacpp import amx_built
+
+    if not amx_built():
+        pytest.skip("this llama.cpp has no AMX kernels (a CPU without AMX)")
+    child = subprocess.run(
+        [sys.executable, "-c", MIXED, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "amx True same True" in child.stdout
 
 
 @pytest.mark.model

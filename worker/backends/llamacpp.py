@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,11 @@ class LlamaCppBackend:
         self.share_prefix = True  # off: every row reads its whole prompt (bench/engines.py compares both)
         self.prompt_tokens_shared = 0  # prompt tokens not computed because a call's rows shared them (all calls)
         self.amx = False  # the weights are in llama.cpp's AMX buffers (its AMX kernels multiply them)
+        # With them, llama.cpp computes on a thread of its own. llama.cpp loads a thread's AMX tile
+        # configuration once (a thread-local flag); torch's oneDNN releases the tiles after its own AMX
+        # products, and the next llama.cpp product on that thread died of an illegal instruction (tiles
+        # used unconfigured): seen in a process that ran a bf16 torch model between two llama.cpp calls.
+        self._amx_thread: ThreadPoolExecutor | None = None
         # True: on, False: off, None: llama.cpp's own choice (on, for its CPU backend)
         self.flash_attention = flash_attention(settings.llamacpp_flash_attention)
 
@@ -439,7 +445,12 @@ class LlamaCppBackend:
         return index
 
     def _decode(self, batch: Any) -> None:
-        code = self.llama_cpp.llama_decode(self.ctx, batch)
+        if self.amx:  # on a thread of its own, whose tile configuration nothing else releases
+            if self._amx_thread is None:
+                self._amx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sumfleet-llamacpp")
+            code = self._amx_thread.submit(self.llama_cpp.llama_decode, self.ctx, batch).result()
+        else:
+            code = self.llama_cpp.llama_decode(self.ctx, batch)
         if code == 1:  # no KV slot for the batch
             raise KVCacheFull("llama.cpp found no room in the KV cache")
         if code != 0:
