@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,11 +158,7 @@ class LlamaCppBackend:
         self.share_prefix = True  # off: every row reads its whole prompt (bench/engines.py compares both)
         self.prompt_tokens_shared = 0  # prompt tokens not computed because a call's rows shared them (all calls)
         self.amx = False  # the weights are in llama.cpp's AMX buffers (its AMX kernels multiply them)
-        # With them, llama.cpp computes on a thread of its own. llama.cpp loads a thread's AMX tile
-        # configuration once (a thread-local flag); torch's oneDNN releases the tiles after its own AMX
-        # products, and the next llama.cpp product on that thread died of an illegal instruction (tiles
-        # used unconfigured): seen in a process that ran a bf16 torch model between two llama.cpp calls.
-        self._amx_thread: ThreadPoolExecutor | None = None
+        self.path: Path | None = None  # the GGUF file the weights come from (to load them again)
         # True: on, False: off, None: llama.cpp's own choice (on, for its CPU backend)
         self.flash_attention = flash_attention(settings.llamacpp_flash_attention)
 
@@ -189,7 +184,7 @@ class LlamaCppBackend:
         file_type = int(llm.metadata.get("general.file_type", -1))
         # llama.cpp's AMX kernels, where the build has them, only once a child process ran them on this
         # file's weights without faulting (a GCC 12 build's faulted: README: Engines)
-        amx = file_type in AMX_FILE_TYPES and amx_built() and amx_sound(path, settings)
+        amx = file_type in AMX_FILE_TYPES and amx_built() and "torch" not in sys.modules and amx_sound(path, settings)
         target = weight_type(
             settings.llamacpp_weights, file_type, int(llama_cpp.llama_model_n_params(llm._model.model)), amx
         )
@@ -201,6 +196,7 @@ class LlamaCppBackend:
                 shutil.rmtree(converted.parent, ignore_errors=True)
         backend = cls(llm, settings)
         backend.amx = amx
+        backend.path = converted if target is not None or amx else path
         log.info(
             "loaded %s (GGUF, llama.cpp, weights %s, AMX kernels %s, %d threads) in %.1fs",
             name,
@@ -216,6 +212,7 @@ class LlamaCppBackend:
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
         """One call: every row in a stream of its own at once (KVCacheFull when they do not all fit)."""
+        self._leave_amx_beside_torch()
         self._context_for(rows)
         done: dict[int, Generated] = {}
         for finished in self._run(rows, refill=False):
@@ -231,7 +228,33 @@ class LlamaCppBackend:
         that fits it, so a decode step keeps as many rows as there are streams while rows wait, instead
         of running down to the longest row of a call. Rows too long for the streams wait until the
         running ones are done; the context is then remade with longer streams."""
+        self._leave_amx_beside_torch()
         return self._run(rows, refill=True)
+
+    def _leave_amx_beside_torch(self) -> None:
+        """Load the weights again off the AMX kernels if torch has come into this process since.
+
+        llama.cpp configures a thread's AMX tiles once (a thread-local flag); torch's oneDNN releases
+        the tiles after its own AMX products on the thread that called it, so the next llama.cpp call on
+        that thread died of an illegal instruction (tiles used unconfigured): seen in a process that ran
+        a bf16 torch model between two llama.cpp calls. Computing in a thread of llama.cpp's own would
+        avoid it, but llama.cpp's OpenMP ran 6x slower there (a decoding step 48 ms against 8). A worker
+        or `sumfleet run` on llama.cpp never loads torch; a process that does runs the plain kernels."""
+        if not self.amx or "torch" not in sys.modules or self.path is None:
+            return
+        log.warning("torch was loaded into this process: the llama.cpp model leaves its AMX kernels (reloaded)")
+        if self.ctx is not None:
+            self.llama_cpp.llama_free(self.ctx)
+            self.ctx = self.memory = None
+            self.shape = (0, 0)
+        old = self.llm
+        self.llm = open_gguf(self.path, self.threads, amx=False)
+        self.model = self.llm._model.model
+        self.vocab = self.llama_cpp.llama_model_get_vocab(self.model)
+        assert isinstance(self.tokenizer, LlamaCppTokenizer)
+        self.tokenizer.llm = self.llm
+        old.close()
+        self.amx = False
 
     def _run(self, rows: Sequence[Row], refill: bool) -> Iterator[list[tuple[int, Generated]]]:
         """Rows through the context's streams, step by step; finished rows leave after each step.
@@ -445,12 +468,7 @@ class LlamaCppBackend:
         return index
 
     def _decode(self, batch: Any) -> None:
-        if self.amx:  # on a thread of its own, whose tile configuration nothing else releases
-            if self._amx_thread is None:
-                self._amx_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sumfleet-llamacpp")
-            code = self._amx_thread.submit(self.llama_cpp.llama_decode, self.ctx, batch).result()
-        else:
-            code = self.llama_cpp.llama_decode(self.ctx, batch)
+        code = self.llama_cpp.llama_decode(self.ctx, batch)
         if code == 1:  # no KV slot for the batch
             raise KVCacheFull("llama.cpp found no room in the KV cache")
         if code != 0:
