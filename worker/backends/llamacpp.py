@@ -183,20 +183,23 @@ class LlamaCppBackend:
         llm = open_gguf(path, threads)
         file_type = int(llm.metadata.get("general.file_type", -1))
         # llama.cpp's AMX kernels, where the build has them, only once a child process ran them on this
-        # file's weights without faulting (a GCC 12 build's faulted: README: Engines)
+        # file's weights without faulting (a GCC 12 build's faulted), and only while torch is not in this
+        # process (`_leave_amx_beside_torch`; README: Engines)
         amx = file_type in AMX_FILE_TYPES and amx_built() and "torch" not in sys.modules and amx_sound(path, settings)
         target = weight_type(
             settings.llamacpp_weights, file_type, int(llama_cpp.llama_model_n_params(llm._model.model)), amx
         )
+        running = path
         if target is not None or amx:
             llm.close()
-            converted = converted_gguf(path, target, settings) if target is not None else path
-            llm = open_gguf(converted, threads, amx)
-            if converted != path and not settings.cache_checkpoints:  # mapped already: the file can go
-                shutil.rmtree(converted.parent, ignore_errors=True)
+            running = converted_gguf(path, target, settings) if target is not None else path
+            llm = open_gguf(running, threads, amx)
+            # mapped already: the file can go (unless the AMX kernels run it: it is loaded again to leave them)
+            if running != path and not settings.cache_checkpoints and not amx:
+                shutil.rmtree(running.parent, ignore_errors=True)
         backend = cls(llm, settings)
         backend.amx = amx
-        backend.path = converted if target is not None or amx else path
+        backend.path = running
         log.info(
             "loaded %s (GGUF, llama.cpp, weights %s, AMX kernels %s, %d threads) in %.1fs",
             name,
