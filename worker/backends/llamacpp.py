@@ -517,10 +517,11 @@ def amx_sound(path: Path, settings: Settings) -> bool:
     with `-fno-dse -fno-tree-dse`, which keeps them; a build made otherwise may be faulty."""
     library = ggml_cpu_library()
     cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-    key = content_digest(library, cache) if library is not None and settings.cache_checkpoints else str(library)
+    on_disk = library is not None and settings.cache_checkpoints
+    key = content_digest(library, cache) if library is not None and on_disk else str(library)
     if key in _amx_verdicts:
         return _amx_verdicts[key]
-    marker = cache / "llamacpp" / f"amx-{key}" if library is not None and settings.cache_checkpoints else None
+    marker = cache / "llamacpp" / f"amx-{key}" if on_disk else None
     if marker is not None and marker.is_file():
         _amx_verdicts[key] = sound = marker.read_text().strip() == "sound"
         return sound
