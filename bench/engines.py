@@ -7,9 +7,12 @@ Every variant runs in a process of its own (so its peak RSS is its own), the mod
 before the clock starts; the variants run in turn (a, b, c, a, b, c) so a change in the
 machine's load touches all of them alike. Printed per run: docs/s, prompt and generated
 tokens/s, peak RSS; then the machine's CPU flags, load average, measured matmul GFLOPS and the
-FLOPs one document costs (2 x parameters x tokens), and the greedy texts' agreement between
-variants. Written to bench/results/engines.json. Where vLLM is installed (README: Engines), vLLM alone
-and sumfleet's vLLM backend run too (`vllm-alone`, `engine-vllm`); bench/vllm_gpu.py is the GPU bench.
+FLOPs one document costs (2 x parameters x tokens), the greedy texts' agreement between
+variants, and the targets as ratios of this run's figures (over the run and per round): the variant
+SUMFLEET_ENGINE=auto runs against the fastest peer alone (>= 1.5) and the pipeline one at a time
+(>= 6), the system against it (>= 0.95), its peak RSS (<= 512 MiB). Written to
+bench/results/engines.json. Where vLLM is installed (README: Engines), vLLM alone and sumfleet's vLLM
+backend run too (`vllm-alone`, `engine-vllm`); bench/vllm_gpu.py is the GPU bench.
 """
 
 from __future__ import annotations
@@ -342,6 +345,57 @@ def run_system(docs: list[dict[str, str]], max_new: int) -> dict[str, Any]:
     }
 
 
+PEERS = ("pipeline-one-at-a-time", "pipeline-batch-8", "llama.cpp-alone", "ctranslate2-alone", "vllm-alone")
+
+
+def auto_variant() -> str:
+    """The engine variant that SUMFLEET_ENGINE=auto runs the bench's model with on this machine."""
+    from models.model_names import resolve_model
+    from models.settings import Settings
+    from worker.loading import auto_engine
+
+    settings = Settings(database_url="sqlite://")
+    return f"engine-{auto_engine(resolve_model('smollm2', settings), settings)}"
+
+
+def targets(runs: list[dict[str, Any]], auto: str, docs: int) -> dict[str, Any]:
+    """The issue's targets, as ratios of docs/s measured in this run: over the whole run (documents over
+    seconds, all rounds), and per round (the variants of one round ran next to each other). A target
+    whose variants did not both run is left out."""
+    seconds: dict[str, dict[int, float]] = {}
+    for run in runs:
+        seconds.setdefault(run["variant"], {})[run["round"]] = run["seconds"]
+
+    def rate(variant: str) -> float:
+        return docs * len(seconds[variant]) / sum(seconds[variant].values())
+
+    def ratio(a: str, b: str, goal: float) -> dict[str, Any]:
+        rounds = sorted(seconds[a].keys() & seconds[b].keys())
+        over_run = rate(a) / rate(b)
+        return {
+            "of": f"{a} / {b}",
+            "ratio": round(over_run, 3),
+            "per_round": [round(seconds[b][r] / seconds[a][r], 3) for r in rounds],
+            "target": goal,
+            "met": over_run >= goal,
+        }
+
+    found: dict[str, Any] = {"auto": auto}
+    if auto not in seconds:
+        return found
+    peers = [p for p in PEERS if p in seconds]
+    if peers:
+        fastest = max(peers, key=rate)
+        found["auto_vs_fastest_peer"] = ratio(auto, fastest, 1.5)
+    if "pipeline-one-at-a-time" in seconds:
+        found["auto_vs_pipeline_one_at_a_time"] = ratio(auto, "pipeline-one-at-a-time", 6.0)
+    if "system" in seconds:
+        found["system_vs_auto"] = ratio("system", auto, 0.95)
+    rss = [run["peak_rss_mib"] for run in runs if run["variant"] == auto]
+    found["auto_peak_rss_mib"] = {"peak": max(rss), "target": 512, "met": max(rss) <= 512}
+    return found
+
+
 def _peak_rss_of_group(group: int) -> float:
     """The largest peak RSS (VmHWM) among the processes of a process group (a worker's child holds the model)."""
     peak = 0
@@ -457,6 +511,7 @@ def main() -> int:
             run |= {k: v for k, v in result.items() if k.startswith("worker_")}
             record["runs"].append(run)
             print(json.dumps(run), file=sys.stderr)
+    record["targets"] = targets(record["runs"], auto_variant(), len(docs))
     prompt_tokens = sum(len(d["text"].split()) for d in docs) * 1.3 / len(docs)
     record["flops_per_doc_estimate"] = int(2 * PARAMETERS * (prompt_tokens + args.max_new_tokens))
     reference = "engine-transformers" if "engine-transformers" in texts else next(iter(texts), None)

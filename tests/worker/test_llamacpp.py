@@ -18,6 +18,7 @@ from models.model_names import ModelSource, resolve_model
 from models.settings import Settings
 from tests.conftest import ROOT, SAMPLE, run_sample_through_a_worker
 from worker import loading
+from worker.backends.base import Row
 
 GGUF = ModelSource("gguf", "/models", "m.gguf")
 
@@ -362,26 +363,92 @@ def _small_backend(tmp_path: Path, budget: int) -> tuple[Any, list[str]]:
     return backend, [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "choice, flags, expected",
-    [
-        ("auto", {"avx2", "avx512f", "amx_int8"}, False),  # AVX-512: off (1.2-1.4x faster there)
-        ("auto", {"avx2", "f16c"}, None),  # elsewhere llama.cpp's own choice (on for the CPU)
-        ("on", {"avx512f"}, True),
-        ("off", {"avx2"}, False),
-    ],
-)
-def test_flash_attention_is_chosen_by_the_cpu_unless_set(
-    monkeypatch: pytest.MonkeyPatch, choice: str, flags: set[str], expected: bool | None
-) -> None:
+@pytest.mark.parametrize("choice, expected", [("auto", None), ("on", True), ("off", False)])
+def test_flash_attention_is_set_or_left_to_the_measurement(choice: str, expected: bool | None) -> None:
+    """`auto` is not decided by CPU flags: the backend measures it at load (below)."""
     from pydantic import ValidationError
 
     from worker.backends import llamacpp
 
-    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: flags)
     assert llamacpp.flash_attention(choice) is expected
     with pytest.raises(ValidationError, match="llamacpp_flash_attention"):
         Settings(llamacpp_flash_attention="yes")
+
+
+@pytest.mark.model
+def test_auto_flash_attention_is_measured_on_this_machine_and_kept(tmp_path: Path) -> None:
+    """SUMFLEET_LLAMACPP_FLASH_ATTENTION=auto: both ways timed on the loaded model, the faster kept (in the
+    process and on disk, with the timings), and a later load takes the kept verdict without measuring."""
+    pytest.importorskip("llama_cpp")
+    from worker.backends import llamacpp
+
+    settings = Settings(cache_dir=str(tmp_path), threads=1)
+    source = resolve_model("smollm2", settings)
+    llamacpp._flash_verdicts.clear()
+    backend = llamacpp.LlamaCppBackend.load("smollm2", source, settings)
+    (marker,) = (tmp_path / "llamacpp").glob("flash-attention-*")
+    verdict, with_it, without = marker.read_text().split()
+    assert float(with_it) > 0 and float(without) > 0
+    assert verdict == ("on" if float(with_it) < float(without) else "off")
+    assert backend.flash_attention is (verdict == "on")
+    assert backend.ctx is None and backend.shape == (0, 0)  # the probe's contexts are gone
+    # the kept verdict is what a new process reads (here: the opposite written in, which no measurement gives)
+    marker.write_text(f"{'off' if verdict == 'on' else 'on'} 0 0\n")
+    llamacpp._flash_verdicts.clear()
+    again = llamacpp.LlamaCppBackend.load("smollm2", source, settings)
+    assert again.flash_attention is (verdict != "on")
+    assert again.generate([Row(again.tokenizer.encode("The ferry returns in May."), 3)])[0].tokens
+
+
+@pytest.mark.model
+def test_flash_attention_left_to_llamacpp_where_the_probe_does_not_fit(tmp_path: Path) -> None:
+    """A token budget too small for the probe's four streams: llama.cpp's own choice, and the model runs."""
+    pytest.importorskip("llama_cpp")
+    from worker.backends import llamacpp
+
+    settings = Settings(cache_dir=str(tmp_path), token_budget=512, threads=1)
+    llamacpp._flash_verdicts.clear()
+    backend = llamacpp.LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    assert backend.flash_attention is None
+    assert not list((tmp_path / "llamacpp").glob("flash-attention-*"))
+    assert backend.generate([Row(backend.tokenizer.encode("The ferry returns in May."), 3)])[0].tokens
+
+
+@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.model
+def test_the_attention_probe_times_a_call_of_summary_like_streams(tmp_path: Path, on: bool) -> None:
+    """One probe call: every row decodes its tokens (an end-of-generation token does not stop it), in
+    streams of 768 cells, as many as the budget holds; the context goes afterwards."""
+    backend, _ = _small_backend(tmp_path, 4096)
+    native = backend.llama_cpp
+    made: list[tuple[int, int]] = []
+    decoded: list[int] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(native, name)
+
+        @staticmethod
+        def llama_init_from_model(model: Any, params: Any) -> Any:
+            made.append((params.n_seq_max, params.n_ctx))
+            return native.llama_init_from_model(model, params)
+
+        @staticmethod
+        def llama_decode(ctx: Any, batch: Any) -> int:
+            decoded.append(batch.n_tokens)
+            return int(native.llama_decode(ctx, batch))
+
+    backend.llama_cpp = Recording()
+    end = backend.end
+    prompts = [
+        backend.tokenizer.encode(f"Report {n}: the council voted to restore the night ferry. " * 6) for n in range(3)
+    ]
+    seconds = backend.time_attention(on, prompts, 5)
+    assert 0 < seconds < 60
+    assert made == [(4, 4 * 768)]  # 4,096 cells hold 5 streams of 768; _small_backend allows 4 rows
+    assert sum(decoded) == sum(len(p) for p in prompts) + 3 * 4  # prompts, then 4 steps after the first token
+    assert backend.flash_attention is on and backend.ctx is None and backend.shape == (0, 0)
+    assert backend.end == end
 
 
 @pytest.mark.model

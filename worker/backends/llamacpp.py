@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import platform
@@ -82,6 +83,16 @@ llm.eval(llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8)[:64]
 print("sound")
 """
 _amx_verdicts: dict[str, bool] = {}  # by the ggml CPU library's digest: its AMX kernels ran or faulted
+# SUMFLEET_LLAMACPP_FLASH_ATTENTION=auto measures both ways at load (`measure_flash_attention`): a call of a
+# few rows through the backend's own generate, each way twice (on, off, off, on). Which is faster depends on
+# the CPU, not on a flag one can read: off ran the engine 1.39x faster on a Xeon with AMX, on 1.24x faster
+# on an AMD EPYC with AVX-512 (both 2 cores, 24 BBC articles)
+# a call as the pipeline makes one for summaries: rows in streams of 768 cells (4,096 hold 5), about 9 prompt
+# tokens read for each token decoded (a BBC article's prompt is about 450 tokens, its summary 48)
+FLASH_PROBE_ROWS = 4
+FLASH_PROBE_PROMPT = 192
+FLASH_PROBE_NEW = 20
+_flash_verdicts: dict[str, bool] = {}  # by machine, llama.cpp build and model file: flash attention on
 
 
 @dataclass(eq=False)
@@ -200,11 +211,14 @@ class LlamaCppBackend:
         backend = cls(llm, settings)
         backend.amx = amx
         backend.path = running
+        if backend.flash_attention is None:  # auto: measured on this machine, with these weights
+            backend.flash_attention = flash_attention_verdict(backend, settings)
         log.info(
-            "loaded %s (GGUF, llama.cpp, weights %s, AMX kernels %s, %d threads) in %.1fs",
+            "loaded %s (GGUF, llama.cpp, weights %s, AMX kernels %s, flash attention %s, %d threads) in %.1fs",
             name,
             target or "as in the file",
             "on" if amx else "off",
+            {True: "on", False: "off", None: "llama.cpp's choice"}[backend.flash_attention],
             threads,
             time.perf_counter() - started,
         )
@@ -402,6 +416,28 @@ class LlamaCppBackend:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.shape = (sequences, int(llama_cpp.llama_n_ctx(self.ctx)) // sequences)
 
+    def time_attention(self, on: bool, prompts: Sequence[Sequence[int]], new_tokens: int) -> float:
+        """Seconds one call of `prompts` takes with flash attention `on` or off, each row decoding
+        `new_tokens` (end-of-generation tokens do not stop it), in KV streams as long as the pipeline makes
+        them for a summary's rows (3 x 256 cells, where the budget holds as many rows)."""
+        if self.ctx is not None:
+            self.llama_cpp.llama_free(self.ctx)
+            self.ctx = self.memory = None
+        self.flash_attention = on
+        longest = max(len(p) for p in prompts) + new_tokens
+        cells = max(longest, min(3 * STREAM_ALIGN, self.token_budget // len(prompts)))
+        self._context_for([Row(list(p), cells - len(p)) for p in prompts])  # generate() keeps this context
+        end, self.end = self.end, frozenset()
+        try:
+            started = time.perf_counter()
+            self.generate([Row(list(p), new_tokens) for p in prompts])
+            return time.perf_counter() - started
+        finally:
+            self.end = end
+            self.llama_cpp.llama_free(self.ctx)
+            self.ctx = self.memory = None
+            self.shape = (0, 0)
+
     def _share_prefix(self, batch: Any, rows: Sequence[Row]) -> int:
         """Read the tokens every row's prompt starts with once, and copy them into every row's stream.
 
@@ -589,15 +625,84 @@ def without_amx_buffers() -> Iterator[None]:
 
 
 def flash_attention(choice: str) -> bool | None:
-    """SUMFLEET_LLAMACPP_FLASH_ATTENTION as the backend applies it: True (on), False (off) or None
-    (llama.cpp's own choice, which turns it on for its CPU backend). `auto` is off on CPUs with AVX-512.
-    Measured 2026-12-07 on one (2 cores, AVX-512 BF16 and AMX), 8 KV streams of 450 prompt tokens: a
-    decoding step of 8 rows 56.7 ms with it, 26.6 ms without (1 row: 11.5 against 7.1), prompts read at
-    1,190 against 890 tokens/s; 24 BBC articles through the engine 1.019 against 1.367 docs/s on the AMX
-    kernels, 0.653 against 0.787 in f16. On CPUs without AVX-512 it stays on: not measured against off."""
+    """SUMFLEET_LLAMACPP_FLASH_ATTENTION as set: True (on), False (off), or None for `auto`, which the
+    backend settles at load by measuring both ways (`flash_attention_verdict`). Measured 2026-12-07 through
+    the engine (24 BBC articles, 2 cores): on a Xeon with AVX-512 BF16 and AMX, off was 1.39x faster on the
+    AMX kernels and 1.21x in f16 (a decoding step of 8 rows 26.6 ms against 56.7); on an AMD EPYC with
+    AVX-512 BF16 and no AMX, on was 1.24x faster (f16). No CPU flag tells the two apart."""
     if choice != "auto":
         return choice == "on"
-    return False if "avx512f" in cpu_flags() else None
+    return None
+
+
+def measure_flash_attention(backend: LlamaCppBackend) -> dict[bool, float]:
+    """Seconds a call of FLASH_PROBE_ROWS rows (FLASH_PROBE_PROMPT prompt tokens each, FLASH_PROBE_NEW new
+    tokens) takes with flash attention on (True) and off (False), through the backend's own `generate`,
+    each way twice in the order on, off, off, on (a machine that speeds up or slows down meanwhile touches
+    both alike), after a short call that brings the weights into memory."""
+    vocabulary = [i for i in range(min(backend.n_vocab, 32_000)) if i not in backend.end]
+    prompts = [
+        [vocabulary[(7919 * (n + 1000 * row)) % len(vocabulary)] for n in range(FLASH_PROBE_PROMPT)]
+        for row in range(FLASH_PROBE_ROWS)
+    ]
+    backend.time_attention(True, [prompt[:32] for prompt in prompts], 2)  # the weights' pages: not counted
+    spent = {True: 0.0, False: 0.0}
+    for on in (True, False, False, True):
+        spent[on] += backend.time_attention(on, prompts, FLASH_PROBE_NEW) / 2
+    return spent
+
+
+def flash_attention_verdict(backend: LlamaCppBackend, settings: Settings) -> bool | None:
+    """Flash attention on or off, whichever `measure_flash_attention` found faster on this machine for this
+    model file and llama.cpp build (3-8 s on 2 cores, once: the verdict is kept in this process and, with
+    SUMFLEET_CACHE_CHECKPOINTS on, under `<cache>/llamacpp/`)."""
+    cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    library = ggml_cpu_library()
+    cpu = next((line for line in _cpu_info().splitlines() if line.startswith("model name")), "")
+    running = backend.path
+    facts = [
+        cpu,
+        " ".join(sorted(cpu_flags())),
+        str(backend.threads),
+        str(backend.amx),
+        content_digest(library, cache) if library is not None and settings.cache_checkpoints else str(library),
+        f"{running.name}:{running.stat().st_size}" if running is not None else "",
+    ]
+    key = hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
+    if key in _flash_verdicts:
+        return _flash_verdicts[key]
+    marker = cache / "llamacpp" / f"flash-attention-{key}" if settings.cache_checkpoints else None
+    if marker is not None and marker.is_file() and marker.read_text().split()[:1] in (["on"], ["off"]):
+        _flash_verdicts[key] = on = marker.read_text().split()[0] == "on"
+        return on
+    started = time.perf_counter()
+    try:
+        spent = measure_flash_attention(backend)
+    except Exception as error:  # a budget too small for the probe's streams, say: llama.cpp's own choice
+        log.warning("could not measure llama.cpp's flash attention (%s): leaving it to llama.cpp", error)
+        return None
+    on = spent[True] < spent[False]
+    log.info(
+        "llama.cpp flash attention measured (%.1fs): a call %.3fs with it, %.3fs without: %s",
+        time.perf_counter() - started,
+        spent[True],
+        spent[False],
+        "on" if on else "off",
+    )
+    _flash_verdicts[key] = on
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        scratch = marker.with_name(f".{marker.name}-{os.getpid()}")
+        scratch.write_text(f"{'on' if on else 'off'} {spent[True]:.4f} {spent[False]:.4f}\n")
+        scratch.replace(marker)
+    return on
+
+
+def _cpu_info() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
 
 
 def fast_f16_cpu() -> bool:
