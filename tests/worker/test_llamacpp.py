@@ -102,7 +102,8 @@ def test_a_llamacpp_worker_runs_a_real_batch(fleet_settings: Settings, start_wor
     "choice, file_type, parameters, flags, machine, expected",
     [
         ("auto", 3, 135_000_000, {"avx2", "f16c"}, "x86_64", "f16"),  # Q4_1: no fast kernels, f16 has them
-        ("auto", 3, 135_000_000, {"avx2", "f16c"}, "x86_64", "f16"),
+        ("auto", 3, 135_000_000, {"avx2", "f16c", "avx512_bf16"}, "x86_64", "bf16"),  # native bf16: faster yet
+        ("auto", 3, 7_000_000_000, {"avx2", "f16c", "avx512_bf16"}, "x86_64", None),
         ("auto", 3, 135_000_000, set(), "aarch64", "f16"),
         ("auto", 3, 135_000_000, {"avx"}, "x86_64", None),  # no AVX2: nothing measured, the file as it is
         ("auto", 3, 7_000_000_000, {"avx2", "f16c"}, "x86_64", None),  # big: f16 would be 3.6x the bytes
@@ -127,6 +128,8 @@ def test_the_weight_type_run(
 
     monkeypatch.setattr(llamacpp, "cpu_flags", lambda: flags)
     monkeypatch.setattr(llamacpp.platform, "machine", lambda: machine)
+    # the CPU's flags decide here: llama.cpp built for the machine (scripts/install.sh) has what the CPU has
+    monkeypatch.setattr(llamacpp, "bf16_kernels", lambda: "avx512_bf16" in flags)
     assert llamacpp.weight_type(choice, file_type, parameters) == expected
 
 
@@ -146,6 +149,7 @@ def test_the_weight_type_run_where_the_amx_kernels_are_sound(
     from worker.backends import llamacpp
 
     monkeypatch.setattr(llamacpp, "cpu_flags", lambda: {"avx2", "f16c", "amx_int8"})
+    monkeypatch.setattr(llamacpp, "bf16_kernels", lambda: False)
     assert llamacpp.weight_type(choice, file_type, 135_000_000, amx=True) == expected
     if choice == "auto" and file_type == 3:  # without them, f16 (tinyBLAS) is the faster
         assert llamacpp.weight_type(choice, file_type, 135_000_000, amx=False) == "f16"
@@ -657,3 +661,25 @@ def test_the_pipeline_hands_on_rows_as_they_finish_and_recovers_from_a_failed_st
     again = [o for batch in pipeline.run(jobs, plan, params) for o in batch]
     assert sorted(o.job_id for o in again) == list(range(6))
     assert all(o.summary and o.error is None for o in again) and calls and sum(calls) < 6
+
+
+@pytest.mark.model
+def test_auto_runs_bf16_weights_where_llamacpp_multiplies_them_natively(tmp_path: Path) -> None:
+    """The bundled Q4_1 file: bf16 weights where this CPU and this llama.cpp build have AVX-512 BF16, else
+    f16 (on an x86 CPU with AVX2 and F16C); what runs is the converted file, and it summarizes."""
+    pytest.importorskip("llama_cpp")
+    from worker.backends import llamacpp
+
+    if llamacpp.amx_built():
+        pytest.skip("with AMX kernels the Q4_1 file may run as it is (tested above)")
+    settings = Settings(cache_dir=str(tmp_path), threads=2, llamacpp_flash_attention="on")
+    backend = llamacpp.LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    expected = "bf16" if llamacpp.bf16_kernels() else "f16" if llamacpp.fast_f16_cpu() else None
+    assert backend.path is not None
+    if expected is None:
+        assert backend.path.name.endswith("Q4_1.gguf")
+    else:
+        assert f"-{expected}-embed-q8_0-" in backend.path.name
+        assert int(backend.llm.metadata["general.file_type"]) == llamacpp.FILE_TYPES[expected]
+    (summary,) = backend.generate([Row(backend.tokenizer.encode("The ferry returns in May, the council said."), 4)])
+    assert summary.tokens

@@ -721,9 +721,25 @@ def weight_type(choice: str, file_type: int, parameters: int, amx: bool = False)
         return None if FILE_TYPES[choice] == file_type else choice
     if amx and file_type in AMX_FILE_TYPES:
         return None
-    if file_type == Q4_1 and parameters <= CONVERT_UP_TO_PARAMETERS and fast_f16_cpu():
-        return "f16"
+    if file_type == Q4_1 and parameters <= CONVERT_UP_TO_PARAMETERS:
+        if bf16_kernels():
+            return "bf16"
+        if fast_f16_cpu():
+            return "f16"
     return None
+
+
+def bf16_kernels() -> bool:
+    """llama.cpp multiplies bf16 weights natively here: the CPU has AVX-512 BF16 and llama.cpp was built
+    with it. Measured 2026-12-07 on an AMD EPYC with AVX-512 BF16 (2 cores, 24 BBC articles through the
+    engine, two rounds): bf16 weights 1.076 / 1.164 docs/s against f16's 0.828 / 0.850, the same 476 MiB."""
+    if "avx512_bf16" not in cpu_flags():
+        return False
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    return "AVX512_BF16 = 1" in llama_cpp.llama_print_system_info().decode(errors="replace")
 
 
 def converted_gguf(path: Path, target: str, settings: Settings) -> Path:
