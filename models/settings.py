@@ -96,9 +96,9 @@ class Settings(BaseSettings):
         "auto",
         pattern="^(auto|as-is|f16|bf16|q8_0|q4_0|f32)$",
         description="SUMFLEET_ENGINE=llama.cpp: the GGUF weight type it runs, converted once and cached (auto: a "
-        "Q4_1 model of up to 1 B parameters becomes f16 on CPUs with AVX2 and F16C or on ARM, where llama.cpp "
-        "has fast kernels for f16 and none for Q4_1, unless its AMX kernels run the file as it is; anything else "
-        "as it is)",
+        "Q4_1 model of up to 1 B parameters becomes bf16 where the CPU and llama.cpp's build have AVX-512 BF16, "
+        "f16 on other CPUs with AVX2 and F16C or on ARM, where llama.cpp has fast kernels for them and none for "
+        "Q4_1, unless its AMX kernels run the file as it is; anything else as it is)",
     )
     llamacpp_flash_attention: str = Field(
         "auto",
