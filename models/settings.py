@@ -104,8 +104,8 @@ class Settings(BaseSettings):
         "auto",
         pattern="^(auto|on|off)$",
         description="SUMFLEET_ENGINE=llama.cpp: flash attention (auto: both ways timed at the first load on "
-        "this machine, 1-5 s, and the faster kept under the cache; off was 1.39x faster on a Xeon with AMX, on "
-        "1.24x faster on an AMD EPYC with AVX-512)",
+        "this machine, 3-8 s on 2 cores, and the faster kept under the cache; off was 1.39x faster on a Xeon "
+        "with AMX, on 1.24x faster on an AMD EPYC with AVX-512)",
     )
     cache_dir: str | None = Field(
         None, description="where GGUF models are cached as plain checkpoints (unset: ~/.cache/sumfleet/checkpoints)"
