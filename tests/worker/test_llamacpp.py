@@ -357,6 +357,28 @@ def test_converted_weights_are_cached_by_content(tmp_path: Path) -> None:
         shutil.rmtree(uncached.parent)
 
 
+class _RecordingLlama:
+    """llama_cpp as the backend calls it, recording on the way to the real calls what each context is made
+    with (`context` of its parameters) and how many tokens each decode call carries."""
+
+    def __init__(self, native: Any, context: Any, contexts: list[Any] | None = None) -> None:
+        self.native = native
+        self.context = context
+        self.contexts: list[Any] = [] if contexts is None else contexts
+        self.decoded: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.native, name)
+
+    def llama_init_from_model(self, model: Any, params: Any) -> Any:
+        self.contexts.append(self.context(params))
+        return self.native.llama_init_from_model(model, params)
+
+    def llama_decode(self, ctx: Any, batch: Any) -> int:
+        self.decoded.append(batch.n_tokens)
+        return int(self.native.llama_decode(ctx, batch))
+
+
 def _small_backend(tmp_path: Path, budget: int) -> tuple[Any, list[str]]:
     """The bundled model in the llama.cpp backend with `budget` KV cells for at most 4 rows, and the sample's texts."""
     pytest.importorskip("llama_cpp")
@@ -424,25 +446,8 @@ def test_the_attention_probe_times_a_call_of_summary_like_streams(tmp_path: Path
     """One probe call: every row decodes its tokens (an end-of-generation token does not stop it), in
     streams of 768 cells, as many as the budget holds; the context goes afterwards."""
     backend, _ = _small_backend(tmp_path, 4096)
-    native = backend.llama_cpp
-    made: list[tuple[int, int]] = []
-    decoded: list[int] = []
-
-    class Recording:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(native, name)
-
-        @staticmethod
-        def llama_init_from_model(model: Any, params: Any) -> Any:
-            made.append((params.n_seq_max, params.n_ctx))
-            return native.llama_init_from_model(model, params)
-
-        @staticmethod
-        def llama_decode(ctx: Any, batch: Any) -> int:
-            decoded.append(batch.n_tokens)
-            return int(native.llama_decode(ctx, batch))
-
-    backend.llama_cpp = Recording()
+    recording = backend.llama_cpp = _RecordingLlama(backend.llama_cpp, lambda params: (params.n_seq_max, params.n_ctx))
+    made, decoded = recording.contexts, recording.decoded
     end = backend.end
     prompts = [
         backend.tokenizer.encode(f"Report {n}: the council voted to restore the night ferry. " * 6) for n in range(3)
@@ -464,19 +469,10 @@ def test_the_contexts_are_made_with_the_flash_attention_chosen(tmp_path: Path) -
     native = pytest.importorskip("llama_cpp")
     made: list[tuple[int, int]] = []
 
-    class Recording:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(native, name)
-
-        @staticmethod
-        def llama_init_from_model(model: Any, params: Any) -> Any:
-            made.append((params.flash_attn_type, params.n_ubatch))
-            return native.llama_init_from_model(model, params)
-
     outputs = {}
     for choice in ("off", "on"):
         backend, documents = _small_backend(tmp_path, 2048)
-        backend.llama_cpp = Recording()
+        backend.llama_cpp = _RecordingLlama(native, lambda params: (params.flash_attn_type, params.n_ubatch), made)
         backend.ctx = None  # the next call makes its context
         backend.flash_attention = {"off": False, "on": True}[choice]
         tokenizer = backend.tokenizer
