@@ -4,7 +4,8 @@ Weights stay in a GGUF type. llama.cpp has fast matrix kernels (tinyBLAS, repack
 f16, bf16, q8_0 and q4_0 on x86 AVX2 and ARM, but none for Q4_1, the bundled SmolLM2's type: its
 prompt reading ran at 165 tokens/s against 345-383 for the same weights in f16 (2 AVX2 cores). So
 `SUMFLEET_LLAMACPP_WEIGHTS=auto` converts a small Q4_1 model to f16 once (llama.cpp's own
-quantizer; f16 holds Q4_1's values to within f16 rounding) and caches the file by content. Rows
+quantizer; f16 holds Q4_1's values to within f16 rounding), or to bf16 where the CPU and the build
+multiply bf16 natively (AVX-512 BF16), and caches the file by content. Rows
 of a call decode together, one sequence each in a KV stream of its own (a row attends over its
 own cells only): the prompts are read in one pass, then every step adds one token for each row still
 going, so each decode step is one matrix product for all rows; the prompt tokens all rows start with
