@@ -44,7 +44,7 @@ from models.settings import Settings
 from worker.backends.base import Generated, Row, Tokenizer, finish_reason
 from worker.backends.cache import content_digest, default_cache_dir
 from worker.batching import batch_cost
-from worker.hardware import cpu_flags
+from worker.hardware import cpu_flags, cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -552,10 +552,9 @@ def amx_sound(path: Path, settings: Settings) -> bool:
     so an optimized build drops the stores of the tiles' rows and columns and `ldtilecfg` faults
     (general protection: the process dies at the first prompt). scripts/install.sh builds llama.cpp
     with `-fno-dse -fno-tree-dse`, which keeps them; a build made otherwise may be faulty."""
-    library = ggml_cpu_library()
     cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-    on_disk = library is not None and settings.cache_checkpoints
-    key = content_digest(library, cache) if library is not None and on_disk else str(library)
+    on_disk = settings.cache_checkpoints and ggml_cpu_library() is not None
+    key = _library_key(settings, cache)
     if key in _amx_verdicts:
         return _amx_verdicts[key]
     marker = cache / "llamacpp" / f"amx-{key}" if on_disk else None
@@ -582,11 +581,23 @@ def amx_sound(path: Path, settings: Settings) -> bool:
         )
     _amx_verdicts[key] = sound
     if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        scratch = marker.with_name(f".{marker.name}-{os.getpid()}")
-        scratch.write_text("sound\n" if sound else f"faulty: {outcome}\n")
-        scratch.replace(marker)
+        _write_marker(marker, "sound\n" if sound else f"faulty: {outcome}\n")
     return sound
+
+
+def _library_key(settings: Settings, cache: Path) -> str:
+    """ggml's CPU library, as verdicts about its kernels are keyed: its content's digest where verdicts
+    are kept on disk (a rebuilt library is judged afresh), its path otherwise."""
+    library = ggml_cpu_library()
+    return content_digest(library, cache) if library is not None and settings.cache_checkpoints else str(library)
+
+
+def _write_marker(marker: Path, text: str) -> None:
+    """A verdict kept on disk, written whole or not at all (processes may write the same one)."""
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    scratch = marker.with_name(f".{marker.name}-{os.getpid()}")
+    scratch.write_text(text)
+    scratch.replace(marker)
 
 
 def amx_built() -> bool:
@@ -658,23 +669,22 @@ def flash_attention_verdict(backend: LlamaCppBackend, settings: Settings) -> boo
     model file and llama.cpp build (3-8 s on 2 cores, once: the verdict is kept in this process and, with
     SUMFLEET_CACHE_CHECKPOINTS on, under `<cache>/llamacpp/`)."""
     cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-    library = ggml_cpu_library()
-    cpu = next((line for line in _cpu_info().splitlines() if line.startswith("model name")), "")
     running = backend.path
     facts = [
-        cpu,
+        cpu_model(),
         " ".join(sorted(cpu_flags())),
         str(backend.threads),
         str(backend.amx),
-        content_digest(library, cache) if library is not None and settings.cache_checkpoints else str(library),
+        _library_key(settings, cache),
         f"{running.name}:{running.stat().st_size}" if running is not None else "",
     ]
     key = hashlib.sha256("\n".join(facts).encode()).hexdigest()[:16]
     if key in _flash_verdicts:
         return _flash_verdicts[key]
     marker = cache / "llamacpp" / f"flash-attention-{key}" if settings.cache_checkpoints else None
-    if marker is not None and marker.is_file() and marker.read_text().split()[:1] in (["on"], ["off"]):
-        _flash_verdicts[key] = on = marker.read_text().split()[0] == "on"
+    kept = marker.read_text().split()[:1] if marker is not None and marker.is_file() else []
+    if kept in (["on"], ["off"]):
+        _flash_verdicts[key] = on = kept == ["on"]
         return on
     started = time.perf_counter()
     try:
@@ -692,18 +702,8 @@ def flash_attention_verdict(backend: LlamaCppBackend, settings: Settings) -> boo
     )
     _flash_verdicts[key] = on
     if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        scratch = marker.with_name(f".{marker.name}-{os.getpid()}")
-        scratch.write_text(f"{'on' if on else 'off'} {spent[True]:.4f} {spent[False]:.4f}\n")
-        scratch.replace(marker)
+        _write_marker(marker, f"{'on' if on else 'off'} {spent[True]:.4f} {spent[False]:.4f}\n")
     return on
-
-
-def _cpu_info() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
 
 
 def fast_f16_cpu() -> bool:
