@@ -99,7 +99,7 @@ class GenerationPipeline:
                 lora = adapter.ref if adapter is not None and adapter.lora else ""
                 groups.setdefault((item.row.temperature, lora), []).append(item)
             for _, group in sorted(groups.items()):
-                group.sort(key=lambda item: len(item.row.ids))
+                group.sort(key=lambda item: item.row.positions)
                 for results in self._calls_of(group):
                     outcomes: list[JobOutcome] = []
                     for item, done, call in results:
@@ -114,9 +114,11 @@ class GenerationPipeline:
 
     def _start(self, job: ClaimedJob, prompt: PromptPlan, params: GenerationParams) -> list[_Item]:
         """The first generation rows of a job."""
-        if params.adapter is not None and not self.backend.supports_adapters:
+        if params.adapter is not None and params.adapter.method not in self.backend.adapter_methods:
+            runs = ", ".join(sorted(self.backend.adapter_methods)) or "no adapters"
             raise ValueError(
-                f"adapter {params.adapter.ref} needs a backend that runs adapters (SUMFLEET_ENGINE=transformers)"
+                f"adapter {params.adapter.ref} ({params.adapter.method}) needs a backend that runs "
+                f"{params.adapter.method} adapters (SUMFLEET_ENGINE=transformers); this one runs {runs}"
             )
         if job.request is not None:
             limit = min(int(job.request.get("max_new_tokens") or params.max_new_tokens), defaults.MAX_NEW_TOKENS_LIMIT)
@@ -281,7 +283,7 @@ class GenerationPipeline:
 
     def _lower_budget(self, rows: list[Row]) -> None:
         """After out-of-memory on `rows`: half their cost becomes the budget for the rest of the chunk."""
-        longest, new = max(len(r.ids) for r in rows), max(r.max_new_tokens for r in rows)
+        longest, new = max(r.positions for r in rows), max(r.max_new_tokens for r in rows)
         cost = batch_cost(longest, new, len(rows), self.align)
         self.budget = max(defaults.MIN_TOKEN_BUDGET, min(self.budget, cost // 2))
         log.warning("out of memory on %d rows; token budget now %d", len(rows), self.budget)
@@ -291,7 +293,7 @@ class GenerationPipeline:
         if self.backend.packs_itself:
             yield group
             return
-        lengths = [len(item.row.ids) for item in group]
+        lengths = [item.row.positions for item in group]  # a soft prompt's positions count too
         max_new_tokens = max(item.row.max_new_tokens for item in group)
         start = 0
         while start < len(group):

@@ -146,7 +146,8 @@ def test_adapters_and_encoder_decoders_are_refused(tiny_model: Path, tmp_path: P
     adapter = AdapterSpec("tuned@1", "prompt-tuning", str(tmp_path), 4)
     job = ClaimedJob(1, "a", "The council voted to restore the night ferry.", 1)
     (outcome,) = [o for batch in engine.run([job], PLAN, GenerationParams(8, adapter=adapter)) for o in batch]
-    assert outcome.error is not None and "needs a backend that runs adapters" in outcome.error
+    assert outcome.error is not None and "needs a backend that runs prompt-tuning adapters" in outcome.error
+    assert "this one runs no adapters" in outcome.error
     seq2seq = tmp_path / "t5"
     seq2seq.mkdir()
     (seq2seq / "config.json").write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))

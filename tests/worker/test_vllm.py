@@ -124,7 +124,7 @@ class Watch:
 @needs_vllm
 @pytest.mark.model
 def test_the_pipeline_hands_vllm_every_row_at_once(vllm_engine: GenerationPipeline, backend: Any) -> None:
-    assert backend.packs_itself and not backend.supports_adapters and not backend.encoder_decoder
+    assert backend.packs_itself and not backend.adapter_methods and not backend.encoder_decoder
     jobs = _jobs()
     pipeline = GenerationPipeline("m", backend, _settings(max_batch_size=3, token_budget=64))
     with Watch(backend) as calls:
@@ -251,7 +251,7 @@ def test_sampled_rows_and_adapters(vllm_engine: GenerationPipeline, backend: Any
     assert len({o.summary for o in outcomes.values()}) > 1  # sampled, not greedy
     adapter = AdapterSpec("tuned@1", "lora", "/nowhere")
     (refused,) = _run(vllm_engine, _jobs(1), GenerationParams(max_new_tokens=4, adapter=adapter)).values()
-    assert "needs a backend that runs adapters" in str(refused.error)
+    assert "needs a backend that runs lora adapters" in str(refused.error)
 
 
 @needs_vllm

@@ -68,7 +68,7 @@ class ToyBackend:
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
         self.packs_itself = False
-        self.supports_adapters = False
+        self.adapter_methods: frozenset[str] = frozenset()
         self.calls: list[list[Row]] = []
         self.fail: Callable[[Sequence[Row]], BaseException | None] = lambda rows: None
 

@@ -28,6 +28,10 @@ class AdapterSpec:
         return self.method == "lora"
 
 
+SOFT_PROMPT = "prompt-tuning"  # the adapter methods a backend may run (`Backend.adapter_methods`)
+LORA = "lora"
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One prompt of a generate call."""
@@ -36,6 +40,16 @@ class Row:
     max_new_tokens: int  # this row stops after this many new tokens (rows of one call may differ)
     temperature: float = 0.0  # 0: greedy; every row of one call has the same temperature
     adapter: AdapterSpec | None = None  # soft prompts may differ per row; a call's rows share one LoRA (or none)
+
+    @property
+    def soft_tokens(self) -> int:
+        """Positions the row's soft prompt takes before its prompt (0: none)."""
+        return self.adapter.virtual_tokens if self.adapter is not None and not self.adapter.lora else 0
+
+    @property
+    def positions(self) -> int:
+        """Positions the row's input takes: its soft prompt and its prompt."""
+        return self.soft_tokens + len(self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +105,7 @@ class Backend(Protocol):
     max_batch_size: int  # rows per call when the settings do not say
     token_budget: int  # (longest prompt + max new tokens) x rows per call when the settings do not say
     packs_itself: bool  # it schedules rows itself (continuous batching): hand it all rows at once
-    supports_adapters: bool  # it runs rows with soft prompts and LoRAs (`Row.adapter`)
+    adapter_methods: frozenset[str]  # the adapters it runs in `Row.adapter` (SOFT_PROMPT, LORA), or none
     # Optional, not part of the protocol: `cell_alignment`, when a backend gives each row its KV cells in
     # blocks (llama.cpp: 256); the pipeline then counts a row's (prompt + new tokens) rounded up to it.
     # And `streams_rows` with `generate_stream(rows)`, for a backend that batches continuously: it takes

@@ -117,7 +117,7 @@ class CTranslate2Backend:
         self.encoder_decoder = False
         self.input_prefix = ""
         self.packs_itself = False
-        self.supports_adapters = False
+        self.adapter_methods: frozenset[str] = frozenset()
         self.max_batch_size = defaults.MAX_BATCH_SIZE_GPU if on_gpu else MAX_BATCH_SIZE_CPU
         self.token_budget = defaults.TOKEN_BUDGET_GPU if on_gpu else defaults.TOKEN_BUDGET_CPU
         self.length_spread = LENGTH_SPREAD

@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 from models import defaults
 from models.model_names import ModelSource
 from models.settings import Settings
-from worker.backends.base import AdapterSpec, Generated, Row, Tokenizer, finish_reason
+from worker.backends.base import LORA, SOFT_PROMPT, AdapterSpec, Generated, Row, Tokenizer, finish_reason
 from worker.backends.cache import default_cache_dir
 from worker.backends.checkpoints import cached_checkpoint, write_checkpoint
 from worker.hardware import cpu_has_fast_bf16
@@ -132,7 +132,7 @@ class TransformersBackend:
         # bf16 on the CPU: the linear layers' weights are also held in oneDNN's blocked layout, so a
         # product does not re-layout its weight at every call (README: Engines)
         self.packed_weights = _pack_linear_weights(model) if device.type == "cpu" else 0
-        self.supports_adapters = not self.encoder_decoder
+        self.adapter_methods = frozenset() if self.encoder_decoder else frozenset({SOFT_PROMPT, LORA})
         self.adapters = AdapterCache(self)
         self.input_prefix, self.task_generation = (
             _summarization_task(model.config) if self.encoder_decoder else ("", {})

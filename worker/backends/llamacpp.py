@@ -22,14 +22,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +44,7 @@ from models import defaults
 from models.errors import ConfigError
 from models.model_names import ModelSource
 from models.settings import Settings
-from worker.backends.base import Generated, Row, Tokenizer, finish_reason
+from worker.backends.base import LORA, SOFT_PROMPT, AdapterSpec, Generated, Row, Tokenizer, finish_reason
 from worker.backends.cache import content_digest, default_cache_dir
 from worker.batching import batch_cost
 from worker.hardware import cpu_flags, cpu_model
@@ -63,6 +66,7 @@ UBATCH_TOKENS = {True: 512, False: 256}
 # a call's rows share the prompt tokens they all start with when there are at least this many: below
 # that, copying whole KV streams (about 18 MB each for 768 cells of SmolLM2-135M) costs about what it saves
 MIN_SHARED_PREFIX = 8
+SOFT_PROMPT_CAPACITY = 8  # soft prompts kept loaded (a few KB to a few hundred KB each)
 # GGUF file types (llama.cpp's LLAMA_FTYPE_*) by the names SUMFLEET_LLAMACPP_WEIGHTS takes
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}
 # f16 and bf16 files keep the token embedding table in q8_0 (GGML_TYPE_Q8_0): it is read a row per
@@ -154,7 +158,10 @@ class LlamaCppBackend:
         self.encoder_decoder = False
         self.input_prefix = ""
         self.packs_itself = False
-        self.supports_adapters = False
+        # soft prompts (prompt tuning) go in as input embeddings before a row's prompt; LoRAs are not run here
+        self.adapter_methods = frozenset({SOFT_PROMPT})
+        self.width = int(llama_cpp.llama_model_n_embd(model))  # a soft prompt's vectors are this long
+        self.soft_prompts: OrderedDict[str, np.ndarray] = OrderedDict()  # by adapter ref, the last few used
         self.cell_alignment = STREAM_ALIGN  # the pipeline packs calls by what the streams really take
         self.max_batch_size = settings.max_batch_size or MAX_BATCH_SIZE
         self.token_budget = settings.token_budget or TOKEN_BUDGET
@@ -230,6 +237,7 @@ class LlamaCppBackend:
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
         """One call: every row in a stream of its own at once (KVCacheFull when they do not all fit)."""
+        self._refuse_lora(rows)
         self._leave_amx_beside_torch()
         self._context_for(rows)
         done: dict[int, Generated] = {}
@@ -246,8 +254,15 @@ class LlamaCppBackend:
         that fits it, so a decode step keeps as many rows as there are streams while rows wait, instead
         of running down to the longest row of a call. Rows too long for the streams wait until the
         running ones are done; the context is then remade with longer streams."""
+        self._refuse_lora(rows)
         self._leave_amx_beside_torch()
         return self._run(rows, refill=True)
+
+    @staticmethod
+    def _refuse_lora(rows: Sequence[Row]) -> None:
+        lora = next((row.adapter for row in rows if row.adapter is not None and row.adapter.method == LORA), None)
+        if lora is not None:
+            raise ValueError(f"adapter {lora.ref} is a LoRA; the llama.cpp backend runs soft prompts only")
 
     def _leave_amx_beside_torch(self) -> None:
         """Load the weights again off the AMX kernels if torch has come into this process since.
@@ -297,6 +312,8 @@ class LlamaCppBackend:
                     new = [_Running(number, time.perf_counter()) for number in admitted]
                     entries = [(len(running) + slot, rows[number]) for slot, number in enumerate(admitted)]
                     shared = self._share_prefix(batch, [row for _, row in entries]) if not running else 0
+                    if not shared:  # each row's soft prompt (if any) into its stream; shared, it is in them
+                        self._read_soft_prompts(entries)
                     sampled = self._prefill(batch, entries, shared)
                     for slot, state in enumerate(new):
                         state.outputs.append(sampled[len(running) + slot])
@@ -305,9 +322,7 @@ class LlamaCppBackend:
                 if running:
                     batch.n_tokens = 0
                     indexes = [
-                        self._add(
-                            batch, state.outputs[-1], len(rows[state.number].ids) + len(state.outputs) - 1, stream, True
-                        )
+                        self._add(batch, state.outputs[-1], self._position(rows, state), stream, True)
                         for stream, state in enumerate(running)
                     ]
                     self._decode(batch)
@@ -319,13 +334,18 @@ class LlamaCppBackend:
         finally:
             llama_cpp.llama_batch_free(batch)
 
+    @staticmethod
+    def _position(rows: Sequence[Row], state: _Running) -> int:
+        """Where a running row's last sampled token goes: after its soft prompt, prompt and earlier tokens."""
+        return rows[state.number].positions + len(state.outputs) - 1
+
     def _phase(self, rows: Sequence[Row], waiting: list[int]) -> None:
         """A context whose streams fit the next rows: as many of them, in order, as the budget holds."""
         pack: list[Row] = []
         longest = 0
         for number in waiting:
             row = rows[number]
-            longest = max(longest, len(row.ids) + row.max_new_tokens)
+            longest = max(longest, row.positions + row.max_new_tokens)
             if pack and (
                 len(pack) == self.max_batch_size
                 or batch_cost(longest, 0, len(pack) + 1, STREAM_ALIGN) > self.token_budget
@@ -338,7 +358,7 @@ class LlamaCppBackend:
     def _admit(self, rows: Sequence[Row], waiting: list[int], busy: int) -> list[int]:
         """Waiting rows that fit a free stream, in order, taken off `waiting`."""
         sequences, cells = self.shape
-        admitted = [n for n in waiting if len(rows[n].ids) + rows[n].max_new_tokens <= cells][: sequences - busy]
+        admitted = [n for n in waiting if rows[n].positions + rows[n].max_new_tokens <= cells][: sequences - busy]
         for number in admitted:
             waiting.remove(number)
         return admitted
@@ -384,7 +404,7 @@ class LlamaCppBackend:
         call needs more streams or longer ones than the one it has; it holds the pipeline's token
         budget, so calls of many short rows and calls of few long ones both fit without a new one."""
         llama_cpp = self.llama_cpp
-        longest = max(len(row.ids) + row.max_new_tokens for row in rows)
+        longest = max(row.positions + row.max_new_tokens for row in rows)
         stream = batch_cost(longest, 0, 1, STREAM_ALIGN)
         need = stream * len(rows)  # the pipeline's cost of the call, as it packs them: one row may pass the budget
         if len(rows) > 1 and (need > self.token_budget or len(rows) > self.max_batch_size):
@@ -447,8 +467,10 @@ class LlamaCppBackend:
         stream; llama.cpp copies that stream into each other row's (a buffer copy, done at the next
         decode, about 23 KB per cell for SmolLM2-135M) instead of computing the same keys and values
         again. Each row keeps at least its last prompt token to read itself, where its first token's
-        logits come from. Returns the number of tokens shared (0: none, each row reads its whole prompt)."""
-        if len(rows) < 2 or not self.share_prefix:
+        logits come from. Rows with a soft prompt share only where all have the same one (read first,
+        into the same streams). Returns the number of prompt tokens shared (0: none, each row reads its
+        soft prompt and its whole prompt)."""
+        if len(rows) < 2 or not self.share_prefix or len({_soft_ref(row) for row in rows}) > 1:
             return 0
         first = rows[0].ids
         shared = min(len(row.ids) for row in rows) - 1
@@ -459,10 +481,12 @@ class LlamaCppBackend:
             shared = same
         if shared < MIN_SHARED_PREFIX:
             return 0
+        self._read_soft_prompts([(0, rows[0])])
+        offset = rows[0].soft_tokens
         for start in range(0, shared, PREFILL_TOKENS):
             batch.n_tokens = 0
             for position in range(start, min(shared, start + PREFILL_TOKENS)):
-                self._add(batch, first[position], position, 0, False)
+                self._add(batch, first[position], offset + position, 0, False)
             self._decode(batch)
         for number in range(1, len(rows)):  # whole streams: llama.cpp copies across streams only so
             self.llama_cpp.llama_memory_seq_cp(self.memory, 0, number, -1, -1)
@@ -470,8 +494,8 @@ class LlamaCppBackend:
         return shared
 
     def _prefill(self, batch: Any, entries: Sequence[tuple[int, Row]], start: int = 0) -> dict[int, int]:
-        """Read each (stream, row)'s prompt from position `start` on (the tokens before are in its stream
-        already), in decode calls of at most PREFILL_TOKENS, and sample each row's first token right after
+        """Read each (stream, row)'s prompt from token `start` on (its soft prompt and the tokens before are in
+        its stream already), in decode calls of at most PREFILL_TOKENS, and sample each row's first token right after
         the call that read its prompt's end (later calls overwrite logits). Returns the tokens by stream."""
         sampled: dict[int, int] = {}
         ends: dict[int, tuple[int, float]] = {}  # streams whose prompt ends in the batch being filled
@@ -489,12 +513,59 @@ class LlamaCppBackend:
                 if batch.n_tokens == PREFILL_TOKENS:
                     flush()
                 final = position == len(row.ids) - 1
-                index = self._add(batch, row.ids[position], position, stream, final)
+                index = self._add(batch, row.ids[position], row.soft_tokens + position, stream, final)
                 if final:
                     ends[stream] = (index, row.temperature)
         if batch.n_tokens:
             flush()
         return sampled
+
+    def _read_soft_prompts(self, entries: Sequence[tuple[int, Row]]) -> None:
+        """Read each (stream, row)'s soft prompt, if it has one, into its stream at positions 0.. (its prompt
+        follows them): llama.cpp takes the vectors as input embeddings, in decode calls of their own (a
+        call holds either tokens or embeddings)."""
+        vectors = [(stream, self.soft_prompt(row.adapter)) for stream, row in entries if row.soft_tokens]
+        if not vectors:
+            return
+        llama_cpp = self.llama_cpp
+        size = min(PREFILL_TOKENS, sum(len(v) for _, v in vectors))
+        batch = llama_cpp.llama_batch_init(size, self.width, 1)
+        try:
+            inputs = np.ctypeslib.as_array(batch.embd, shape=(size, self.width))
+            batch.n_tokens = 0
+            for stream, soft in vectors:
+                for position, vector in enumerate(soft):
+                    if batch.n_tokens == size:
+                        self._decode(batch)
+                        batch.n_tokens = 0
+                    index = batch.n_tokens
+                    inputs[index] = vector
+                    batch.pos[index] = position
+                    batch.n_seq_id[index] = 1
+                    batch.seq_id[index][0] = stream
+                    batch.logits[index] = False
+                    batch.n_tokens = index + 1
+            if batch.n_tokens:
+                self._decode(batch)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def soft_prompt(self, spec: AdapterSpec | None) -> np.ndarray:
+        """An adapter's soft prompt as float32 vectors [its virtual tokens, the model's width], read from its
+        folder once (the last SOFT_PROMPT_CAPACITY used are kept)."""
+        assert spec is not None
+        if spec.ref not in self.soft_prompts:
+            vectors = read_soft_prompt(Path(spec.path), spec.ref)
+            if vectors.shape[1] != self.width or len(vectors) != spec.virtual_tokens:
+                raise ValueError(
+                    f"adapter {spec.ref}: its soft prompt is {len(vectors)} x {vectors.shape[1]}; this model takes "
+                    f"{spec.virtual_tokens} x {self.width} (tuned for another model?)"
+                )
+            self.soft_prompts[spec.ref] = vectors
+            while len(self.soft_prompts) > SOFT_PROMPT_CAPACITY:
+                self.soft_prompts.popitem(last=False)
+        self.soft_prompts.move_to_end(spec.ref)
+        return self.soft_prompts[spec.ref]
 
     @staticmethod
     def _add(batch: Any, token: int, position: int, sequence: int, logits: bool) -> int:
@@ -522,6 +593,39 @@ class LlamaCppBackend:
         scaled = logits.astype(np.float64) / temperature
         weights = np.exp(scaled - scaled.max())
         return int(self.rng.choice(self.n_vocab, p=weights / weights.sum()))
+
+
+def _soft_ref(row: Row) -> str:
+    return row.adapter.ref if row.soft_tokens and row.adapter is not None else ""
+
+
+# a safetensors dtype -> how its little-endian bytes become float32 (bf16: the top half of a float32)
+_SAFETENSORS_FLOATS = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def read_soft_prompt(folder: Path, ref: str) -> np.ndarray:
+    """The `prompt_embeddings` tensor of a PEFT prompt-tuning adapter (adapter_model.safetensors) as
+    float32 [virtual tokens, width], read without torch (a llama.cpp worker does not load it)."""
+    path = folder / "adapter_model.safetensors"
+    try:
+        with path.open("rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+            entry = header.get("prompt_embeddings")
+            if entry is None:
+                names = sorted(name for name in header if name != "__metadata__")[:4]
+                raise ValueError(f"adapter {ref} holds no soft prompt ({path} has {names})")
+            kind, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if kind not in _SAFETENSORS_FLOATS or len(shape) != 2:
+                raise ValueError(f"adapter {ref}: its soft prompt in {path} is {kind} {shape}, not a float matrix")
+            handle.seek(8 + size + begin)
+            raw = np.frombuffer(handle.read(end - begin), dtype=_SAFETENSORS_FLOATS[kind])
+    except (OSError, struct.error, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"adapter {ref}: cannot read its soft prompt from {path}: {error}") from None
+    if raw.size != shape[0] * shape[1]:
+        raise ValueError(f"adapter {ref}: {path} is cut short ({raw.size} values for a {shape} soft prompt)")
+    values = (raw.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else raw.astype(np.float32)
+    return np.ascontiguousarray(values.reshape(shape))
 
 
 def open_gguf(path: Path, threads: int, amx: bool = False) -> Any:

@@ -64,7 +64,7 @@ class VllmBackend:
         self.max_batch_size = int(config.scheduler_config.max_num_seqs)  # rows vLLM runs at once
         self.token_budget = defaults.TOKEN_BUDGET_GPU if on_gpu else defaults.TOKEN_BUDGET_CPU
         self.packs_itself = True
-        self.supports_adapters = False
+        self.adapter_methods: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, name: str, source: ModelSource, settings: Settings) -> VllmBackend:

@@ -1,0 +1,160 @@
+"""Soft prompts (prompt tuning) in the llama.cpp backend: read from a PEFT adapter without torch, fed to
+llama.cpp as input embeddings before a row's prompt, and equal in effect to the tokens they embed; a
+LoRA or a soft prompt of another model gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.claims import ClaimedJob
+from models.model_names import resolve_model
+from models.prompts import TEMPLATES, PromptPlan
+from models.settings import Settings
+from tests.conftest import SAMPLE
+from worker.backends.base import AdapterSpec, Row
+from worker.engine import GenerationParams
+
+INSTRUCTION = "You write very short summaries of news articles."
+
+
+def _write(folder: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> Path:
+    """A safetensors file written by hand (name -> dtype, shape, little-endian bytes)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (kind, shape, raw) in tensors.items():
+        header[name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    encoded = json.dumps(header).encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", len(encoded)) + encoded + b"".join(raw for _, _, raw in tensors.values())
+    )
+    return folder
+
+
+def test_a_soft_prompt_is_read_in_each_float_type_without_torch(tmp_path: Path) -> None:
+    from worker.backends.llamacpp import read_soft_prompt
+
+    values = np.array([[1.5, -2.25, 0.0], [3.0, 0.125, -7.5]], dtype=np.float32)  # exact in f16 and bf16
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    for kind, raw in (("F32", values.astype("<f4").tobytes()), ("F16", values.astype("<f2").tobytes()), ("BF16", bf16)):
+        folder = _write(tmp_path / kind, {"prompt_embeddings": (kind, [2, 3], raw)})
+        got = read_soft_prompt(folder, "a@1")
+        assert got.dtype == np.float32 and got.shape == (2, 3) and np.array_equal(got, values), kind
+    before = (values * 3).astype("<f4").tobytes()  # another tensor first: the soft prompt is read at its offset
+    beside = {"other": ("F32", [2, 3], before), "prompt_embeddings": ("F32", [2, 3], values.astype("<f4").tobytes())}
+    assert np.array_equal(read_soft_prompt(_write(tmp_path / "two", beside), "a@1"), values)
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"base_model.lora_A.weight": ("F32", [2, 3], bytes(24))}, "adapter a@1 holds no soft prompt"),
+        ({"prompt_embeddings": ("I64", [2, 3], bytes(48))}, "is I64 [2, 3], not a float matrix"),
+        ({"prompt_embeddings": ("F32", [6], bytes(24))}, "is F32 [6], not a float matrix"),
+        ({"prompt_embeddings": ("F32", [4, 3], bytes(24))}, "is cut short (6 values for a [4, 3] soft prompt)"),
+    ],
+)
+def test_a_file_that_is_no_soft_prompt_gets_a_clear_error(tmp_path: Path, tensors: Any, message: str) -> None:
+    from worker.backends.llamacpp import read_soft_prompt
+
+    folder = _write(tmp_path / "adapter", tensors)
+    with pytest.raises(ValueError, match="adapter a@1") as raised:
+        read_soft_prompt(folder, "a@1")
+    assert message in str(raised.value)
+    with pytest.raises(ValueError, match=r"cannot read its soft prompt from .*nowhere"):
+        read_soft_prompt(tmp_path / "nowhere", "a@1")
+
+
+def _token_embeddings(path: Path) -> np.ndarray:
+    """The token embedding table llama.cpp runs (from the GGUF file it loaded), as float32 rows."""
+    gguf = pytest.importorskip("gguf")
+    table = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    return np.asarray(gguf.quants.dequantize(table.data, table.tensor_type), dtype=np.float32)
+
+
+def _soft_prompt(folder: Path, vectors: np.ndarray, ref: str) -> AdapterSpec:
+    _write(folder, {"prompt_embeddings": ("F32", list(vectors.shape), vectors.astype("<f4").tobytes())})
+    return AdapterSpec(ref, "prompt-tuning", str(folder), len(vectors))
+
+
+@pytest.mark.model
+def test_a_soft_prompt_runs_as_the_tokens_it_embeds(tmp_path: Path) -> None:
+    """A soft prompt made of the embeddings of some tokens must generate what those tokens generate put
+    before the prompt (float32 weights: other types round differently between calls of other shapes).
+    Rows with different soft prompts and rows without one share calls, in one call and streamed, with
+    the shared prompt prefix read once or not."""
+    pytest.importorskip("llama_cpp")
+    from worker.backends.llamacpp import LlamaCppBackend
+
+    settings = Settings(cache_dir=str(tmp_path / "cache"), llamacpp_weights="f32", threads=2)
+    backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
+    assert backend.path is not None
+    table = _token_embeddings(backend.path)
+    tokenizer = backend.tokenizer
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()[:3]]
+    prompts = [
+        tokenizer.encode(str(tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + t}])))[:200]
+        for t in texts
+    ]
+    first, second = tokenizer.encode(INSTRUCTION), tokenizer.encode("Be brief.")
+    specs = [_soft_prompt(tmp_path / "a", table[first], "a@1"), _soft_prompt(tmp_path / "b", table[second], "b@1")]
+    soft = [Row(prompts[0], 10, adapter=specs[0]), Row(prompts[1], 10, adapter=specs[1]), Row(prompts[2], 10)]
+    spelled = [Row(first + prompts[0], 10), Row(second + prompts[1], 10), Row(prompts[2], 10)]
+    expected = [g.tokens for g in backend.generate(spelled)]
+    assert [g.tokens for g in backend.generate(soft)] == expected
+    streamed: dict[int, Any] = {}
+    for finished in backend.generate_stream(soft):
+        streamed.update(finished)
+    assert [streamed[n].tokens for n in range(3)] == expected
+    # one soft prompt for all rows: it is read once with the prefix they share and copied to every stream
+    same = [Row(ids, 10, adapter=specs[0]) for ids in prompts]
+    shared_before = backend.prompt_tokens_shared
+    together = [g.tokens for g in backend.generate(same)]
+    assert backend.prompt_tokens_shared > shared_before
+    assert together == [g.tokens for g in backend.generate([Row(first + ids, 10) for ids in prompts])]
+    backend.share_prefix = False
+    assert [g.tokens for g in backend.generate(same)] == together
+    plain = [g.tokens for g in backend.generate([Row(ids, 10) for ids in prompts])]
+    assert plain != together  # the soft prompt steers what is generated
+
+
+@pytest.mark.model
+def test_a_llamacpp_engine_runs_soft_prompt_jobs_and_refuses_what_it_cannot(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from worker.loading import load_engine
+
+    engine: Any = load_engine("smollm2", Settings(cache_dir=str(tmp_path / "cache"), engine="llama.cpp", threads=2))
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()[:3]]
+    jobs = [ClaimedJob(n, f"d{n}", text, 1) for n, text in enumerate(texts)]
+    plan = PromptPlan(TEMPLATES["one-sentence"])
+
+    def run(adapter: AdapterSpec | None) -> list[Any]:
+        done = {o.job_id: o for batch in engine.run(jobs, plan, GenerationParams(24, adapter=adapter)) for o in batch}
+        return [done[n] for n in range(len(jobs))]
+
+    backend = engine.backend
+    assert backend.path is not None
+    table = _token_embeddings(backend.path)
+    tuned = _soft_prompt(tmp_path / "tuned", table[backend.tokenizer.encode(INSTRUCTION)], "tuned@1")
+    steered, plain = run(tuned), run(None)
+    assert all(o.error is None and o.summary for o in steered + plain)
+    assert [o.summary for o in steered] != [o.summary for o in plain]
+    (wrong,) = [t for t in [table[:5, :100]]]
+    other = _soft_prompt(tmp_path / "other", wrong, "other@1")
+    assert all(
+        "adapter other@1: its soft prompt is 5 x 100; this model takes 5 x 576" in str(o.error) for o in run(other)
+    )
+    lora = AdapterSpec("lora@1", "lora", str(tmp_path / "lora"))
+    refused = run(lora)
+    assert all(
+        "adapter lora@1 (lora) needs a backend that runs lora adapters (SUMFLEET_ENGINE=transformers); "
+        "this one runs prompt-tuning" in str(o.error)
+        for o in refused
+    )
