@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from models.claims import ClaimedJob
 from models.model_names import resolve_model
 from models.prompts import TEMPLATES, PromptPlan
 from models.settings import Settings
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, wait_for
 from worker.backends.base import AdapterSpec, Row
 from worker.engine import GenerationParams
 
@@ -158,3 +159,53 @@ def test_a_llamacpp_engine_runs_soft_prompt_jobs_and_refuses_what_it_cannot(tmp_
         "this one runs prompt-tuning" in str(o.error)
         for o in refused
     )
+
+
+@pytest.mark.model
+def test_a_llamacpp_worker_runs_a_batch_with_a_soft_prompt(
+    fleet_settings: Settings, start_worker: Any, tmp_path: Path
+) -> None:
+    """A recorded prompt-tuning adapter, submitted with a batch, through a real llama.cpp worker on Redis and
+    PostgreSQL: every row succeeds, says which adapter made it, and the soft prompt changed the summaries."""
+    pytest.importorskip("llama_cpp")
+    from models.adapters import add_adapter
+    from producer.client import Client
+
+    settings = fleet_settings.model_copy(
+        update={"engine": "llama.cpp", "max_new_tokens": 24, "adapter_dir": str(tmp_path / "adapters")}
+    )
+    source = resolve_model("smollm2", settings)
+    table = _token_embeddings(Path(source.location) / str(source.gguf_file))  # the bundled Q4_1, de-quantized
+    _soft_prompt(tmp_path / "adapters" / "steer" / "1", table[[504, 3210, 2115, 28, 30]], "steer@1")
+    client = Client(settings)
+    client.ensure_schema()
+    with client.sessions.begin() as session:
+        add_adapter(
+            session,
+            name="steer",
+            version=1,
+            base_model="smollm2",
+            method="prompt-tuning",
+            params={"virtual_tokens": 5},
+            data_fingerprint="0" * 64,
+            train_examples=0,
+            scores=None,
+            path="steer/1",
+        )
+    worker = start_worker(settings, "smollm2")
+    worker.wait_ready(300)
+    summaries: dict[str | None, list[str]] = {}
+    for adapter in ("steer", None):
+        batch = client.submit_file(str(SAMPLE), model="smollm2", adapter=adapter).batch_id
+        status = wait_for(partial(_done, client, batch), 300, "the batch", poll=0.5)
+        assert status.counts == {"succeeded": 8}, worker.text()[-3000:]
+        rows = list(client.results(batch))
+        assert all(r["adapter"] == (adapter and "steer@1") and r["summary"] for r in rows), rows
+        summaries[adapter] = [r["summary"] for r in sorted(rows, key=lambda r: r["id"])]
+    assert summaries["steer"] != summaries[None]
+    assert "llama.cpp" in worker.text()
+
+
+def _done(client: Any, batch: str) -> Any:
+    status = client.status(batch)
+    return status if status.done else None

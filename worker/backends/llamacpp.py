@@ -14,7 +14,8 @@ Each row stops at its own limit or an end-of-generation token. With continuous b
 (`generate_stream`, what SUMFLEET_BATCHING=auto picks here) a row that finishes gives its stream to
 the next waiting one, so steps stay full while rows wait. The chat template comes from the
 GGUF's metadata, rendered like transformers renders it (a sandboxed Jinja environment), so prompts
-match token for token.
+match token for token. A row with a soft prompt (prompt tuning) has it read into its stream first, as
+input embeddings at the positions before its prompt; LoRAs are not run here.
 """
 
 from __future__ import annotations
