@@ -124,6 +124,10 @@ def test_a_soft_prompt_runs_as_the_tokens_it_embeds(tmp_path: Path) -> None:
     assert [g.tokens for g in backend.generate(same)] == together
     plain = [g.tokens for g in backend.generate([Row(ids, 10) for ids in prompts])]
     assert plain != together  # the soft prompt steers what is generated
+    lora = Row(prompts[0], 4, adapter=AdapterSpec("l@1", "lora", str(tmp_path / "l")))
+    for call in (backend.generate, lambda rows: list(backend.generate_stream(rows))):
+        with pytest.raises(ValueError, match=r"adapter l@1 is a LoRA; the llama\.cpp backend runs soft prompts only"):
+            call([soft[0], lora])
 
 
 @pytest.mark.model
