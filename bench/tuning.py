@@ -5,13 +5,16 @@
 Training: optimizer steps/s, examples/s and tokens/s of `worker.tuning.tune` on BBC articles
 (batch 4, prompts cut to 256 tokens), for a soft prompt and for a LoRA. Generation: docs/s of
 the engine on the first 24 articles without an adapter, with a soft prompt (its virtual tokens
-add to every row), and with a LoRA, side by side in one process (interleaved twice). Prints the
-CPU flags and load average; writes bench/results/tuning.json.
+add to every row), and with a LoRA, side by side in one process (interleaved twice); then, where
+llama-cpp-python is installed, the llama.cpp backend on the same documents without an adapter and
+with the same soft prompt (interleaved twice; it runs no LoRAs). Prints the CPU flags and load
+average; writes bench/results/tuning.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -40,6 +43,26 @@ def rows(start: int, count: int) -> list[dict[str, str]]:
             if len(found) == count:
                 break
     return found
+
+
+def llamacpp_generation(documents: list[str], plan: PromptPlan, soft: AdapterSpec) -> dict[str, Any]:
+    """docs/s of the llama.cpp backend's pipeline on `documents` without an adapter and with `soft`."""
+    from models.claims import ClaimedJob
+    from worker.engine import GenerationParams
+    from worker.loading import load_engine
+
+    engine = load_engine("smollm2", Settings(database_url="sqlite://", engine="llama.cpp"))
+    jobs = [ClaimedJob(number, str(number), text, 1) for number, text in enumerate(documents)]
+    runs: dict[str, list[float]] = {"none": [], "prompt-tuning": []}
+    for _ in range(2):
+        for name, spec in (("none", None), ("prompt-tuning", soft)):
+            started = time.perf_counter()
+            outcomes = [o for batch in engine.run(jobs, plan, GenerationParams(48, adapter=spec)) for o in batch]
+            if any(o.error for o in outcomes):
+                raise RuntimeError(f"llama.cpp with adapter {name}: {next(o.error for o in outcomes if o.error)}")
+            runs[name].append(round(len(documents) / (time.perf_counter() - started), 3))
+            print("llama.cpp", name, runs[name][-1], "docs/s", file=sys.stderr)
+    return {name: {"docs_per_s": found} for name, found in runs.items()}
 
 
 def main() -> int:
@@ -80,6 +103,9 @@ def main() -> int:
             runs[name].append(round(len(documents) / (time.perf_counter() - started), 3))
             print(name, runs[name][-1], "docs/s", file=sys.stderr)
     record["generation"] = {name: {"docs_per_s": found} for name, found in runs.items()}
+    soft = specs["prompt-tuning"]
+    if soft is not None and importlib.util.find_spec("llama_cpp") is not None:
+        record["generation_llamacpp"] = llamacpp_generation(documents, plan, soft)
     record["load_average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
