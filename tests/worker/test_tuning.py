@@ -95,6 +95,10 @@ def test_rows_with_different_soft_prompts_share_a_call(tmp_path: Path, tiny: Pat
     together = [g.tokens for g in backend.generate(rows)]
     alone = [backend.generate([row])[0].tokens for row in rows]
     assert together == alone
+    # on a CPU, soft prompts are read with the prompts into the static cache in sub-batches of rows; they give
+    # what generate() from the whole call's input embeddings gives
+    assert backend.prefill_tokens and backend.static_cache
+    assert [g.tokens for g in backend._generate_embedded(rows)] == together
     plain = [backend.generate([Row(row.ids, row.max_new_tokens)])[0].tokens for row in rows]
     assert together[0] != plain[0] or together[1] != plain[1]  # the soft prompts change what is generated
     assert len(together[3] or []) <= 5  # each row stops at its own limit
