@@ -216,7 +216,7 @@ class TransformersBackend:
             raise ValueError("the rows of one call must share their LoRA adapter")
         with self.adapters.active(lora):
             # soft prompts: read with the prompts into the static cache where prompts are read in sub-batches
-            # (generate() from embeddings ran a batch of soft-prompt rows at 0.62x the speed of plain rows)
+            # (generate() from embeddings ran soft-prompt rows at 0.63-0.71x the speed of plain ones: bench/tuning.py)
             if any(row.soft_tokens for row in rows):
                 return self._generate(rows) if self.prefill_tokens else self._generate_embedded(rows)
             if self.packs_itself:
