@@ -7,7 +7,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def kept(store: OrderedDict[str, T], key: str, load: Callable[[], T], capacity: int) -> T:
+    """`store[key]`, made by `load()` the first time it is asked for; only the `capacity` most recently
+    used stay (the loaded adapters of a backend)."""
+    if key not in store:
+        store[key] = load()
+        while len(store) > capacity:
+            store.popitem(last=False)
+    store.move_to_end(key)
+    return store[key]
 
 
 def default_cache_dir() -> Path:

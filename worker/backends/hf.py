@@ -37,7 +37,7 @@ from models import defaults
 from models.model_names import ModelSource
 from models.settings import Settings
 from worker.backends.base import LORA, SOFT_PROMPT, AdapterSpec, Generated, Row, Tokenizer, finish_reason
-from worker.backends.cache import default_cache_dir
+from worker.backends.cache import default_cache_dir, kept
 from worker.backends.checkpoints import cached_checkpoint, write_checkpoint
 from worker.hardware import cpu_has_fast_bf16
 
@@ -228,7 +228,7 @@ class TransformersBackend:
         prompt's token embeddings, left-padded, so rows with different soft prompts share a call."""
         embed = self.model.get_input_embeddings()
         prefixes = [
-            self.adapters.soft_prompt(row.adapter) if row.adapter is not None and not row.adapter.lora else None
+            self.adapters.soft_prompt(row.adapter) if row.soft_tokens and row.adapter is not None else None
             for row in rows
         ]
         lengths = [
@@ -306,10 +306,11 @@ class TransformersBackend:
             ids = torch.full((len(group), span), self.pad_id, dtype=torch.long)
             for number, (i, size) in enumerate(zip(group, lengths, strict=True)):
                 ids[number, size - len(rows[i].ids) + 1 : size] = torch.tensor(rows[i].ids[:-1])
+            ids = ids.to(self.device)
             read = DynamicCache(config=self.model.config)
-            inputs: dict[str, Any] = {"input_ids": ids.to(self.device)}
+            inputs: dict[str, Any] = {"input_ids": ids}
             if any(rows[i].soft_tokens for i in group):
-                inputs = {"inputs_embeds": self._soft_embeddings([rows[i] for i in group], ids.to(self.device))}
+                inputs = {"inputs_embeds": self._soft_embeddings([rows[i] for i in group], ids)}
             base(**inputs, use_cache=True, **{self.cache_keyword: read})
             sources: list[Any] = list(read.layers)  # full-attention layers: keys and values tensors
             if not initialized:
@@ -506,17 +507,16 @@ class AdapterCache:
 
     def soft_prompt(self, spec: AdapterSpec) -> torch.Tensor:
         """The soft prompt's embeddings ([virtual tokens, hidden]) in the model's dtype and device."""
-        if spec.ref not in self.prompts:
+
+        def load() -> torch.Tensor:
             from safetensors.torch import load_file
 
             weights = load_file(str(Path(spec.path) / "adapter_model.safetensors"))
             if "prompt_embeddings" not in weights:
                 raise ValueError(f"adapter {spec.ref} holds no soft prompt (keys: {sorted(weights)[:4]})")
-            self.prompts[spec.ref] = weights["prompt_embeddings"].to(self.backend.device, self.backend.model.dtype)
-            while len(self.prompts) > self.CAPACITY:
-                self.prompts.popitem(last=False)
-        self.prompts.move_to_end(spec.ref)
-        return self.prompts[spec.ref]
+            return weights["prompt_embeddings"].to(self.backend.device, self.backend.model.dtype)
+
+        return kept(self.prompts, spec.ref, load, self.CAPACITY)
 
     @contextmanager
     def active(self, spec: AdapterSpec | None) -> Iterator[None]:

@@ -46,7 +46,7 @@ from models.errors import ConfigError
 from models.model_names import ModelSource
 from models.settings import Settings
 from worker.backends.base import LORA, SOFT_PROMPT, AdapterSpec, Generated, Row, Tokenizer, finish_reason
-from worker.backends.cache import content_digest, default_cache_dir
+from worker.backends.cache import content_digest, default_cache_dir, kept
 from worker.batching import batch_cost
 from worker.hardware import cpu_flags, cpu_model
 
@@ -555,18 +555,17 @@ class LlamaCppBackend:
         """An adapter's soft prompt as float32 vectors [its virtual tokens, the model's width], read from its
         folder once (the last SOFT_PROMPT_CAPACITY used are kept)."""
         assert spec is not None
-        if spec.ref not in self.soft_prompts:
+
+        def load() -> np.ndarray:
             vectors = read_soft_prompt(Path(spec.path), spec.ref)
             if vectors.shape[1] != self.width or len(vectors) != spec.virtual_tokens:
                 raise ValueError(
                     f"adapter {spec.ref}: its soft prompt is {len(vectors)} x {vectors.shape[1]}; this model takes "
                     f"{spec.virtual_tokens} x {self.width} (tuned for another model?)"
                 )
-            self.soft_prompts[spec.ref] = vectors
-            while len(self.soft_prompts) > SOFT_PROMPT_CAPACITY:
-                self.soft_prompts.popitem(last=False)
-        self.soft_prompts.move_to_end(spec.ref)
-        return self.soft_prompts[spec.ref]
+            return vectors
+
+        return kept(self.soft_prompts, spec.ref, load, SOFT_PROMPT_CAPACITY)
 
     @staticmethod
     def _add(batch: Any, token: int, position: int, sequence: int, logits: bool) -> int:
