@@ -102,6 +102,10 @@ def test_rows_with_different_soft_prompts_share_a_call(tmp_path: Path, tiny: Pat
     plain = [backend.generate([Row(row.ids, row.max_new_tokens)])[0].tokens for row in rows]
     assert together[0] != plain[0] or together[1] != plain[1]  # the soft prompts change what is generated
     assert len(together[3] or []) <= 5  # each row stops at its own limit
+    # an adapter record whose length disagrees with its file is refused by name, not with a tensor shape error
+    wrong = AdapterSpec("a@9", "prompt-tuning", specs[0].path, 5)
+    with pytest.raises(ValueError, match=r"adapter a@9: its soft prompt is 3 x 32; this model takes 5 x 32"):
+        backend.generate([Row(rows[0].ids, 4, adapter=wrong)])
 
 
 def test_training_resumes_after_sigkill(tmp_path: Path, tiny: Path) -> None:
