@@ -15,13 +15,21 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def kept(store: OrderedDict[str, T], key: str, load: Callable[[], T], capacity: int) -> T:
+def kept(
+    store: OrderedDict[str, T],
+    key: str,
+    load: Callable[[], T],
+    capacity: int,
+    evicted: Callable[[T], None] | None = None,
+) -> T:
     """`store[key]`, made by `load()` the first time it is asked for; only the `capacity` most recently
-    used stay (the loaded adapters of a backend)."""
+    used stay (the loaded adapters of a backend), each one dropped handed to `evicted` (to free it)."""
     if key not in store:
         store[key] = load()
         while len(store) > capacity:
-            store.popitem(last=False)
+            _, dropped = store.popitem(last=False)
+            if evicted is not None:
+                evicted(dropped)
     store.move_to_end(key)
     return store[key]
 

@@ -15,7 +15,8 @@ Each row stops at its own limit or an end-of-generation token. With continuous b
 the next waiting one, so steps stay full while rows wait. The chat template comes from the
 GGUF's metadata, rendered like transformers renders it (a sandboxed Jinja environment), so prompts
 match token for token. A row with a soft prompt (prompt tuning) has it read into its stream first, as
-input embeddings at the positions before its prompt; LoRAs are not run here.
+input embeddings at the positions before its prompt. A LoRA (of a llama-architecture model) is converted
+to llama.cpp's LoRA format when first used and applied to the calls of its rows (`peft_files`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from models.model_names import ModelSource
 from models.settings import Settings
 from worker.backends.base import LORA, SOFT_PROMPT, AdapterSpec, Generated, Row, Tokenizer, finish_reason
 from worker.backends.cache import content_digest, default_cache_dir, kept
+from worker.backends.peft_files import lora_tensors, read_soft_prompt, write_lora_gguf
 from worker.batching import batch_cost
 from worker.hardware import cpu_flags, cpu_model
 
@@ -68,6 +68,7 @@ UBATCH_TOKENS = {True: 512, False: 256}
 # that, copying whole KV streams (about 18 MB each for 768 cells of SmolLM2-135M) costs about what it saves
 MIN_SHARED_PREFIX = 8
 SOFT_PROMPT_CAPACITY = 8  # soft prompts kept loaded (a few KB to a few hundred KB each)
+LORA_CAPACITY = 8  # LoRAs kept loaded (rank 8 on SmolLM2-135M's q/k/v/o: 3.7 MB each in float32)
 # GGUF file types (llama.cpp's LLAMA_FTYPE_*) by the names SUMFLEET_LLAMACPP_WEIGHTS takes
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}
 # f16 and bf16 files keep the token embedding table in q8_0 (GGML_TYPE_Q8_0): it is read a row per
@@ -159,8 +160,13 @@ class LlamaCppBackend:
         self.encoder_decoder = False
         self.input_prefix = ""
         self.packs_itself = False
-        # soft prompts (prompt tuning) go in as input embeddings before a row's prompt; LoRAs are not run here
-        self.adapter_methods = frozenset({SOFT_PROMPT})
+        # soft prompts (prompt tuning) go in as input embeddings before a row's prompt; LoRAs, converted to
+        # llama.cpp's LoRA format, apply to a whole call (the pipeline gives a call rows of one LoRA), on
+        # llama-architecture models (the base weights' rotary row order is known: peft_files)
+        self.architecture = str(llm.metadata.get("general.architecture", ""))
+        self.adapter_methods = frozenset({SOFT_PROMPT, LORA} if self.architecture == "llama" else {SOFT_PROMPT})
+        self.loras: OrderedDict[str, Any] = OrderedDict()  # by adapter ref: llama.cpp's loaded LoRAs, the last few
+        self.lora: Any = None  # the LoRA of the rows being run (None: none)
         self.width = int(llama_cpp.llama_model_n_embd(model))  # a soft prompt's vectors are this long
         self.soft_prompts: OrderedDict[str, np.ndarray] = OrderedDict()  # by adapter ref, the last few used
         self.cell_alignment = STREAM_ALIGN  # the pipeline packs calls by what the streams really take
@@ -238,8 +244,8 @@ class LlamaCppBackend:
 
     def generate(self, rows: Sequence[Row]) -> list[Generated]:
         """One call: every row in a stream of its own at once (KVCacheFull when they do not all fit)."""
-        self._refuse_lora(rows)
         self._leave_amx_beside_torch()
+        self.lora = self._lora_for(rows)
         self._context_for(rows)
         done: dict[int, Generated] = {}
         for finished in self._run(rows, refill=False):
@@ -255,15 +261,59 @@ class LlamaCppBackend:
         that fits it, so a decode step keeps as many rows as there are streams while rows wait, instead
         of running down to the longest row of a call. Rows too long for the streams wait until the
         running ones are done; the context is then remade with longer streams."""
-        self._refuse_lora(rows)
         self._leave_amx_beside_torch()
+        self.lora = self._lora_for(rows)
         return self._run(rows, refill=True)
 
-    @staticmethod
-    def _refuse_lora(rows: Sequence[Row]) -> None:
-        lora = next((row.adapter for row in rows if row.adapter is not None and row.adapter.method == LORA), None)
-        if lora is not None:
-            raise ValueError(f"adapter {lora.ref} is a LoRA; the llama.cpp backend runs soft prompts only")
+    def _lora_for(self, rows: Sequence[Row]) -> Any:
+        """The LoRA the rows run with, loaded (None: none). llama.cpp applies LoRAs to a whole context, so
+        a call's rows must share theirs (the pipeline groups them so)."""
+        specs = {row.adapter.ref: row.adapter for row in rows if row.adapter is not None and row.adapter.lora}
+        if not specs:
+            return None
+        if len(specs) > 1 or any(row.adapter is None or not row.adapter.lora for row in rows):
+            raise ValueError("the rows of one call must share their LoRA adapter")
+        (spec,) = specs.values()
+        if LORA not in self.adapter_methods:
+            raise ValueError(
+                f"adapter {spec.ref} is a LoRA; the llama.cpp backend runs LoRAs of llama-architecture models "
+                f"(this one is {self.architecture or 'of no stated architecture'})"
+            )
+        return kept(self.loras, spec.ref, lambda: self._load_lora(spec), LORA_CAPACITY, self._free_lora)
+
+    def _load_lora(self, spec: AdapterSpec) -> Any:
+        """A PEFT LoRA converted to llama.cpp's LoRA format (a temporary GGUF file) and loaded onto the model."""
+        metadata = self.llm.metadata
+        heads = int(metadata[f"{self.architecture}.attention.head_count"])
+        kv_heads = int(metadata.get(f"{self.architecture}.attention.head_count_kv", heads))
+        alpha, tensors = lora_tensors(Path(spec.path), spec.ref, heads, kv_heads)
+        with tempfile.TemporaryDirectory(prefix="sumfleet-lora-") as folder:
+            path = Path(folder) / "lora.gguf"
+            write_lora_gguf(path, self.architecture, alpha, tensors)
+            adapter = self.llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
+        if not adapter:  # llama.cpp logs why (a tensor whose shape does not fit the model's, say)
+            raise ValueError(f"adapter {spec.ref}: llama.cpp could not load its LoRA (tuned for another model?)")
+        log.info("adapter %s: LoRA of %d tensors loaded into llama.cpp", spec.ref, len(tensors) // 2)
+        return adapter
+
+    def _free_lora(self, adapter: Any) -> None:
+        if self.lora is adapter:
+            self.lora = None
+        if self.ctx is not None:
+            self.llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+        self.llama_cpp.llama_adapter_lora_free(adapter)
+
+    def _apply_lora(self) -> None:
+        """The context runs the current rows' LoRA, or none (llama.cpp changes it only if it differs)."""
+        if self.ctx is None:
+            return
+        if self.lora is None:
+            self.llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+            return
+        adapters = (self.llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.lora)
+        scales = (ctypes.c_float * 1)(1.0)
+        if self.llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, scales) != 0:
+            raise RuntimeError("llama.cpp could not set the LoRA on its context")
 
     def _leave_amx_beside_torch(self) -> None:
         """Load the weights again off the AMX kernels if torch has come into this process since.
@@ -282,6 +332,8 @@ class LlamaCppBackend:
             self.ctx = self.memory = None
             self.shape = (0, 0)
         old = self.llm
+        self.loras.clear()  # llama.cpp frees a model's LoRAs with it
+        self.lora = None
         self.llm = open_gguf(self.path, self.threads, amx=False)
         self.model = self.llm._model.model
         self.vocab = self.llama_cpp.llama_model_get_vocab(self.model)
@@ -305,6 +357,7 @@ class LlamaCppBackend:
         try:
             if not refill:  # the caller made the context for all of them
                 llama_cpp.llama_memory_clear(self.memory, True)
+            self._apply_lora()
             while waiting or running:
                 if not running and refill:
                     self._phase(rows, waiting)
@@ -437,6 +490,7 @@ class LlamaCppBackend:
             raise KVCacheFull(f"llama.cpp could not make a context of {sequences} x {stream} tokens")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.shape = (sequences, int(llama_cpp.llama_n_ctx(self.ctx)) // sequences)
+        self._apply_lora()
 
     def time_attention(self, on: bool, prompts: Sequence[Sequence[int]], new_tokens: int) -> float:
         """Seconds one call of `prompts` takes with flash attention `on` or off, each row decoding
@@ -597,35 +651,6 @@ class LlamaCppBackend:
 
 def _soft_ref(row: Row) -> str:
     return row.adapter.ref if row.soft_tokens and row.adapter is not None else ""
-
-
-# a safetensors dtype -> how its little-endian bytes become float32 (bf16: the top half of a float32)
-_SAFETENSORS_FLOATS = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-
-
-def read_soft_prompt(folder: Path, ref: str) -> np.ndarray:
-    """The `prompt_embeddings` tensor of a PEFT prompt-tuning adapter (adapter_model.safetensors) as
-    float32 [virtual tokens, width], read without torch (a llama.cpp worker does not load it)."""
-    path = folder / "adapter_model.safetensors"
-    try:
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-            entry = header.get("prompt_embeddings")
-            if entry is None:
-                names = sorted(name for name in header if name != "__metadata__")[:4]
-                raise ValueError(f"adapter {ref} holds no soft prompt ({path} has {names})")
-            kind, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if kind not in _SAFETENSORS_FLOATS or len(shape) != 2:
-                raise ValueError(f"adapter {ref}: its soft prompt in {path} is {kind} {shape}, not a float matrix")
-            handle.seek(8 + size + begin)
-            raw = np.frombuffer(handle.read(end - begin), dtype=_SAFETENSORS_FLOATS[kind])
-    except (OSError, struct.error, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"adapter {ref}: cannot read its soft prompt from {path}: {error}") from None
-    if raw.size != shape[0] * shape[1]:
-        raise ValueError(f"adapter {ref}: {path} is cut short ({raw.size} values for a {shape} soft prompt)")
-    values = (raw.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else raw.astype(np.float32)
-    return np.ascontiguousarray(values.reshape(shape))
 
 
 def open_gguf(path: Path, threads: int, amx: bool = False) -> Any:
