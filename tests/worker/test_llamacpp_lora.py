@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ import pytest
 
 from models.model_names import resolve_model
 from models.settings import Settings
-from tests.conftest import SAMPLE, wait_for
-from tests.worker.test_llamacpp_soft_prompts import _done, _write
+from tests.conftest import SAMPLE
+from tests.worker.test_llamacpp_soft_prompts import _write, adapter_batches
 from worker.backends.base import AdapterSpec, Row
 from worker.backends.peft_files import lora_tensors, rotary_order, write_lora_gguf
 
@@ -130,6 +129,13 @@ def _smollm2_lora(folder: Path, seed: int, scale: float = 0.03) -> AdapterSpec:
     return AdapterSpec(f"{folder.name}@1", "lora", str(folder))
 
 
+def _prompts(backend: Any, count: int, tokens: int) -> list[list[int]]:
+    """The first `count` sample articles as chat prompts of the one-sentence instruction, cut to `tokens`."""
+    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()[:count]]
+    chats = [backend.tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + t}]) for t in texts]
+    return [backend.tokenizer.encode(str(chat))[:tokens] for chat in chats]
+
+
 @pytest.mark.model
 def test_a_lora_in_llamacpp_computes_what_transformers_computes_with_peft(tmp_path: Path) -> None:
     """The same LoRA, run by transformers with PEFT and by llama.cpp from its converted file (float32
@@ -145,12 +151,7 @@ def test_a_lora_in_llamacpp_computes_what_transformers_computes_with_peft(tmp_pa
     spec = _smollm2_lora(tmp_path / "steer", seed=1)
     settings = Settings(cache_dir=str(tmp_path / "cache"), llamacpp_weights="f32", threads=2, dtype="float32")
     backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
-    tokenizer = backend.tokenizer
-    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()[:3]]
-    prompts = [
-        tokenizer.encode(str(tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + t}])))[:120]
-        for t in texts
-    ]
+    prompts = _prompts(backend, 3, 120)
     seen: list[np.ndarray] = []
     sample = backend._sample
 
@@ -191,12 +192,7 @@ def test_a_lora_applies_to_its_own_calls_only(tmp_path: Path) -> None:
 
     settings = Settings(cache_dir=str(tmp_path / "cache"), threads=2)
     backend = LlamaCppBackend.load("smollm2", resolve_model("smollm2", settings), settings)
-    tokenizer = backend.tokenizer
-    texts = [json.loads(line)["text"] for line in SAMPLE.read_text().splitlines()[:2]]
-    prompts = [
-        tokenizer.encode(str(tokenizer.chat([{"role": "user", "content": "Summarize in one sentence:\n\n" + t}])))[:150]
-        for t in texts
-    ]
+    prompts = _prompts(backend, 2, 150)
     a, b = _smollm2_lora(tmp_path / "a", seed=2, scale=0.05), _smollm2_lora(tmp_path / "b", seed=3, scale=0.1)
 
     def run(adapter: AdapterSpec | None, streamed: bool = False) -> list[Any]:
@@ -227,37 +223,10 @@ def test_a_llamacpp_worker_runs_a_batch_with_a_lora(
     """A recorded LoRA, submitted with a batch, through a real llama.cpp worker on Redis and PostgreSQL:
     every row succeeds, says which adapter made it, and the LoRA changed the summaries."""
     pytest.importorskip("llama_cpp")
-    from models.adapters import add_adapter
-    from producer.client import Client
-
     settings = fleet_settings.model_copy(
         update={"engine": "llama.cpp", "max_new_tokens": 24, "adapter_dir": str(tmp_path / "adapters")}
     )
     _smollm2_lora(tmp_path / "adapters" / "voice" / "1", seed=4, scale=0.05)
-    client = Client(settings)
-    client.ensure_schema()
-    with client.sessions.begin() as session:
-        add_adapter(
-            session,
-            name="voice",
-            version=1,
-            base_model="smollm2",
-            method="lora",
-            params={"rank": 4},
-            data_fingerprint="0" * 64,
-            train_examples=0,
-            scores=None,
-            path="voice/1",
-        )
-    worker = start_worker(settings, "smollm2")
-    worker.wait_ready(300)
-    summaries: dict[str | None, list[str]] = {}
-    for adapter in ("voice", None):
-        batch = client.submit_file(str(SAMPLE), model="smollm2", adapter=adapter).batch_id
-        status = wait_for(partial(_done, client, batch), 300, "the batch", poll=0.5)
-        assert status.counts == {"succeeded": 8}, worker.text()[-3000:]
-        rows = list(client.results(batch))
-        assert all(r["adapter"] == (adapter and "voice@1") and r["summary"] for r in rows), rows
-        summaries[adapter] = [r["summary"] for r in sorted(rows, key=lambda r: r["id"])]
+    worker, summaries = adapter_batches(settings, start_worker, "voice", "lora", {"rank": 4})
     assert summaries["voice"] != summaries[None]
     assert "LoRA of 210 tensors loaded into llama.cpp" in worker.text()

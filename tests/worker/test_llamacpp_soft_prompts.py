@@ -168,42 +168,52 @@ def test_a_llamacpp_worker_runs_a_batch_with_a_soft_prompt(
     """A recorded prompt-tuning adapter, submitted with a batch, through a real llama.cpp worker on Redis and
     PostgreSQL: every row succeeds, says which adapter made it, and the soft prompt changed the summaries."""
     pytest.importorskip("llama_cpp")
-    from models.adapters import add_adapter
-    from producer.client import Client
-
     settings = fleet_settings.model_copy(
         update={"engine": "llama.cpp", "max_new_tokens": 24, "adapter_dir": str(tmp_path / "adapters")}
     )
     source = resolve_model("smollm2", settings)
     table = _token_embeddings(Path(source.location) / str(source.gguf_file))  # the bundled Q4_1, de-quantized
     _soft_prompt(tmp_path / "adapters" / "steer" / "1", table[[504, 3210, 2115, 28, 30]], "steer@1")
+    worker, summaries = adapter_batches(settings, start_worker, "steer", "prompt-tuning", {"virtual_tokens": 5})
+    assert summaries["steer"] != summaries[None]
+    assert "llama.cpp" in worker.text()
+
+
+def adapter_batches(
+    settings: Settings, start_worker: Any, name: str, method: str, params: dict[str, Any]
+) -> tuple[Any, dict[str | None, list[str]]]:
+    """Record adapter `name` version 1 (its files already under the adapter dir, at name/1), start a worker,
+    and run the sample as a batch with the adapter and as one without: the worker and each batch's
+    summaries in id order, once every row has succeeded and says which adapter made it."""
+    from models.adapters import add_adapter
+    from producer.client import Client
+
     client = Client(settings)
     client.ensure_schema()
     with client.sessions.begin() as session:
         add_adapter(
             session,
-            name="steer",
+            name=name,
             version=1,
             base_model="smollm2",
-            method="prompt-tuning",
-            params={"virtual_tokens": 5},
+            method=method,
+            params=params,
             data_fingerprint="0" * 64,
             train_examples=0,
             scores=None,
-            path="steer/1",
+            path=f"{name}/1",
         )
     worker = start_worker(settings, "smollm2")
     worker.wait_ready(300)
     summaries: dict[str | None, list[str]] = {}
-    for adapter in ("steer", None):
+    for adapter in (name, None):
         batch = client.submit_file(str(SAMPLE), model="smollm2", adapter=adapter).batch_id
         status = wait_for(partial(_done, client, batch), 300, "the batch", poll=0.5)
         assert status.counts == {"succeeded": 8}, worker.text()[-3000:]
         rows = list(client.results(batch))
-        assert all(r["adapter"] == (adapter and "steer@1") and r["summary"] for r in rows), rows
+        assert all(r["adapter"] == (adapter and f"{name}@1") and r["summary"] for r in rows), rows
         summaries[adapter] = [r["summary"] for r in sorted(rows, key=lambda r: r["id"])]
-    assert summaries["steer"] != summaries[None]
-    assert "llama.cpp" in worker.text()
+    return worker, summaries
 
 
 def _done(client: Any, batch: str) -> Any:
