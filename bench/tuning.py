@@ -6,8 +6,8 @@ Training: optimizer steps/s, examples/s and tokens/s of `worker.tuning.tune` on 
 (batch 4, prompts cut to 256 tokens), for a soft prompt and for a LoRA. Generation: docs/s of
 the engine on the first 24 articles without an adapter, with a soft prompt (its virtual tokens
 add to every row), and with a LoRA, side by side in one process (interleaved twice); then, where
-llama-cpp-python is installed, the llama.cpp backend on the same documents without an adapter and
-with the same soft prompt (interleaved twice; it runs no LoRAs). Prints the CPU flags and load
+llama-cpp-python is installed, the llama.cpp backend on the same documents without an adapter, with
+the same soft prompt and with the same LoRA (interleaved twice). Prints the CPU flags and load
 average; writes bench/results/tuning.json.
 """
 
@@ -45,24 +45,29 @@ def rows(start: int, count: int) -> list[dict[str, str]]:
     return found
 
 
-def llamacpp_generation(documents: list[str], plan: PromptPlan, soft: AdapterSpec) -> dict[str, Any]:
-    """docs/s of the llama.cpp backend's pipeline on `documents` without an adapter and with `soft`."""
+def llamacpp_generation(documents: list[str], plan: PromptPlan, adapters: dict[str, AdapterSpec]) -> dict[str, Any]:
+    """docs/s of the llama.cpp backend's pipeline on `documents` without an adapter and with each of
+    `adapters` (by method), and how many of each one's texts differ from the plain ones."""
     from models.claims import ClaimedJob
     from worker.engine import GenerationParams
     from worker.loading import load_engine
 
     engine = load_engine("smollm2", Settings(database_url="sqlite://", engine="llama.cpp"))
     jobs = [ClaimedJob(number, str(number), text, 1) for number, text in enumerate(documents)]
-    runs: dict[str, list[float]] = {"none": [], "prompt-tuning": []}
+    specs: dict[str, AdapterSpec | None] = {"none": None, **adapters}
+    runs: dict[str, list[float]] = {name: [] for name in specs}
+    texts: dict[str, list[str | None]] = {}
     for _ in range(2):
-        for name, spec in (("none", None), ("prompt-tuning", soft)):
+        for name, spec in specs.items():
             started = time.perf_counter()
             outcomes = [o for batch in engine.run(jobs, plan, GenerationParams(48, adapter=spec)) for o in batch]
             if any(o.error for o in outcomes):
                 raise RuntimeError(f"llama.cpp with adapter {name}: {next(o.error for o in outcomes if o.error)}")
             runs[name].append(round(len(documents) / (time.perf_counter() - started), 3))
+            texts[name] = [o.summary for o in sorted(outcomes, key=lambda o: o.job_id)]
             print("llama.cpp", name, runs[name][-1], "docs/s", file=sys.stderr)
-    return {name: {"docs_per_s": found} for name, found in runs.items()}
+    unlike = {name: sum(a != b for a, b in zip(found, texts["none"], strict=True)) for name, found in texts.items()}
+    return {name: {"docs_per_s": found, "texts_unlike_none": unlike[name]} for name, found in runs.items()}
 
 
 def main() -> int:
@@ -103,9 +108,9 @@ def main() -> int:
             runs[name].append(round(len(documents) / (time.perf_counter() - started), 3))
             print(name, runs[name][-1], "docs/s", file=sys.stderr)
     record["generation"] = {name: {"docs_per_s": found} for name, found in runs.items()}
-    soft = specs["prompt-tuning"]
-    if soft is not None and importlib.util.find_spec("llama_cpp") is not None:
-        record["generation_llamacpp"] = llamacpp_generation(documents, plan, soft)
+    if importlib.util.find_spec("llama_cpp") is not None:
+        tuned = {name: spec for name, spec in specs.items() if spec is not None}
+        record["generation_llamacpp"] = llamacpp_generation(documents, plan, tuned)
     record["load_average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
