@@ -27,6 +27,14 @@ class AdapterSpec:
     def lora(self) -> bool:
         return self.method == "lora"
 
+    def check_soft_prompt(self, shape: Sequence[int], width: int) -> None:
+        """Refuse, by name, a soft prompt whose shape is not [its virtual tokens, the model's width]."""
+        if len(shape) != 2 or shape[0] != self.virtual_tokens or shape[1] != width:
+            raise ValueError(
+                f"adapter {self.ref}: its soft prompt is {' x '.join(map(str, shape))}; this model takes "
+                f"{self.virtual_tokens} x {width} (tuned for another model?)"
+            )
+
 
 SOFT_PROMPT = "prompt-tuning"  # the adapter methods a backend may run (`Backend.adapter_methods`)
 LORA = "lora"

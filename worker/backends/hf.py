@@ -515,12 +515,7 @@ class AdapterCache:
             if "prompt_embeddings" not in weights:
                 raise ValueError(f"adapter {spec.ref} holds no soft prompt (keys: {sorted(weights)[:4]})")
             vectors = weights["prompt_embeddings"]
-            width = int(self.backend.model.get_input_embeddings().weight.shape[1])
-            if vectors.dim() != 2 or vectors.shape[1] != width or vectors.shape[0] != spec.virtual_tokens:
-                raise ValueError(
-                    f"adapter {spec.ref}: its soft prompt is {' x '.join(map(str, vectors.shape))}; this model "
-                    f"takes {spec.virtual_tokens} x {width} (tuned for another model?)"
-                )
+            spec.check_soft_prompt(vectors.shape, int(self.backend.model.get_input_embeddings().weight.shape[1]))
             return vectors.to(self.backend.device, self.backend.model.dtype)
 
         return kept(self.prompts, spec.ref, load, self.CAPACITY)

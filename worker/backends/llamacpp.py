@@ -612,11 +612,7 @@ class LlamaCppBackend:
 
         def load() -> np.ndarray:
             vectors = read_soft_prompt(Path(spec.path), spec.ref)
-            if vectors.shape[1] != self.width or len(vectors) != spec.virtual_tokens:
-                raise ValueError(
-                    f"adapter {spec.ref}: its soft prompt is {len(vectors)} x {vectors.shape[1]}; this model takes "
-                    f"{spec.virtual_tokens} x {self.width} (tuned for another model?)"
-                )
+            spec.check_soft_prompt(vectors.shape, self.width)
             return vectors
 
         return kept(self.soft_prompts, spec.ref, load, SOFT_PROMPT_CAPACITY)
