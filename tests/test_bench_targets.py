@@ -62,3 +62,17 @@ def test_the_ceiling_counts_the_models_flops_and_sets_them_against_the_measured_
     assert found["auto_share"] == round(48 / 64 / most, 3)  # 0.75 docs/s over both rounds
     assert found["x_pipeline_one_at_a_time"] == round(most / 0.2, 2)  # the pipeline: 24 docs in 120 s
     assert ceiling({**record, "runs": runs[:1]}, "engine-llama.cpp", docs=24) == {}
+
+
+def test_where_time_goes_names_nodes_and_tells_decoding_steps_from_prompts() -> None:
+    from bench.where_time_goes import is_decoding_step, node_key, table
+
+    assert node_key("ffn_up-17", "MUL_MAT") == "ffn_up (MUL_MAT)"  # all layers in one row
+    assert node_key("result_output", "MUL_MAT") == "result_output (MUL_MAT)"
+    assert node_key("node_617", "FLASH_ATTN_EXT") == "(FLASH_ATTN_EXT)"  # unnamed: by operation
+    assert is_decoding_step([True] * 5, rows=8)  # one token per running row, each asking for logits
+    assert not is_decoding_step([False] * 63 + [True], rows=8)  # a prompt read: logits at its end only
+    assert not is_decoding_step([True] * 9, rows=8)  # more tokens than rows: not one step
+    assert not is_decoding_step([], rows=8)
+    rows = table({"a": 1.0, "b": 3.0, "c": 0.5}, limit=2)
+    assert [r["what"] for r in rows] == ["b", "a"] and rows[0]["share"] == round(3 / 4.5, 3)
