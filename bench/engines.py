@@ -40,7 +40,8 @@ VARIANTS = (
     "llama.cpp-alone",  # llama-cpp-python's create_chat_completion, one document at a time
     "ctranslate2-alone",  # CTranslate2's generate_batch on all documents (max_batch_size 8), int8
     "engine-transformers",  # sumfleet's pipeline over the transformers backend (defaults: bf16 where fast)
-    # (engine-transformers@dynamic-cache: the same with transformers' dynamic KV cache, not the static one)
+    # (engine-transformers@dynamic-cache: the same with transformers' dynamic KV cache, not the static one;
+    # engine-transformers@sdpa-decode: decoding steps' attention through torch's SDPA kernel)
     "engine-transformers-fp32",  # the same in float32 (what a CPU without fast bf16 runs)
     # sumfleet's pipeline over the llama.cpp backend (engine-llama.cpp@bf16: those weights;
     # engine-llama.cpp@no-shared-prefix: every row reads its whole prompt, the prefix all share included;
@@ -251,8 +252,9 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     whole prompt), `static` (packed calls, SUMFLEET_BATCHING=static), `no-amx` (llama.cpp's AMX kernels
     off, and the weights auto picks without them) or `flash-attention-on` / `-off`; or transformers'
     `dynamic-cache`, `whole-prefill` (prompts read by generate() in one padded batch, not in sub-batches of
-    rows of about the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout) or `prefill-N` (prompt
-    sub-batches of at most N padded tokens); or `rows-N` (at most N rows a call, any backend)."""
+    rows of about the same length), `unpacked` (bf16 weights not kept in oneDNN's blocked layout), `sdpa-decode`
+    (decoding steps' attention through torch's SDPA kernel, as before worker/backends/attention.py) or `prefill-N`
+    (prompt sub-batches of at most N padded tokens); or `rows-N` (at most N rows a call, any backend)."""
     from models.settings import Settings
     from worker.backends.llamacpp import FILE_TYPES
     from worker.loading import load_engine
@@ -286,6 +288,9 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
         loaded.configured_budget = loaded.budget = 1024 * loaded.max_batch_size
     if option.startswith("prefill-"):  # engine-transformers@prefill-1024: sub-batches of at most 1,024 tokens
         loaded.backend.prefill_tokens = int(option.removeprefix("prefill-"))
+    if option == "sdpa-decode":  # decoding steps through torch's SDPA kernel, not worker/backends/attention.py
+        loaded.backend.model.set_attn_implementation("sdpa")
+        loaded.backend.decode_attention = False
     if option == "whole-prefill":  # generate() reads a call's prompts at once, padded to the longest
         loaded.backend.prefill_tokens = 0
     if option == "no-shared-prefix":

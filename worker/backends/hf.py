@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from models import defaults
 from models.model_names import ModelSource
 from models.settings import Settings
+from worker.backends.attention import use_decode_attention
 from worker.backends.base import LORA, SOFT_PROMPT, AdapterSpec, Generated, Row, Tokenizer, finish_reason
 from worker.backends.cache import default_cache_dir, kept
 from worker.backends.checkpoints import cached_checkpoint, write_checkpoint
@@ -127,6 +128,9 @@ class TransformersBackend:
         # generate() decodes all rows together. Reading 16 prompts padded to the longest wasted 31%
         # on padding and ran its attention over the whole padded width (README: Engines).
         self.prefill_tokens = defaults.PREFILL_TOKENS_CPU if self.static_cache and _prefills_by_rows(model) else 0
+        # bf16 on the CPU: a decoding step's attention as two bf16 products, not torch's SDPA kernel
+        # (worker/backends/attention.py; README: Engines)
+        self.decode_attention = device.type == "cpu" and not self.encoder_decoder and use_decode_attention(model)
         # what this transformers version calls the cache argument (`past_key_values` became `cache`)
         self.cache_keyword = _cache_keyword(model.get_decoder()) if self.prefill_tokens else "past_key_values"
         # bf16 on the CPU: the linear layers' weights are also held in oneDNN's blocked layout, so a
