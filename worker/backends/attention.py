@@ -70,5 +70,8 @@ def use_decode_attention(model: Any) -> bool:
         return False
     AttentionInterface.register(DECODE_ATTENTION, decode_attention)
     AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(DECODE_ATTENTION)
-    return True
+    try:
+        model.set_attn_implementation(DECODE_ATTENTION)
+    except (ValueError, AttributeError):  # a model that takes no attention function by name keeps SDPA
+        return False
+    return model.config._attn_implementation == DECODE_ATTENTION
