@@ -110,3 +110,18 @@ def test_a_bf16_engine_decodes_through_it_with_sdpas_results(monkeypatch) -> Non
     assert all(g.tokens for g in out)
     plain = transformers_engine("smollm2", Settings(database_url="sqlite://", dtype="float32", max_input_tokens=256))
     assert not plain.backend.decode_attention and plain.backend.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.model
+def test_transformers_continuous_batching_goes_back_to_sdpa() -> None:
+    """generate_batch refuses attention functions it does not know: a bf16 engine asked for continuous
+    batching hands its model back to SDPA and generates."""
+    engine = transformers_engine(
+        "smollm2", Settings(database_url="sqlite://", dtype="bfloat16", batching="continuous", max_input_tokens=256)
+    )
+    backend = engine.backend
+    assert backend.packs_itself and backend.decode_attention
+    ids = backend.tokenizer.encode("The council approved the new budget on Tuesday after a long debate. " * 4)
+    out = backend.generate([Row(ids[:20], 6), Row(ids, 6)])
+    assert all(g.error is None and g.tokens for g in out)
+    assert not backend.decode_attention and backend.model.config._attn_implementation == "sdpa"

@@ -354,6 +354,9 @@ class TransformersBackend:
 
     def _generate_continuous(self, rows: Sequence[Row]) -> list[Generated]:
         """transformers' continuous batching (paged attention; finished sequences leave, waiting ones join)."""
+        if self.decode_attention:  # generate_batch takes only its own attention names: SDPA from here on
+            self.model.set_attn_implementation("sdpa")
+            self.decode_attention = False
         limit = max(row.max_new_tokens for row in rows)
         started = time.perf_counter()
         with torch.inference_mode():
