@@ -289,8 +289,7 @@ def _engine(docs: list[dict[str, str]], max_new: int, engine: str, dtype: str, o
     if option.startswith("prefill-"):  # engine-transformers@prefill-1024: sub-batches of at most 1,024 tokens
         loaded.backend.prefill_tokens = int(option.removeprefix("prefill-"))
     if option == "sdpa-decode":  # decoding steps through torch's SDPA kernel, not worker/backends/attention.py
-        loaded.backend.model.set_attn_implementation("sdpa")
-        loaded.backend.decode_attention = False
+        loaded.backend.leave_decode_attention()
     if option == "whole-prefill":  # generate() reads a call's prompts at once, padded to the longest
         loaded.backend.prefill_tokens = 0
     if option == "no-shared-prefix":

@@ -352,11 +352,15 @@ class TransformersBackend:
         limited = tokens[: row.max_new_tokens]
         return Generated(limited, elapsed, finish_reason=finish_reason(limited, row.max_new_tokens, self.eos_set))
 
-    def _generate_continuous(self, rows: Sequence[Row]) -> list[Generated]:
-        """transformers' continuous batching (paged attention; finished sequences leave, waiting ones join)."""
-        if self.decode_attention:  # generate_batch takes only its own attention names: SDPA from here on
+    def leave_decode_attention(self) -> None:
+        """Decoding steps through torch's SDPA kernel again, as prompts are (worker/backends/attention.py)."""
+        if self.decode_attention:
             self.model.set_attn_implementation("sdpa")
             self.decode_attention = False
+
+    def _generate_continuous(self, rows: Sequence[Row]) -> list[Generated]:
+        """transformers' continuous batching (paged attention; finished sequences leave, waiting ones join)."""
+        self.leave_decode_attention()  # generate_batch takes only its own attention names
         limit = max(row.max_new_tokens for row in rows)
         started = time.perf_counter()
         with torch.inference_mode():
